@@ -1,0 +1,138 @@
+"""The embedded default store: one DuckDB file, upserting on (symbol, interval, source, time)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import ClassVar
+
+import duckdb
+import pandas as pd
+from prefect.blocks.core import Block
+from pydantic import Field
+
+from blocks.store import BAR_KEY, SERIES_TAGS, StoreError
+
+# Value columns become SQL identifiers, so they must be plain snake_case names.
+COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+TABLE = "bars"
+# DuckDB allows one writer per file per process; tasks run in threads, so writes take turns.
+_write_locks: dict[str, threading.Lock] = {}
+_write_locks_guard = threading.Lock()
+
+
+def _lock_for(path: str) -> threading.Lock:
+    with _write_locks_guard:
+        return _write_locks.setdefault(path, threading.Lock())
+
+
+class DuckDBStore(Block):
+    """Bars in a local DuckDB file: no server, for development, the demo and single-node use."""
+
+    _block_type_name: ClassVar[str] = "marketpipe DuckDB store"
+    _description: ClassVar[str] = "Embedded DuckDB file holding the standard bar frame."
+
+    path: str = Field(default="data/marketpipe.duckdb", description="DuckDB database file")
+
+    @contextmanager
+    def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        path = Path(self.path)
+        if read_only and not path.exists():
+            raise StoreError(f"no DuckDB store at {path}: run `marketpipe run` first or fix storage.duckdb.path")
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot open DuckDB store {path}: {exc}") from None
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def _ensure_schema(self, con: duckdb.DuckDBPyConnection, value_columns: list[str]) -> None:
+        con.execute(
+            f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+                time TIMESTAMPTZ NOT NULL, symbol VARCHAR NOT NULL,
+                interval VARCHAR NOT NULL, source VARCHAR NOT NULL,
+                PRIMARY KEY (symbol, interval, source, time))"""
+        )
+        existing = {row[0] for row in con.execute(f"DESCRIBE {TABLE}").fetchall()}
+        for column in value_columns:
+            if column not in existing:
+                con.execute(f'ALTER TABLE {TABLE} ADD COLUMN "{column}" DOUBLE')
+
+    def write_bars(self, bars: pd.DataFrame) -> int:
+        if bars.empty:
+            return 0
+        missing = [c for c in BAR_KEY if c not in bars.columns]
+        if missing:
+            raise StoreError(f"cannot store bars without key columns: {', '.join(missing)}")
+        value_columns = [c for c in bars.columns if c not in BAR_KEY]
+        bad = [c for c in value_columns if not COLUMN_NAME.fullmatch(str(c))]
+        if bad:
+            raise StoreError(f"column names must be lowercase snake_case to be stored: {bad}")
+        frame = bars[[*BAR_KEY, *value_columns]].astype({c: "float64" for c in value_columns})
+        frame = frame.drop_duplicates(subset=list(BAR_KEY), keep="last")
+        names = ", ".join(f'"{c}"' for c in frame.columns)
+        with _lock_for(str(Path(self.path).resolve())), self._connect() as con:
+            con.begin()
+            self._ensure_schema(con, value_columns)
+            con.register("incoming", frame)
+            con.execute(f"INSERT OR REPLACE INTO {TABLE} ({names}) SELECT {names} FROM incoming")
+            con.unregister("incoming")
+            con.commit()
+        return len(frame)
+
+    def read_bars(
+        self,
+        symbol: str,
+        interval: str = "1d",
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        conditions = ["symbol = ?", "interval = ?"]
+        params: list[object] = [symbol, interval]
+        for clause, value in (("source = ?", source), ("time >= ?", start), ("time < ?", end)):
+            if value is not None:
+                conditions.append(clause)
+                params.append(value)
+        with self._connect(read_only=True) as con:
+            if not self._has_table(con):
+                return pd.DataFrame(columns=list(BAR_KEY))
+            frame = con.execute(
+                f"SELECT * FROM {TABLE} WHERE {' AND '.join(conditions)} ORDER BY source, time", params
+            ).df()
+        frame["time"] = pd.to_datetime(frame["time"], utc=True)
+        return frame
+
+    def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        if not Path(self.path).exists():
+            return None
+        with self._connect(read_only=True) as con:
+            if not self._has_table(con):
+                return None
+            row = con.execute(
+                f"SELECT max(time) FROM {TABLE} WHERE symbol = ? AND interval = ? AND source = ?",
+                [symbol, interval, source],
+            ).fetchone()
+        return None if row is None or row[0] is None else pd.Timestamp(row[0]).tz_convert("UTC")
+
+    def health(self) -> None:
+        with self._connect() as con:
+            con.execute("SELECT 1").fetchone()
+
+    @staticmethod
+    def _has_table(con: duckdb.DuckDBPyConnection) -> bool:
+        row = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [TABLE]
+        ).fetchone()
+        return bool(row and row[0])
+
+
+__all__ = ["DuckDBStore", "SERIES_TAGS"]

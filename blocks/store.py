@@ -1,0 +1,46 @@
+"""The store interface every backend block implements (DuckDB now; InfluxDB v1/v2 next).
+
+A few plain verbs, so incremental collection and the CLI need nothing backend-specific:
+write a frame, read a range, the last timestamp of a series, health.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+import pandas as pd
+
+# The identity of a bar in every backend: writing the same key again overwrites it.
+SERIES_TAGS: tuple[str, ...] = ("symbol", "interval", "source")
+BAR_KEY: tuple[str, ...] = ("time", *SERIES_TAGS)
+
+
+class StoreError(Exception):
+    """The store refused or failed an operation; the message says what to check."""
+
+
+@runtime_checkable
+class BarStore(Protocol):
+    def write_bars(self, bars: pd.DataFrame) -> int:
+        """Upsert on (symbol, interval, source, time); returns the number of bars written."""
+        ...
+
+    def read_bars(
+        self,
+        symbol: str,
+        interval: str = "1d",
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        """Stored bars oldest first, every stored column; ``end`` is exclusive."""
+        ...
+
+    def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        """The newest stored bar's time, or None for an empty series."""
+        ...
+
+    def health(self) -> None:
+        """Raise :class:`StoreError` with a fix if the store can't be used."""
+        ...

@@ -1,0 +1,315 @@
+"""The settings model: one pydantic-settings class reads the YAML file and the environment.
+
+Precedence, highest first: ``MARKETPIPE__SECTION__KEY`` variables, the seed's plain variables
+(``ALPHA_VANTAGE_API_KEY``, ``INFLUXDB_URL`` ...), then the YAML file chosen by ``--config`` or by
+``MARKETPIPE_ENV`` (``configs/<env>.yaml``, default ``development``).
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent
+ENV_PREFIX = "MARKETPIPE__"
+ENV_SELECTOR = "MARKETPIPE_ENV"
+
+# The seed's variable names, kept working for existing deployments.
+LEGACY_ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "ALPHA_VANTAGE_API_KEY": ("data_sources", "alpha_vantage", "api_key"),
+    "INFLUXDB_URL": ("storage", "influxdb", "url"),
+    "INFLUXDB_TOKEN": ("storage", "influxdb", "token"),
+    "INFLUXDB_ORG": ("storage", "influxdb", "org"),
+    "INFLUXDB_BUCKET": ("storage", "influxdb", "bucket"),
+}
+
+
+class ConfigError(Exception):
+    """The configuration can't be read or is invalid. The message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSettings(_Section):
+    base_url: str = Field(min_length=1)
+    rate_limit: int = Field(gt=0, description="requests per hour")
+    timeout: float = Field(gt=0, description="seconds per request")
+    api_key: SecretStr | None = None
+
+
+class DuckDBSettings(_Section):
+    path: str = "data/marketpipe.duckdb"
+
+
+class InfluxDBSettings(_Section):
+    url: str = "http://localhost:8086"
+    org: str = "marketpipe"
+    bucket: str = "market_data"
+    token: SecretStr | None = None
+
+
+class InfluxDBV1Settings(_Section):
+    url: str = "http://localhost:8086"
+    database: str = "market_data"
+    retention_policy: str = "autogen"
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class StorageSettings(_Section):
+    backend: Literal["duckdb", "influxdb", "influxdb_v1"] = "duckdb"
+    duckdb: DuckDBSettings = DuckDBSettings()
+    influxdb: InfluxDBSettings = InfluxDBSettings()
+    influxdb_v1: InfluxDBV1Settings = InfluxDBV1Settings()
+
+
+class _Indicator(_Section):
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Output column names: lowercase snake_case with the parameters appended."""
+        raise NotImplementedError
+
+
+class SMA(_Indicator):
+    kind: Literal["sma"]
+    length: int = Field(20, ge=2)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (f"sma_{self.length}",)
+
+
+class EMA(_Indicator):
+    kind: Literal["ema"]
+    length: int = Field(20, ge=2)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (f"ema_{self.length}",)
+
+
+class RSI(_Indicator):
+    kind: Literal["rsi"]
+    length: int = Field(14, ge=2)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (f"rsi_{self.length}",)
+
+
+class MACD(_Indicator):
+    kind: Literal["macd"]
+    fast: int = Field(12, ge=2)
+    slow: int = Field(26, ge=2)
+    signal: int = Field(9, ge=1)
+
+    @model_validator(mode="after")
+    def _fast_below_slow(self) -> MACD:
+        if self.fast >= self.slow:
+            raise ValueError(f"fast ({self.fast}) must be smaller than slow ({self.slow})")
+        return self
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        p = f"{self.fast}_{self.slow}_{self.signal}"
+        return (f"macd_{p}", f"macd_signal_{p}", f"macd_hist_{p}")
+
+
+class BBands(_Indicator):
+    kind: Literal["bbands"]
+    length: int = Field(20, ge=2)
+    std: float = Field(2.0, gt=0)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        p = f"{self.length}_{self.std:g}".replace(".", "p")
+        return (f"bb_lower_{p}", f"bb_mid_{p}", f"bb_upper_{p}")
+
+
+class ATR(_Indicator):
+    kind: Literal["atr"]
+    length: int = Field(14, ge=1)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (f"atr_{self.length}",)
+
+
+class OBV(_Indicator):
+    kind: Literal["obv"]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("obv",)
+
+
+IndicatorSpec = Annotated[SMA | EMA | RSI | MACD | BBands | ATR | OBV, Field(discriminator="kind")]
+
+
+def default_indicators() -> list[IndicatorSpec]:
+    return [
+        SMA(kind="sma"),
+        EMA(kind="ema"),
+        RSI(kind="rsi"),
+        MACD(kind="macd"),
+        BBands(kind="bbands"),
+        ATR(kind="atr"),
+        OBV(kind="obv"),
+    ]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+    )
+
+    environment: str = "development"
+    debug: bool = False
+    data_sources: dict[str, SourceSettings]
+    storage: StorageSettings = StorageSettings()
+    symbols: list[str] = Field(default_factory=list)
+    indicators: list[IndicatorSpec] = Field(default_factory=default_indicators)
+
+    def source(self, name: str) -> SourceSettings:
+        try:
+            return self.data_sources[name]
+        except KeyError:
+            known = ", ".join(sorted(self.data_sources)) or "none"
+            raise ConfigError(
+                f"unknown source {name!r}: add a `data_sources.{name}` section to the config "
+                f"(configured sources: {known})"
+            ) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            _LegacyEnvSource(settings_cls),
+            _YamlFileSource(settings_cls, _config_file.get()),
+        )
+
+
+_config_file: ContextVar[Path | None] = ContextVar("marketpipe_config_file", default=None)
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """The YAML file, read once; a missing or malformed file is a ConfigError."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.data: dict[str, Any] = _read_yaml(path) if path is not None else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+class _LegacyEnvSource(PydanticBaseSettingsSource):
+    """Maps the seed's flat variable names onto their nested keys."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        nested: dict[str, Any] = {}
+        for variable, path in LEGACY_ENV_KEYS.items():
+            value = os.environ.get(variable)
+            if not value:
+                continue
+            node = nested
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+        return nested
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections at the top level")
+    return data
+
+
+def resolve_config_file(config_file: str | Path | None = None) -> Path:
+    """``--config`` wins; otherwise ``MARKETPIPE_ENV`` picks ``configs/<env>.yaml``."""
+    if config_file:
+        return Path(config_file)
+    environment = os.environ.get(ENV_SELECTOR, "development").strip() or "development"
+    path = CONFIG_DIR / f"{environment}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(
+            f"{ENV_SELECTOR}={environment!r} has no config file {path}: "
+            f"use one of {known} or pass --config FILE"
+        )
+    return path
+
+
+def load_settings(config_file: str | Path | None = None) -> Settings:
+    """Read and validate the settings, turning every problem into one readable ConfigError."""
+    path = resolve_config_file(config_file)
+    token = _config_file.set(path)
+    try:
+        return Settings()  # type: ignore[call-arg]  # fields come from the sources
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    finally:
+        _config_file.reset(token)
+
+
+def _describe(error: ValidationError, path: Path) -> str:
+    problems = []
+    for item in error.errors(include_url=False):
+        location = [str(part) for part in item["loc"] if not isinstance(part, int)]
+        indexes = [part for part in item["loc"] if isinstance(part, int)]
+        key = ".".join(location) or "(top level)"
+        if indexes:
+            key += "".join(f"[{i}]" for i in indexes)
+        env_name = ENV_PREFIX + "__".join(p.upper() for p in location)
+        if item["type"] == "extra_forbidden":
+            hint = "unknown key: remove it or fix its spelling"
+        elif item["type"] == "missing":
+            hint = "required key is missing: add it"
+        else:
+            hint = item["msg"]
+            if "input" in item and not _looks_secret(location):
+                hint += f" (got {item['input']!r})"
+        problems.append(f"  {key}: {hint} [file {path} or env {env_name}]")
+    return "invalid configuration:\n" + "\n".join(problems)
+
+
+def _looks_secret(location: list[str]) -> bool:
+    return any(part in {"api_key", "token", "password"} for part in location)

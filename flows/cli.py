@@ -1,0 +1,214 @@
+"""The ``marketpipe`` command line. Exit codes: 0 all good, 1 some symbols failed, 2 usage or config error."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from configs.settings import ConfigError, Settings, load_settings
+from tasks.bars import validate_interval, validate_symbol, validate_symbols
+from tasks.errors import UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+app = typer.Typer(
+    name="marketpipe",
+    help="Collect OHLCV bars, validate them, compute indicators and store them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _error(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="YAML settings file (default: configs/$MARKETPIPE_ENV.yaml)")
+]
+T = TypeVar("T")
+
+
+def _or_exit(step: Callable[[], T]) -> T:
+    """Run a validation step; a usage or config problem prints one clear message and exits 2."""
+    try:
+        return step()
+    except (ConfigError, UsageError) as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _parse_date(value: str | None, option: str) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{option} {value!r} is not a date: use YYYY-MM-DD") from None
+
+
+@app.command()
+def run(
+    symbols: Annotated[str | None, typer.Option(help="Comma-separated symbols (default: `symbols` in the config)")] = None,
+    source: Annotated[str, typer.Option(help="A key of data_sources in the config")] = "yahoo_finance",
+    interval: Annotated[str, typer.Option(help="Bar interval, e.g. 1d")] = "1d",
+    start: Annotated[str | None, typer.Option(help="First date, YYYY-MM-DD (default: two years before end)")] = None,
+    end: Annotated[str | None, typer.Option(help="Last date, YYYY-MM-DD, inclusive (default: today)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run the market-data flow locally and print a per-symbol summary."""
+    settings = _or_exit(lambda: load_settings(config))
+    wanted = symbols.split(",") if symbols else settings.symbols
+    checked = _or_exit(lambda: validate_symbols(wanted))
+    _or_exit(lambda: validate_interval(interval))
+    _or_exit(lambda: settings.source(source))
+    first = _or_exit(lambda: _parse_date(start, "--start"))
+    last = _or_exit(lambda: _parse_date(end, "--end"))
+
+    from flows.market_data import SymbolsFailed, market_data, resolve_window
+
+    first, last = _or_exit(lambda: resolve_window(first, last))
+    state = market_data(
+        symbols=checked,
+        source=source,
+        interval=interval,
+        start=first,
+        end=last,
+        config=str(config) if config else None,
+        return_state=True,
+    )
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, SymbolsFailed):
+        _print_summary([r.__dict__ for r in outcome.results])
+        raise typer.Exit(EXIT_FAILED)
+    if isinstance(outcome, BaseException):
+        _error(f"the flow failed: {outcome}")
+        raise typer.Exit(EXIT_FAILED)
+    _print_summary(outcome)
+
+
+def _print_summary(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="market-data run")
+    for column in ("symbol", "status", "rows written", "collected", "null bars dropped", "rejected"):
+        table.add_column(column)
+    for r in rows:
+        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
+        rejected = ", ".join(f"{k}={v}" for k, v in r["rejected"].items()) or "0"
+        table.add_row(
+            r["symbol"], status, str(r["rows_written"]), str(r["bars_collected"]),
+            str(r["null_bars_dropped"]), rejected,
+        )  # fmt: skip
+    console.print(table)
+    for r in rows:
+        if r["status"] != "ok":
+            console.print(f"[red]{r['symbol']} failed:[/] {r['error']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def query(
+    symbol: Annotated[str, typer.Option(help="The symbol to read")],
+    interval: Annotated[str, typer.Option()] = "1d",
+    source: Annotated[str | None, typer.Option(help="Only this source (default: all)")] = None,
+    start: Annotated[str | None, typer.Option(help="First date, YYYY-MM-DD")] = None,
+    end: Annotated[str | None, typer.Option(help="Last date, YYYY-MM-DD, inclusive")] = None,
+    format: Annotated[Literal["csv", "json", "table"], typer.Option("--format")] = "table",  # noqa: A002
+    config: ConfigOption = None,
+) -> None:
+    """Print stored bars oldest first, with every stored column and time in ISO-8601 UTC."""
+    settings = _or_exit(lambda: load_settings(config))
+    checked = _or_exit(lambda: validate_symbol(symbol))
+    _or_exit(lambda: validate_interval(interval))
+    first = _or_exit(lambda: _parse_date(start, "--start"))
+    last = _or_exit(lambda: _parse_date(end, "--end"))
+    frame = _read(settings, checked, interval, source, first, last)
+    _emit(frame, format)
+
+
+def _read(
+    settings: Settings, symbol: str, interval: str, source: str | None, first: date | None, last: date | None
+) -> pd.DataFrame:
+    from blocks.store import StoreError
+    from tasks.store import store_from_settings
+
+    store = _or_exit(lambda: store_from_settings(settings))
+    lo = pd.Timestamp(first, tz="UTC").to_pydatetime() if first else None
+    hi = (pd.Timestamp(last, tz="UTC") + pd.Timedelta(days=1)).to_pydatetime() if last else None
+    try:
+        frame = store.read_bars(symbol, interval, source, lo, hi)
+    except StoreError as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
+    return frame.sort_values(["time", "source"], kind="stable").reset_index(drop=True)
+
+
+def _iso(ts: datetime) -> str:
+    return pd.Timestamp(ts).tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _emit(frame: pd.DataFrame, fmt: str) -> None:
+    out = frame.copy()
+    out["time"] = out["time"].map(_iso)
+    if fmt == "csv":
+        out.to_csv(sys.stdout, index=False, na_rep="")
+    elif fmt == "json":
+        records = [
+            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in out.to_dict(orient="records")
+        ]
+        sys.stdout.write(json.dumps(records, indent=1) + "\n")
+    else:
+        table = Table(show_lines=False)
+        for column in out.columns:
+            table.add_column(str(column), overflow="fold")
+        for row in out.itertuples(index=False):
+            table.add_row(*("" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+        console.print(table)
+        console.print(f"{len(out)} row(s)")
+
+
+@app.command()
+def sandbox(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one)")] = 8765,
+    replay: Annotated[
+        Path | None, typer.Option(help="Serve captured responses: DIR/<SYMBOL>.json, verbatim")
+    ] = None,
+    not_found: Annotated[
+        str | None, typer.Option(help="Comma-separated symbols answered with Yahoo's 404 'Not Found' body")
+    ] = None,
+) -> None:
+    """Serve a local stand-in for the Yahoo v8 chart API until interrupted."""
+    from flows.sandbox import start_sandbox
+
+    if replay is not None and not replay.is_dir():
+        _error(f"--replay {replay} is not a directory")
+        raise typer.Exit(EXIT_USAGE)
+    missing = set(not_found.split(",")) if not_found else set()
+    server = start_sandbox(port, replay, missing)
+    print(f"sandbox listening on {server.base_url}", flush=True)
+    print(f"use it with: MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL={server.base_url}", flush=True)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The standard bar frame: the one shape every source produces and every store accepts.
+
+Columns, in order: ``time`` (tz-aware UTC), ``symbol``, ``interval``, ``source``, the float64 prices
+``open high low close adj_close`` and ``volume`` (float64 too, so no source can cause an int/float
+conflict downstream), then flag and indicator columns. Daily and longer bars are stamped at 00:00 UTC
+of their trading date; intraday bars at their start instant.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from blocks.store import BAR_KEY, SERIES_TAGS
+from tasks.errors import InvalidSymbolError, UsageError
+
+TIME = "time"
+KEY_COLUMNS: tuple[str, ...] = BAR_KEY
+TAG_COLUMNS: tuple[str, ...] = SERIES_TAGS
+PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "adj_close")
+VALUE_COLUMNS: tuple[str, ...] = (*PRICE_COLUMNS, "volume")
+BAR_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, *VALUE_COLUMNS)
+
+DAILY_OR_LONGER: frozenset[str] = frozenset({"1d", "5d", "1wk", "1mo", "3mo"})
+INTERVALS: tuple[str, ...] = (
+    "1m", "2m", "5m", "15m", "30m", "60m", "90m", "1h", "1d", "5d", "1wk", "1mo", "3mo",
+)  # fmt: skip
+
+# Ticker grammar, documented in the README. One to five dot-, dash- or equals-joined parts of
+# letters and digits, optionally prefixed by ``^`` (indices). It admits AAPL, BRK-B, ^GSPC,
+# EURUSD=X, BTC-USD, 0700.HK and GC=F, and refuses anything that could smuggle a path, a query
+# string, whitespace or a quote into a request or a query.
+SYMBOL_PATTERN = re.compile(r"^\^?[A-Z0-9]{1,12}(?:[.\-=][A-Z0-9]{1,12}){0,4}$")
+
+
+def validate_symbol(symbol: str) -> str:
+    """Return the symbol upper-cased, or refuse it before any request is built."""
+    candidate = symbol.strip().upper()
+    if not SYMBOL_PATTERN.fullmatch(candidate):
+        raise InvalidSymbolError(
+            f"invalid symbol {symbol!r}: expected a ticker such as AAPL, BRK-B, ^GSPC, EURUSD=X, "
+            "BTC-USD, 0700.HK or GC=F (letters and digits joined by '.', '-' or '=', "
+            "optionally starting with '^')"
+        )
+    return candidate
+
+
+def validate_symbols(symbols: Iterable[str]) -> list[str]:
+    """Validate every symbol and drop repeats, keeping the caller's order."""
+    checked = [validate_symbol(s) for s in symbols if s.strip()]
+    if not checked:
+        raise UsageError("no symbols given: pass --symbols AAPL,MSFT or set `symbols` in the config")
+    return list(dict.fromkeys(checked))
+
+
+def validate_interval(interval: str) -> str:
+    if interval not in INTERVALS:
+        raise UsageError(f"invalid interval {interval!r}: expected one of {', '.join(INTERVALS)}")
+    return interval
+
+
+def is_daily_or_longer(interval: str) -> bool:
+    return interval in DAILY_OR_LONGER
+
+
+def empty_bars() -> pd.DataFrame:
+    """A zero-row frame with the standard columns and dtypes."""
+    return conform(pd.DataFrame({column: [] for column in BAR_COLUMNS}))
+
+
+def conform(frame: pd.DataFrame) -> pd.DataFrame:
+    """Cast a frame to the standard dtypes and column order; extra columns keep their place after."""
+    missing = [c for c in BAR_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"bar frame is missing required columns: {', '.join(missing)}")
+    out = frame.copy()
+    out[TIME] = pd.to_datetime(out[TIME], utc=True).astype("datetime64[ns, UTC]")
+    for column in TAG_COLUMNS:
+        out[column] = out[column].astype(str)
+    for column in VALUE_COLUMNS:
+        out[column] = pd.to_numeric(out[column], errors="coerce").astype(np.float64)
+    extra = [c for c in out.columns if c not in BAR_COLUMNS]
+    return out[[*BAR_COLUMNS, *extra]].reset_index(drop=True)
+
+
+def value_columns(frame: pd.DataFrame) -> list[str]:
+    """Every numeric column that is stored as a field: prices, volume, flags, indicators."""
+    return [c for c in frame.columns if c not in KEY_COLUMNS]

@@ -1,0 +1,109 @@
+"""Technical indicators, computed by pandas-ta on its TA-Lib backend, chosen explicitly.
+
+pandas-ta silently switches implementation depending on whether TA-Lib is importable, and the two
+disagree (RSI seeding, Bollinger ddof, OBV offset). We pin the choice: every call passes
+``talib=True`` and this module refuses to load without TA-Lib, so a result can never depend on what
+happens to be installed. TA-Lib follows the textbook definitions (Wilder's SMA-seeded RSI and ATR,
+SMA-seeded EMA, population standard deviation for the bands), which is what the published references
+in the test suite use too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import pandas_ta as ta
+from pandas_ta import Imports as _pandas_ta_imports
+
+from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec
+
+if not _pandas_ta_imports.get("talib"):
+    raise ImportError(
+        "TA-Lib is not importable, so pandas-ta would silently fall back to different formulas. "
+        "Install the locked environment (uv sync) which includes the `ta-lib` package."
+    )
+
+INPUT_COLUMNS = ("open", "high", "low", "close", "volume")
+
+
+def indicator_columns(specs: Sequence[IndicatorSpec]) -> list[str]:
+    return [column for spec in specs for column in spec.columns]
+
+
+def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd.DataFrame:
+    """Append one float64 column per indicator output; warm-up rows are NaN, never 0.
+
+    ``bars`` holds one series (symbol, interval, source) in time order. Bars with a missing input
+    value are skipped for the computation (TA-Lib would carry a NaN forward forever) and get NaN.
+    """
+    out = bars.copy()
+    complete = bars[list(INPUT_COLUMNS)].notna().all(axis=1).to_numpy()
+    usable = bars.loc[complete].reset_index(drop=True)
+    for spec in specs:
+        values = _COMPUTE[type(spec)](usable, spec)
+        for column, series in zip(spec.columns, values, strict=True):
+            full = np.full(len(bars), np.nan)
+            full[complete] = series
+            out[column] = full
+    return out
+
+
+def _array(result: pd.Series | None, n: int) -> np.ndarray:
+    """pandas-ta returns None when the series is shorter than the window: all warm-up then."""
+    if result is None:
+        return np.full(n, np.nan)
+    return result.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _pick(frame: pd.DataFrame | None, prefix: str, n: int) -> np.ndarray:
+    if frame is None:
+        return np.full(n, np.nan)
+    matches = [c for c in frame.columns if c.startswith(prefix)]
+    if len(matches) != 1:
+        raise RuntimeError(f"pandas-ta output has no single column starting with {prefix!r}: {list(frame.columns)}")
+    return _array(frame[matches[0]], n)
+
+
+def _sma(b: pd.DataFrame, s: SMA) -> list[np.ndarray]:
+    return [_array(ta.sma(b["close"], length=s.length, talib=True), len(b))]
+
+
+def _ema(b: pd.DataFrame, s: EMA) -> list[np.ndarray]:
+    return [_array(ta.ema(b["close"], length=s.length, talib=True), len(b))]
+
+
+def _rsi(b: pd.DataFrame, s: RSI) -> list[np.ndarray]:
+    return [_array(ta.rsi(b["close"], length=s.length, talib=True), len(b))]
+
+
+def _macd(b: pd.DataFrame, s: MACD) -> list[np.ndarray]:
+    frame = ta.macd(b["close"], fast=s.fast, slow=s.slow, signal=s.signal, talib=True)
+    n = len(b)
+    return [_pick(frame, "MACD_", n), _pick(frame, "MACDs_", n), _pick(frame, "MACDh_", n)]
+
+
+def _bbands(b: pd.DataFrame, s: BBands) -> list[np.ndarray]:
+    frame = ta.bbands(b["close"], length=s.length, lower_std=s.std, upper_std=s.std, mamode="sma", talib=True)
+    n = len(b)
+    return [_pick(frame, "BBL_", n), _pick(frame, "BBM_", n), _pick(frame, "BBU_", n)]
+
+
+def _atr(b: pd.DataFrame, s: ATR) -> list[np.ndarray]:
+    return [_array(ta.atr(b["high"], b["low"], b["close"], length=s.length, talib=True), len(b))]
+
+
+def _obv(b: pd.DataFrame, s: OBV) -> list[np.ndarray]:
+    return [_array(ta.obv(b["close"], b["volume"], talib=True), len(b))]
+
+
+_COMPUTE: dict[type, Callable[[pd.DataFrame, object], list[np.ndarray]]] = {
+    SMA: _sma,  # type: ignore[dict-item]
+    EMA: _ema,  # type: ignore[dict-item]
+    RSI: _rsi,  # type: ignore[dict-item]
+    MACD: _macd,  # type: ignore[dict-item]
+    BBands: _bbands,  # type: ignore[dict-item]
+    ATR: _atr,  # type: ignore[dict-item]
+    OBV: _obv,  # type: ignore[dict-item]
+}
