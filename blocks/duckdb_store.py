@@ -108,7 +108,7 @@ class DuckDBStore(Block):
             frame = con.execute(
                 f"SELECT * FROM {TABLE} WHERE {' AND '.join(conditions)} ORDER BY source, time", params
             ).df()
-        frame["time"] = pd.to_datetime(frame["time"], utc=True)
+        frame["time"] = pd.to_datetime(frame["time"], utc=True).astype("datetime64[ns, UTC]")
         return frame
 
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:

@@ -294,10 +294,10 @@ def _describe(error: ValidationError, path: Path) -> str:
     problems = []
     for item in error.errors(include_url=False):
         location = [str(part) for part in item["loc"] if not isinstance(part, int)]
-        indexes = [part for part in item["loc"] if isinstance(part, int)]
-        key = ".".join(location) or "(top level)"
-        if indexes:
-            key += "".join(f"[{i}]" for i in indexes)
+        key = ""
+        for part in item["loc"]:
+            key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+        key = key or "(top level)"
         env_name = ENV_PREFIX + "__".join(p.upper() for p in location)
         if item["type"] == "extra_forbidden":
             hint = "unknown key: remove it or fix its spelling"

@@ -1,0 +1,152 @@
+"""Shared fixtures: captured payloads, a real sandbox process and a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+YAHOO = FIXTURES / "yahoo"
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def yahoo_payload(name: str) -> bytes:
+    return (YAHOO / name).read_bytes()
+
+
+def yahoo_json(name: str) -> dict:
+    return json.loads(yahoo_payload(name))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sandbox:
+    """A `marketpipe sandbox` child process; its access log counts the requests it served."""
+
+    def __init__(self, *args: str, log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("w")
+        self.process = subprocess.Popen(
+            [str(BIN / "marketpipe"), "sandbox", "--port", "0", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for line in log.read_text().splitlines():
+                if line.startswith("sandbox listening on "):
+                    self.base_url = line.removeprefix("sandbox listening on ").strip()
+                    return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sandbox exited early:\n{log.read_text()}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("sandbox did not start within 30 s")
+
+    def requests(self) -> list[str]:
+        return [line for line in self.log_path.read_text().splitlines() if line.startswith("sandbox: GET")]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    server = Sandbox("--not-found", "DELISTED", log=tmp_path / "sandbox.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replay_sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    """Serves real captured Yahoo responses, one file per symbol."""
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    for symbol, name in REPLAY_FILES.items():
+        shutil.copy(YAHOO / name, replay / f"{symbol}.json")
+    server = Sandbox("--replay", str(replay), log=tmp_path / "replay.log")
+    yield server
+    server.stop()
+
+
+REPLAY_FILES = {
+    "AAPL": "yahoo-finance2_chart_AAPL_2020_full_year_1d_split_and_dividends.json",
+    "BTC-USD": "yahoo-finance2_chart_BTC-USD_2020_full_year_1d_with_nulls.json",
+    "QQQ": "yahoo-finance2_chart_QQQ_2020_full_year_1d_dividends.json",
+    "SI": "yahoo-finance2_chart_SI_404_not_found_delisted_error.json",
+}
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server (SQLite) on a free loopback port, stopped by PID at the end."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("w")
+    process = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture
+def prefect_env(prefect_api: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for child processes and in-process flows: talk to the test server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_HOME": str(tmp_path / "prefect-client"),
+        "MARKETPIPE__STORAGE__DUCKDB__PATH": str(tmp_path / "store.duckdb"),
+    }
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        yield env
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # send queued logs before the session's server stops

@@ -1,0 +1,141 @@
+"""`marketpipe` end to end: real processes, the sandbox, a real Prefect server and DuckDB."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import talib
+
+from tests.conftest import BIN, REPLAY_FILES, REPO, Sandbox, yahoo_json
+
+
+def marketpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "marketpipe"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def query_csv(env: dict[str, str], symbol: str, *extra: str) -> pd.DataFrame:
+    result = marketpipe("query", "--symbol", symbol, "--format", "csv", *extra, env=env)
+    assert result.returncode == 0, result.stderr
+    return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, na_values=[""])
+
+
+@pytest.fixture
+def env(prefect_env: dict[str, str], sandbox: Sandbox) -> dict[str, str]:
+    return {**prefect_env, "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url}
+
+
+def test_running_twice_leaves_exactly_the_same_rows(env: dict[str, str]) -> None:
+    args = ("run", "--symbols", "AAPL,MSFT", "--start", "2023-01-01", "--end", "2024-12-31")
+    first = marketpipe(*args, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "AAPL" in first.stdout and "ok" in first.stdout
+    before = {s: query_csv(env, s) for s in ("AAPL", "MSFT")}
+    second = marketpipe(*args, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    for symbol, rows in before.items():
+        after = query_csv(env, symbol)
+        assert len(after) == len(rows) == 522  # weekdays in 2023-2024
+        assert after["time"].is_unique
+        pd.testing.assert_frame_equal(after, rows)
+
+
+def test_query_prints_every_stored_column_oldest_first(env: dict[str, str]) -> None:
+    assert marketpipe("run", "--symbols", "BTC-USD", "--start", "2024-01-01", "--end", "2024-03-29", env=env).returncode == 0
+    rows = query_csv(env, "BTC-USD", "--start", "2024-02-01", "--end", "2024-02-29")
+    assert list(rows.columns[:10]) == [
+        "time", "symbol", "interval", "source", "open", "high", "low", "close", "adj_close", "volume",
+    ]  # fmt: skip
+    assert {"sma_20", "rsi_14", "macd_signal_12_26_9", "bb_upper_20_2", "atr_14", "obv"} <= set(rows.columns)
+    assert rows["time"].iloc[0] == "2024-02-01T00:00:00Z" and rows["time"].iloc[-1] == "2024-02-29T00:00:00Z"
+    assert rows["time"].is_monotonic_increasing
+
+    as_json = json.loads(marketpipe("query", "--symbol", "BTC-USD", "--format", "json", env=env).stdout)
+    assert as_json[0]["time"] == "2024-01-01T00:00:00Z" and as_json[0]["sma_20"] is None
+    table = marketpipe("query", "--symbol", "BTC-USD", "--start", "2024-03-01", env=env)
+    assert table.returncode == 0 and "21 row(s)" in table.stdout
+
+
+@pytest.fixture
+def replay_env(prefect_env: dict[str, str], replay_sandbox: Sandbox) -> dict[str, str]:
+    return {**prefect_env, "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": replay_sandbox.base_url}
+
+
+def test_real_yahoo_responses_round_trip_through_run_and_query(replay_env: dict[str, str]) -> None:
+    result = marketpipe(
+        "run", "--symbols", "AAPL,BTC-USD,QQQ", "--start", "2020-01-01", "--end", "2020-12-31", env=replay_env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for symbol in ("AAPL", "BTC-USD", "QQQ"):
+        chart = yahoo_json(REPLAY_FILES[symbol])["chart"]["result"][0]
+        payload = pd.DataFrame(
+            {"ts": chart["timestamp"], "close": chart["indicators"]["quote"][0]["close"]}
+        ).dropna()
+        zone = chart["meta"]["exchangeTimezoneName"]
+        payload["date"] = pd.to_datetime(payload["ts"], unit="s", utc=True).dt.tz_convert(zone).dt.strftime("%Y-%m-%d")
+        payload = payload[payload["date"] <= "2020-12-31"]
+
+        rows = query_csv(replay_env, symbol)
+        assert rows["time"].is_unique, "one row per trading date"
+        assert list(rows["time"].str[:10]) == list(payload["date"])
+        np.testing.assert_allclose(rows["close"], payload["close"].astype(float), rtol=1e-9, atol=0)
+
+        closes = rows["close"].to_numpy()
+        macd, _, _ = talib.MACD(closes, 12, 26, 9)
+        for column, expected, warmup in (
+            ("rsi_14", talib.RSI(closes, 14), 14),
+            ("sma_20", talib.SMA(closes, 20), 19),
+            ("macd_12_26_9", macd, 33),
+        ):
+            assert rows[column].iloc[:warmup].isna().all(), f"{symbol} {column} warm-up must be empty"
+            np.testing.assert_allclose(rows[column].iloc[warmup:], expected[warmup:], rtol=1e-6, atol=0)
+
+
+def test_not_found_symbol_fails_alone_with_yahoos_message(replay_env: dict[str, str]) -> None:
+    result = marketpipe("run", "--symbols", "AAPL,SI", "--start", "2020-01-01", "--end", "2020-12-31", env=replay_env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "No data found, symbol may be delisted" in result.stdout
+    assert "SI failed" in result.stdout
+    assert len(query_csv(replay_env, "AAPL")) == 253
+    assert query_csv(replay_env, "SI").empty
+
+
+def test_invalid_symbol_is_refused_before_any_request(env: dict[str, str], sandbox: Sandbox) -> None:
+    result = marketpipe("run", "--symbols", "AAPL,AAPL;DROP", env=env)
+    assert result.returncode == 2
+    assert "invalid symbol 'AAPL;DROP'" in result.stderr
+    assert sandbox.requests() == []
+
+
+def test_invalid_config_exits_2_naming_the_key(env: dict[str, str], sandbox: Sandbox, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "configs" / "development.yaml").read_text().replace("timeout: 30          # seconds", "timeout: never"))
+    result = marketpipe("run", "--symbols", "AAPL", "--config", str(bad), env=env)
+    assert result.returncode == 2
+    assert "data_sources.yahoo_finance.timeout" in result.stderr
+    env_error = marketpipe("run", "--symbols", "AAPL", env={**env, "MARKETPIPE__STORAGE__BACKEND": "mongodb"})
+    assert env_error.returncode == 2 and "storage.backend" in env_error.stderr
+    assert sandbox.requests() == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "--symbols", "AAPL", "--start", "2024-13-01"),
+        ("run", "--symbols", "AAPL", "--start", "2024-02-01", "--end", "2024-01-01"),
+        ("run", "--symbols", "AAPL", "--interval", "7d"),
+        ("run", "--symbols", "AAPL", "--source", "polygon"),
+        ("run", "--bogus"),
+        ("query", "--symbol", "AAPL", "--format", "xml"),
+    ],
+)
+def test_usage_errors_exit_2(env: dict[str, str], args: tuple[str, ...]) -> None:
+    result = marketpipe(*args, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr

@@ -1,0 +1,74 @@
+"""The market-data flow on a real Prefect server, against the sandbox, into a real DuckDB file."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from blocks.duckdb_store import DuckDBStore
+from flows.market_data import SymbolsFailed, market_data
+from tests.conftest import Sandbox
+
+
+@pytest.fixture
+def configured(sandbox: Sandbox, prefect_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> DuckDBStore:
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL", sandbox.base_url)
+    path = prefect_env["MARKETPIPE__STORAGE__DUCKDB__PATH"]
+    monkeypatch.setenv("MARKETPIPE__STORAGE__DUCKDB__PATH", path)
+    return DuckDBStore(path=path)
+
+
+def test_flow_stores_every_symbol_and_returns_the_summary(configured: DuckDBStore) -> None:
+    summary = market_data(["AAPL", "BRK-B", "^GSPC"], start=date(2023, 1, 2), end=date(2023, 12, 29))
+    assert [row["symbol"] for row in summary] == ["AAPL", "BRK-B", "^GSPC"]
+    for row in summary:
+        assert row["status"] == "ok" and row["error"] == ""
+        stored = configured.read_bars(str(row["symbol"]))
+        assert len(stored) == row["rows_written"] == row["bars_collected"] == 260  # weekdays of 2023
+        assert stored["rsi_14"].iloc[:14].isna().all() and stored["rsi_14"].iloc[14:].notna().all()
+
+
+def test_one_failing_symbol_does_not_stop_the_others(configured: DuckDBStore) -> None:
+    state = market_data(["AAPL", "DELISTED", "MSFT"], start=date(2024, 1, 1), end=date(2024, 3, 29), return_state=True)
+    assert state.is_failed()
+    outcome = state.result(raise_on_failure=False)
+    assert isinstance(outcome, SymbolsFailed)
+    by_symbol = {r.symbol: r for r in outcome.results}
+    assert by_symbol["DELISTED"].status == "failed"
+    assert "No data found, symbol may be delisted" in by_symbol["DELISTED"].error
+    assert "DELISTED" in str(outcome)
+    for symbol in ("AAPL", "MSFT"):
+        assert by_symbol[symbol].status == "ok"
+        assert len(configured.read_bars(symbol)) == by_symbol[symbol].rows_written == 65
+
+
+def test_summary_is_published_as_a_table_artifact(configured: DuckDBStore) -> None:
+    state = market_data(["AAPL", "DELISTED"], start=date(2024, 1, 1), end=date(2024, 1, 31), return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+
+    async def artifacts() -> list:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+            )
+
+    (artifact,) = [a for a in asyncio.run(artifacts()) if a.key == "market-data-summary"]
+    assert artifact.type == "table"
+    rows = artifact.data if isinstance(artifact.data, list) else __import__("json").loads(artifact.data)
+    assert {r["symbol"]: r["status"] for r in rows} == {"AAPL": "ok", "DELISTED": "failed"}
+    assert {r["symbol"]: r["rows_written"] for r in rows}["AAPL"] == 23
+
+
+def test_rerunning_the_same_window_changes_nothing(configured: DuckDBStore, tmp_path: Path) -> None:
+    market_data(["AAPL"], start=date(2024, 1, 1), end=date(2024, 6, 28))
+    first = configured.read_bars("AAPL")
+    market_data(["AAPL"], start=date(2024, 1, 1), end=date(2024, 6, 28))
+    second = configured.read_bars("AAPL")
+    assert len(first) == 130
+    assert first.equals(second)

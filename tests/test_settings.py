@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from configs.settings import CONFIG_DIR, ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("MARKETPIPE") or name.startswith("INFLUXDB_") or name == "ALPHA_VANTAGE_API_KEY":
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_development_is_the_default_and_matches_the_seed_shape() -> None:
+    settings = load_settings()
+    assert settings.environment == "development"
+    assert settings.storage.backend == "duckdb"
+    yahoo = settings.source("yahoo_finance")
+    assert yahoo.base_url.endswith("/v8/finance/chart/")
+    assert yahoo.rate_limit > 0 and yahoo.timeout > 0
+    assert "alpha_vantage" in settings.data_sources
+    columns = [c for spec in settings.indicators for c in spec.columns]
+    assert columns == [
+        "sma_20", "ema_20", "rsi_14", "macd_12_26_9", "macd_signal_12_26_9", "macd_hist_12_26_9",
+        "bb_lower_20_2", "bb_mid_20_2", "bb_upper_20_2", "atr_14", "obv",
+    ]  # fmt: skip
+
+
+def test_marketpipe_env_selects_the_environment_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKETPIPE_ENV", "production")
+    settings = load_settings()
+    assert settings.environment == "production"
+    assert settings.storage.backend == "influxdb"
+
+
+def test_unknown_environment_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKETPIPE_ENV", "staging")
+    with pytest.raises(ConfigError, match="development, production"):
+        load_settings()
+
+
+def test_nested_env_overrides_any_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL", "http://127.0.0.1:1/chart/")
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RATE_LIMIT", "60")
+    monkeypatch.setenv("MARKETPIPE__STORAGE__DUCKDB__PATH", "/tmp/x.duckdb")
+    monkeypatch.setenv("MARKETPIPE__DEBUG", "false")
+    settings = load_settings()
+    yahoo = settings.source("yahoo_finance")
+    assert yahoo.base_url == "http://127.0.0.1:1/chart/"
+    assert yahoo.rate_limit == 60
+    assert yahoo.timeout == 30  # untouched keys keep the file's value
+    assert settings.storage.duckdb.path == "/tmp/x.duckdb"
+    assert settings.debug is False
+
+
+def test_seed_variable_names_still_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALPHA_VANTAGE_API_KEY", "av-secret")
+    monkeypatch.setenv("INFLUXDB_URL", "http://influx:8086")
+    monkeypatch.setenv("INFLUXDB_TOKEN", "influx-secret")
+    monkeypatch.setenv("INFLUXDB_ORG", "acme")
+    monkeypatch.setenv("INFLUXDB_BUCKET", "bars")
+    settings = load_settings()
+    influx = settings.storage.influxdb
+    assert (influx.url, influx.org, influx.bucket) == ("http://influx:8086", "acme", "bars")
+    assert influx.token is not None and influx.token.get_secret_value() == "influx-secret"
+    key = settings.source("alpha_vantage").api_key
+    assert key is not None and key.get_secret_value() == "av-secret"
+    assert "secret" not in repr(settings) and "secret" not in str(settings)
+
+
+def test_prefixed_variable_beats_seed_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFLUXDB_URL", "http://seed:8086")
+    monkeypatch.setenv("MARKETPIPE__STORAGE__INFLUXDB__URL", "http://prefixed:8086")
+    assert load_settings().storage.influxdb.url == "http://prefixed:8086"
+
+
+def test_config_file_option(tmp_path: Path) -> None:
+    text = (CONFIG_DIR / "development.yaml").read_text().replace("environment: development", "environment: lab")
+    assert load_settings(write(tmp_path, text)).environment == "lab"
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (("rate_limit: 2000", "rate_limit: lots"), "data_sources.yahoo_finance.rate_limit"),
+        (("timeout: 30          # seconds", "timeout: -1"), "data_sources.yahoo_finance.timeout"),
+        (("backend: duckdb", "backend: mongodb"), "storage.backend"),
+        (("{kind: rsi, length: 14}", "{kind: rsi, length: 1}"), "indicators[2].rsi.length"),
+        (("{kind: obv}", "{kind: vwap}"), "indicators[6]"),
+        (("debug: true", "debug: true\nsymbol: [AAPL]"), "symbol"),
+    ],
+)
+def test_invalid_config_names_the_key(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+    text = (CONFIG_DIR / "development.yaml").read_text()
+    assert edit[0] in text
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text.replace(*edit)))
+    assert key in str(caught.value)
+
+
+def test_invalid_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__TIMEOUT"):
+        load_settings()
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "data_sources: [unclosed"))
+
+
+def test_unknown_source_says_how_to_add_it() -> None:
+    with pytest.raises(ConfigError, match="data_sources.polygon"):
+        load_settings().source("polygon")
