@@ -76,7 +76,7 @@ class DuckDBStore(Block):
         bad = [c for c in value_columns if not COLUMN_NAME.fullmatch(str(c))]
         if bad:
             raise StoreError(f"column names must be lowercase snake_case to be stored: {bad}")
-        frame = bars[[*BAR_KEY, *value_columns]].astype({c: "float64" for c in value_columns})
+        frame = bars[[*BAR_KEY, *value_columns]].astype(dict.fromkeys(value_columns, "float64"))
         frame = frame.drop_duplicates(subset=list(BAR_KEY), keep="last")
         names = ", ".join(f'"{c}"' for c in frame.columns)
         with _lock_for(str(Path(self.path).resolve())), self._connect() as con:
@@ -129,10 +129,8 @@ class DuckDBStore(Block):
 
     @staticmethod
     def _has_table(con: duckdb.DuckDBPyConnection) -> bool:
-        row = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [TABLE]
-        ).fetchone()
+        row = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [TABLE]).fetchone()
         return bool(row and row[0])
 
 
-__all__ = ["DuckDBStore", "SERIES_TAGS"]
+__all__ = ["SERIES_TAGS", "DuckDBStore"]

@@ -272,8 +272,7 @@ def resolve_config_file(config_file: str | Path | None = None) -> Path:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(
-            f"{ENV_SELECTOR}={environment!r} has no config file {path}: "
-            f"use one of {known} or pass --config FILE"
+            f"{ENV_SELECTOR}={environment!r} has no config file {path}: use one of {known} or pass --config FILE"
         )
     return path
 
@@ -283,7 +282,7 @@ def load_settings(config_file: str | Path | None = None) -> Settings:
     path = resolve_config_file(config_file)
     token = _config_file.set(path)
     try:
-        return Settings()  # type: ignore[call-arg]  # fields come from the sources
+        return Settings()
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
     finally:

@@ -34,13 +34,14 @@ console = Console()
 def _error(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
+
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="YAML settings file (default: configs/$MARKETPIPE_ENV.yaml)")
 ]
 T = TypeVar("T")
 
 
-def _or_exit(step: Callable[[], T]) -> T:
+def _or_exit[T](step: Callable[[], T]) -> T:
     """Run a validation step; a usage or config problem prints one clear message and exits 2."""
     try:
         return step()
@@ -60,7 +61,9 @@ def _parse_date(value: str | None, option: str) -> date | None:
 
 @app.command()
 def run(
-    symbols: Annotated[str | None, typer.Option(help="Comma-separated symbols (default: `symbols` in the config)")] = None,
+    symbols: Annotated[
+        str | None, typer.Option(help="Comma-separated symbols (default: `symbols` in the config)")
+    ] = None,
     source: Annotated[str, typer.Option(help="A key of data_sources in the config")] = "yahoo_finance",
     interval: Annotated[str, typer.Option(help="Bar interval, e.g. 1d")] = "1d",
     start: Annotated[str | None, typer.Option(help="First date, YYYY-MM-DD (default: two years before end)")] = None,
@@ -76,7 +79,7 @@ def run(
     first = _or_exit(lambda: _parse_date(start, "--start"))
     last = _or_exit(lambda: _parse_date(end, "--end"))
 
-    from flows.market_data import SymbolsFailed, market_data, resolve_window
+    from flows.market_data import SymbolsFailedError, market_data, resolve_window
 
     first, last = _or_exit(lambda: resolve_window(first, last))
     state = market_data(
@@ -89,7 +92,7 @@ def run(
         return_state=True,
     )
     outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, SymbolsFailed):
+    if isinstance(outcome, SymbolsFailedError):
         _print_summary([r.__dict__ for r in outcome.results])
         raise typer.Exit(EXIT_FAILED)
     if isinstance(outcome, BaseException):
@@ -172,7 +175,12 @@ def _emit(frame: pd.DataFrame, fmt: str) -> None:
         for column in out.columns:
             table.add_column(str(column), overflow="fold")
         for row in out.itertuples(index=False):
-            table.add_row(*("" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+            table.add_row(
+                *(
+                    "" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else str(v)
+                    for v in row
+                )
+            )
         console.print(table)
         console.print(f"{len(out)} row(s)")
 
@@ -180,9 +188,7 @@ def _emit(frame: pd.DataFrame, fmt: str) -> None:
 @app.command()
 def sandbox(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one)")] = 8765,
-    replay: Annotated[
-        Path | None, typer.Option(help="Serve captured responses: DIR/<SYMBOL>.json, verbatim")
-    ] = None,
+    replay: Annotated[Path | None, typer.Option(help="Serve captured responses: DIR/<SYMBOL>.json, verbatim")] = None,
     not_found: Annotated[
         str | None, typer.Option(help="Comma-separated symbols answered with Yahoo's 404 'Not Found' body")
     ] = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -34,7 +35,7 @@ class SymbolResult:
     error: str = ""
 
 
-class SymbolsFailed(Exception):
+class SymbolsFailedError(Exception):
     """Some symbols failed; the others were stored. Carries the whole summary."""
 
     def __init__(self, results: list[SymbolResult]) -> None:
@@ -70,24 +71,24 @@ def market_data(
     logger = get_run_logger()
     logger.info("%d symbol(s) from %s, %s bars, %s to %s", len(checked), source, interval, first, last)
 
-    stages: dict[str, tuple[PrefectFuture, PrefectFuture, PrefectFuture]] = {}
+    stages: dict[str, tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]] = {}
     for symbol in checked:
         collected = collect_bars.submit(settings, source, symbol, interval, first, last)
-        processed = process_bars.submit(collected, settings.indicators, symbol)
+        # Prefect resolves a future passed as an argument into its result, which mypy can't see.
+        processed = process_bars.submit(collected, settings.indicators, symbol)  # type: ignore[call-overload]
         stored = store_bars.submit(processed, settings, symbol)
         stages[symbol] = (collected, processed, stored)
 
     results = [_summarise(symbol, *futures) for symbol, futures in stages.items()]
     _publish(results, source, interval, first, last)
     if any(r.status != "ok" for r in results):
-        raise SymbolsFailed(results)
+        raise SymbolsFailedError(results)
     return [asdict(r) for r in results]
 
 
 def _summarise(
-    symbol: str, collected: PrefectFuture, processed: PrefectFuture, stored: PrefectFuture
+    symbol: str, collected: PrefectFuture[Any], processed: PrefectFuture[Any], stored: PrefectFuture[Any]
 ) -> SymbolResult:
-    stored.wait()
     for stage in (collected, processed, stored):
         stage.wait()
         if not stage.state.is_completed():

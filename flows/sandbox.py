@@ -24,7 +24,9 @@ import pandas as pd
 CHART_PREFIX = "/v8/finance/chart/"
 SERIES_START = "2000-01-03"
 SERIES_END = "2035-12-31"
-NOT_FOUND_BODY = {"chart": {"result": None, "error": {"code": "Not Found", "description": "No data found, symbol may be delisted"}}}
+NOT_FOUND_BODY = {
+    "chart": {"result": None, "error": {"code": "Not Found", "description": "No data found, symbol may be delisted"}}
+}
 
 
 @lru_cache(maxsize=256)
@@ -41,7 +43,7 @@ def synthetic_series(symbol: str) -> pd.DataFrame:
     opens_at = (days + pd.Timedelta(hours=9, minutes=30)).tz_localize("America/New_York")
     return pd.DataFrame(
         {
-            "timestamp": opens_at.tz_convert("UTC").asi8 // 10**9,
+            "timestamp": (opens_at - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1),
             "open": open_.round(4),
             "high": high.round(4),
             "low": low.round(4),
@@ -53,7 +55,10 @@ def synthetic_series(symbol: str) -> pd.DataFrame:
 
 def synthetic_chart(symbol: str, period1: int, period2: int, interval: str) -> tuple[int, dict[str, Any]]:
     if interval != "1d":
-        error = {"code": "Bad Request", "description": f"Invalid input - interval={interval} is not supported by the sandbox"}
+        error = {
+            "code": "Bad Request",
+            "description": f"Invalid input - interval={interval} is not supported by the sandbox",
+        }
         return 400, {"chart": {"result": None, "error": error}}
     series = synthetic_series(symbol)
     now = int(datetime.now(UTC).timestamp())
@@ -91,21 +96,24 @@ def replay_chart(directory: Path, symbol: str) -> tuple[int, bytes]:
 class SandboxServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], replay: Path | None, not_found: set[str]) -> None:
+    def __init__(
+        self, address: tuple[str, int], replay: Path | None, not_found: set[str], access_log: bool = True
+    ) -> None:
         super().__init__(address, _Handler)
         self.replay = replay
         self.not_found = not_found
+        self.access_log = access_log
 
     @property
     def base_url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}{CHART_PREFIX}"
+        return f"http://{host!s}:{port}{CHART_PREFIX}"
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: SandboxServer
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         if not url.path.startswith(CHART_PREFIX):
             return self._send(404, b'{"error": "not found: the sandbox serves /v8/finance/chart/<symbol>"}')
@@ -118,7 +126,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             period1, period2 = int(params["period1"]), int(params["period2"])
         except (KeyError, ValueError):
-            body = {"chart": {"result": None, "error": {"code": "Bad Request", "description": "period1 and period2 are required integers"}}}
+            body = {
+                "chart": {
+                    "result": None,
+                    "error": {"code": "Bad Request", "description": "period1 and period2 are required integers"},
+                }
+            }
             return self._send(400, json.dumps(body).encode())
         status, payload = synthetic_chart(symbol, period1, period2, params.get("interval", "1d"))
         self._send(status, json.dumps(payload).encode())
@@ -131,14 +144,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        if not self.server.access_log:
+            return
         sys.stdout.write(f"sandbox: {self.command} {urlsplit(self.path).path} {args[1] if len(args) > 1 else ''}\n")
         sys.stdout.flush()
 
 
 def start_sandbox(
-    port: int = 0, replay: Path | None = None, not_found: set[str] | None = None, host: str = "127.0.0.1"
+    port: int = 0,
+    replay: Path | None = None,
+    not_found: set[str] | None = None,
+    host: str = "127.0.0.1",
+    access_log: bool = True,
 ) -> SandboxServer:
     """Start serving in a background thread; ``port=0`` picks a free port (see ``base_url``)."""
-    server = SandboxServer((host, port), replay, not_found or set())
+    server = SandboxServer((host, port), replay, not_found or set(), access_log)
     threading.Thread(target=server.serve_forever, name="marketpipe-sandbox", daemon=True).start()
     return server

@@ -24,7 +24,5 @@ def collect(settings: Settings, source: str, symbol: str, interval: str, start: 
     persist_result=False,
     tags=["marketpipe", "collect"],
 )
-def collect_bars(
-    settings: Settings, source: str, symbol: str, interval: str, start: date, end: date
-) -> Collected:
+def collect_bars(settings: Settings, source: str, symbol: str, interval: str, start: date, end: date) -> Collected:
     return collect(settings, source, symbol, interval, start, end)

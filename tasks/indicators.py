@@ -13,18 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pandas_ta as ta
-from pandas_ta import Imports as _pandas_ta_imports
 
 from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec
 
-if not _pandas_ta_imports.get("talib"):
+if not ta.Imports.get("talib"):
     raise ImportError(
         "TA-Lib is not importable, so pandas-ta would silently fall back to different formulas. "
         "Install the locked environment (uv sync) which includes the `ta-lib` package."
     )
 
+Floats = npt.NDArray[np.float64]
 INPUT_COLUMNS = ("open", "high", "low", "close", "volume")
 
 
@@ -50,14 +51,14 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
     return out
 
 
-def _array(result: pd.Series | None, n: int) -> np.ndarray:
+def _array(result: pd.Series | None, n: int) -> Floats:
     """pandas-ta returns None when the series is shorter than the window: all warm-up then."""
     if result is None:
         return np.full(n, np.nan)
     return result.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _pick(frame: pd.DataFrame | None, prefix: str, n: int) -> np.ndarray:
+def _pick(frame: pd.DataFrame | None, prefix: str, n: int) -> Floats:
     if frame is None:
         return np.full(n, np.nan)
     matches = [c for c in frame.columns if c.startswith(prefix)]
@@ -66,39 +67,39 @@ def _pick(frame: pd.DataFrame | None, prefix: str, n: int) -> np.ndarray:
     return _array(frame[matches[0]], n)
 
 
-def _sma(b: pd.DataFrame, s: SMA) -> list[np.ndarray]:
+def _sma(b: pd.DataFrame, s: SMA) -> list[Floats]:
     return [_array(ta.sma(b["close"], length=s.length, talib=True), len(b))]
 
 
-def _ema(b: pd.DataFrame, s: EMA) -> list[np.ndarray]:
+def _ema(b: pd.DataFrame, s: EMA) -> list[Floats]:
     return [_array(ta.ema(b["close"], length=s.length, talib=True), len(b))]
 
 
-def _rsi(b: pd.DataFrame, s: RSI) -> list[np.ndarray]:
+def _rsi(b: pd.DataFrame, s: RSI) -> list[Floats]:
     return [_array(ta.rsi(b["close"], length=s.length, talib=True), len(b))]
 
 
-def _macd(b: pd.DataFrame, s: MACD) -> list[np.ndarray]:
+def _macd(b: pd.DataFrame, s: MACD) -> list[Floats]:
     frame = ta.macd(b["close"], fast=s.fast, slow=s.slow, signal=s.signal, talib=True)
     n = len(b)
     return [_pick(frame, "MACD_", n), _pick(frame, "MACDs_", n), _pick(frame, "MACDh_", n)]
 
 
-def _bbands(b: pd.DataFrame, s: BBands) -> list[np.ndarray]:
+def _bbands(b: pd.DataFrame, s: BBands) -> list[Floats]:
     frame = ta.bbands(b["close"], length=s.length, lower_std=s.std, upper_std=s.std, mamode="sma", talib=True)
     n = len(b)
     return [_pick(frame, "BBL_", n), _pick(frame, "BBM_", n), _pick(frame, "BBU_", n)]
 
 
-def _atr(b: pd.DataFrame, s: ATR) -> list[np.ndarray]:
+def _atr(b: pd.DataFrame, s: ATR) -> list[Floats]:
     return [_array(ta.atr(b["high"], b["low"], b["close"], length=s.length, talib=True), len(b))]
 
 
-def _obv(b: pd.DataFrame, s: OBV) -> list[np.ndarray]:
+def _obv(b: pd.DataFrame, s: OBV) -> list[Floats]:
     return [_array(ta.obv(b["close"], b["volume"], talib=True), len(b))]
 
 
-_COMPUTE: dict[type, Callable[[pd.DataFrame, object], list[np.ndarray]]] = {
+_COMPUTE: dict[type, Callable[[pd.DataFrame, object], list[Floats]]] = {
     SMA: _sma,  # type: ignore[dict-item]
     EMA: _ema,  # type: ignore[dict-item]
     RSI: _rsi,  # type: ignore[dict-item]

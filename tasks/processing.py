@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -47,8 +48,8 @@ def validate_bars(bars: pd.DataFrame) -> Validated:
     rule = pd.Series("", index=frame.index, dtype=object)
     reason = pd.Series("", index=frame.index, dtype=object)
 
-    def reject(mask: np.ndarray, name: str, why: str) -> None:
-        fresh = mask & (rule == "").to_numpy()
+    def reject(mask: npt.ArrayLike, name: str, why: str) -> None:
+        fresh = np.asarray(mask, dtype=bool) & (rule == "").to_numpy()
         rule[fresh] = name
         reason[fresh] = why
 

@@ -16,9 +16,7 @@ def store_from_settings(settings: Settings) -> BarStore:
     storage = settings.storage
     if storage.backend == "duckdb":
         return DuckDBStore(path=storage.duckdb.path)
-    raise ConfigError(
-        f"storage.backend {storage.backend!r} is not available in this version: use duckdb"
-    )
+    raise ConfigError(f"storage.backend {storage.backend!r} is not available in this version: use duckdb")
 
 
 @task(name="store", task_run_name="store-{symbol}", cache_policy=NO_CACHE, persist_result=False)

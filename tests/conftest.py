@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,8 +26,9 @@ def yahoo_payload(name: str) -> bytes:
     return (YAHOO / name).read_bytes()
 
 
-def yahoo_json(name: str) -> dict:
-    return json.loads(yahoo_payload(name))
+def yahoo_json(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(yahoo_payload(name))
+    return data
 
 
 def free_port() -> int:

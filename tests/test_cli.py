@@ -17,7 +17,13 @@ from tests.conftest import BIN, REPLAY_FILES, REPO, Sandbox, yahoo_json
 
 def marketpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "marketpipe"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [str(BIN / "marketpipe"), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -36,7 +42,8 @@ def test_running_twice_leaves_exactly_the_same_rows(env: dict[str, str]) -> None
     args = ("run", "--symbols", "AAPL,MSFT", "--start", "2023-01-01", "--end", "2024-12-31")
     first = marketpipe(*args, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "AAPL" in first.stdout and "ok" in first.stdout
+    assert "AAPL" in first.stdout
+    assert "ok" in first.stdout
     before = {s: query_csv(env, s) for s in ("AAPL", "MSFT")}
     second = marketpipe(*args, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
@@ -48,19 +55,25 @@ def test_running_twice_leaves_exactly_the_same_rows(env: dict[str, str]) -> None
 
 
 def test_query_prints_every_stored_column_oldest_first(env: dict[str, str]) -> None:
-    assert marketpipe("run", "--symbols", "BTC-USD", "--start", "2024-01-01", "--end", "2024-03-29", env=env).returncode == 0
+    assert (
+        marketpipe("run", "--symbols", "BTC-USD", "--start", "2024-01-01", "--end", "2024-03-29", env=env).returncode
+        == 0
+    )
     rows = query_csv(env, "BTC-USD", "--start", "2024-02-01", "--end", "2024-02-29")
     assert list(rows.columns[:10]) == [
         "time", "symbol", "interval", "source", "open", "high", "low", "close", "adj_close", "volume",
     ]  # fmt: skip
     assert {"sma_20", "rsi_14", "macd_signal_12_26_9", "bb_upper_20_2", "atr_14", "obv"} <= set(rows.columns)
-    assert rows["time"].iloc[0] == "2024-02-01T00:00:00Z" and rows["time"].iloc[-1] == "2024-02-29T00:00:00Z"
+    assert rows["time"].iloc[0] == "2024-02-01T00:00:00Z"
+    assert rows["time"].iloc[-1] == "2024-02-29T00:00:00Z"
     assert rows["time"].is_monotonic_increasing
 
     as_json = json.loads(marketpipe("query", "--symbol", "BTC-USD", "--format", "json", env=env).stdout)
-    assert as_json[0]["time"] == "2024-01-01T00:00:00Z" and as_json[0]["sma_20"] is None
+    assert as_json[0]["time"] == "2024-01-01T00:00:00Z"
+    assert as_json[0]["sma_20"] is None
     table = marketpipe("query", "--symbol", "BTC-USD", "--start", "2024-03-01", env=env)
-    assert table.returncode == 0 and "21 row(s)" in table.stdout
+    assert table.returncode == 0
+    assert "21 row(s)" in table.stdout
 
 
 @pytest.fixture
@@ -75,9 +88,7 @@ def test_real_yahoo_responses_round_trip_through_run_and_query(replay_env: dict[
     assert result.returncode == 0, result.stdout + result.stderr
     for symbol in ("AAPL", "BTC-USD", "QQQ"):
         chart = yahoo_json(REPLAY_FILES[symbol])["chart"]["result"][0]
-        payload = pd.DataFrame(
-            {"ts": chart["timestamp"], "close": chart["indicators"]["quote"][0]["close"]}
-        ).dropna()
+        payload = pd.DataFrame({"ts": chart["timestamp"], "close": chart["indicators"]["quote"][0]["close"]}).dropna()
         zone = chart["meta"]["exchangeTimezoneName"]
         payload["date"] = pd.to_datetime(payload["ts"], unit="s", utc=True).dt.tz_convert(zone).dt.strftime("%Y-%m-%d")
         payload = payload[payload["date"] <= "2020-12-31"]
@@ -116,12 +127,15 @@ def test_invalid_symbol_is_refused_before_any_request(env: dict[str, str], sandb
 
 def test_invalid_config_exits_2_naming_the_key(env: dict[str, str], sandbox: Sandbox, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "configs" / "development.yaml").read_text().replace("timeout: 30          # seconds", "timeout: never"))
+    bad.write_text(
+        (REPO / "configs" / "development.yaml").read_text().replace("timeout: 30          # seconds", "timeout: never")
+    )
     result = marketpipe("run", "--symbols", "AAPL", "--config", str(bad), env=env)
     assert result.returncode == 2
     assert "data_sources.yahoo_finance.timeout" in result.stderr
     env_error = marketpipe("run", "--symbols", "AAPL", env={**env, "MARKETPIPE__STORAGE__BACKEND": "mongodb"})
-    assert env_error.returncode == 2 and "storage.backend" in env_error.stderr
+    assert env_error.returncode == 2
+    assert "storage.backend" in env_error.stderr
     assert sandbox.requests() == []
 
 

@@ -104,7 +104,8 @@ def test_new_indicator_columns_are_added_and_old_rows_read_empty(store: DuckDBSt
     store.write_bars(later)
     read = store.read_bars("BRK-B")
     assert "sma_5" in read.columns
-    assert read["sma_5"].iloc[:20].isna().all() and (read["sma_5"].iloc[20:] == 1.5).all()
+    assert read["sma_5"].iloc[:20].isna().all()
+    assert (read["sma_5"].iloc[20:] == 1.5).all()
 
 
 def test_symbol_values_cannot_inject_sql(store: DuckDBStore) -> None:

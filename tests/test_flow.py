@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blocks.duckdb_store import DuckDBStore
-from flows.market_data import SymbolsFailed, market_data
+from flows.market_data import SymbolsFailedError, market_data
 from tests.conftest import Sandbox
 
 
@@ -25,17 +26,19 @@ def test_flow_stores_every_symbol_and_returns_the_summary(configured: DuckDBStor
     summary = market_data(["AAPL", "BRK-B", "^GSPC"], start=date(2023, 1, 2), end=date(2023, 12, 29))
     assert [row["symbol"] for row in summary] == ["AAPL", "BRK-B", "^GSPC"]
     for row in summary:
-        assert row["status"] == "ok" and row["error"] == ""
+        assert row["status"] == "ok"
+        assert row["error"] == ""
         stored = configured.read_bars(str(row["symbol"]))
         assert len(stored) == row["rows_written"] == row["bars_collected"] == 260  # weekdays of 2023
-        assert stored["rsi_14"].iloc[:14].isna().all() and stored["rsi_14"].iloc[14:].notna().all()
+        assert stored["rsi_14"].iloc[:14].isna().all()
+        assert stored["rsi_14"].iloc[14:].notna().all()
 
 
 def test_one_failing_symbol_does_not_stop_the_others(configured: DuckDBStore) -> None:
     state = market_data(["AAPL", "DELISTED", "MSFT"], start=date(2024, 1, 1), end=date(2024, 3, 29), return_state=True)
     assert state.is_failed()
     outcome = state.result(raise_on_failure=False)
-    assert isinstance(outcome, SymbolsFailed)
+    assert isinstance(outcome, SymbolsFailedError)
     by_symbol = {r.symbol: r for r in outcome.results}
     assert by_symbol["DELISTED"].status == "failed"
     assert "No data found, symbol may be delisted" in by_symbol["DELISTED"].error
@@ -49,7 +52,7 @@ def test_summary_is_published_as_a_table_artifact(configured: DuckDBStore) -> No
     state = market_data(["AAPL", "DELISTED"], start=date(2024, 1, 1), end=date(2024, 1, 31), return_state=True)
     flow_run_id = state.state_details.flow_run_id
 
-    async def artifacts() -> list:
+    async def artifacts() -> list[Any]:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 

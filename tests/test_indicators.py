@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pytest
 import talib
 
-from configs.settings import BBands, MACD, RSI, SMA, default_indicators
+from configs.settings import MACD, RSI, SMA, BBands, IndicatorSpec, default_indicators
 from tasks.indicators import compute_indicators, indicator_columns
 from tests.conftest import FIXTURES
 
@@ -21,10 +22,10 @@ def spy() -> pd.DataFrame:
     return frame
 
 
-def talib_reference(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    o, h, lo, c, v = (frame[k].to_numpy(dtype=float) for k in ("open", "high", "low", "close", "volume"))
+def talib_reference(frame: pd.DataFrame) -> dict[str, npt.NDArray[np.float64]]:
+    _o, h, lo, c, v = (frame[k].to_numpy(dtype=float) for k in ("open", "high", "low", "close", "volume"))
     macd, signal, hist = talib.MACD(c, 12, 26, 9)
-    upper, mid, lower = talib.BBANDS(c, 20, 2.0, 2.0, talib.MA_Type.SMA)
+    upper, mid, lower = talib.BBANDS(c, 20, 2.0, 2.0, talib.MA_Type.SMA)  # type: ignore[attr-defined]
     return {
         "sma_20": talib.SMA(c, 20),
         "ema_20": talib.EMA(c, 20),
@@ -64,7 +65,8 @@ def test_warmup_rows_are_nan_and_only_those(spy: pd.DataFrame, column: str, warm
 
 def test_a_series_shorter_than_the_window_is_all_warmup(spy: pd.DataFrame) -> None:
     out = compute_indicators(spy.head(10), default_indicators())
-    assert out["sma_20"].isna().all() and out["macd_12_26_9"].isna().all()
+    assert out["sma_20"].isna().all()
+    assert out["macd_12_26_9"].isna().all()
     assert not out["obv"].isna().any()
 
 
@@ -81,8 +83,12 @@ def test_incomplete_bars_are_skipped_not_poisoning_what_follows(spy: pd.DataFram
 
 
 def test_configured_parameters_name_the_columns(spy: pd.DataFrame) -> None:
-    specs = [SMA(kind="sma", length=50), RSI(kind="rsi", length=7), MACD(kind="macd", fast=5, slow=35, signal=5),
-             BBands(kind="bbands", length=10, std=1.5)]  # fmt: skip
+    specs: list[IndicatorSpec] = [
+        SMA(kind="sma", length=50),
+        RSI(kind="rsi", length=7),
+        MACD(kind="macd", fast=5, slow=35, signal=5),
+        BBands(kind="bbands", length=10, std=1.5),
+    ]
     out = compute_indicators(spy, specs)
     assert {"sma_50", "rsi_7", "macd_5_35_5", "macd_signal_5_35_5", "macd_hist_5_35_5",
             "bb_lower_10_1p5", "bb_mid_10_1p5", "bb_upper_10_1p5"} <= set(out.columns)  # fmt: skip

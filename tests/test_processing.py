@@ -31,7 +31,9 @@ def bars(n: int = 5, **overrides: list[float]) -> pd.DataFrame:
 
 def test_clean_bars_pass_untouched() -> None:
     result = validate_bars(bars())
-    assert len(result.clean) == 5 and result.rejected.empty and result.counts == {}
+    assert len(result.clean) == 5
+    assert result.rejected.empty
+    assert result.counts == {}
 
 
 @pytest.mark.parametrize(
@@ -53,7 +55,8 @@ def test_each_rule_rejects_the_bad_bar_only(column: str, value: float, rule: str
     assert len(result.clean) == 4
     assert frame["time"].iloc[2] not in set(result.clean["time"])
     rejected = result.rejected.iloc[0]
-    assert rejected["rule"] == rule and rejected["reason"]
+    assert rejected["rule"] == rule
+    assert rejected["reason"]
     assert rejected["time"] == frame["time"].iloc[2]
 
 
@@ -74,7 +77,8 @@ def test_duplicates_keep_the_last_bar_received() -> None:
 def test_out_of_order_bars_come_out_strictly_increasing() -> None:
     frame = bars(6).iloc[[3, 0, 5, 1, 4, 2]]
     clean = validate_bars(frame).clean
-    assert clean["time"].is_monotonic_increasing and clean["time"].is_unique
+    assert clean["time"].is_monotonic_increasing
+    assert clean["time"].is_unique
     assert len(clean) == 6
 
 
@@ -89,7 +93,9 @@ def test_process_counts_rejections_and_stores_no_bad_bar() -> None:
     frame.loc[[3, 7], "low"] = 20.0
     processed = process(Collected(frame, dropped_null_bars=2), default_indicators())
     assert processed.rejected == {"ohlc_inconsistent": 2}
-    assert processed.collected == 40 and processed.dropped_null_bars == 2
+    assert processed.collected == 40
+    assert processed.dropped_null_bars == 2
     assert len(processed.bars) == 38
     assert (processed.bars["low"] <= processed.bars[["open", "close"]].min(axis=1)).all()
-    assert "rsi_14" in processed.bars and "obv" in processed.bars
+    assert "rsi_14" in processed.bars
+    assert "obv" in processed.bars

@@ -28,7 +28,8 @@ def test_development_is_the_default_and_matches_the_seed_shape() -> None:
     assert settings.storage.backend == "duckdb"
     yahoo = settings.source("yahoo_finance")
     assert yahoo.base_url.endswith("/v8/finance/chart/")
-    assert yahoo.rate_limit > 0 and yahoo.timeout > 0
+    assert yahoo.rate_limit > 0
+    assert yahoo.timeout > 0
     assert "alpha_vantage" in settings.data_sources
     columns = [c for spec in settings.indicators for c in spec.columns]
     assert columns == [
@@ -73,10 +74,13 @@ def test_seed_variable_names_still_work(monkeypatch: pytest.MonkeyPatch) -> None
     settings = load_settings()
     influx = settings.storage.influxdb
     assert (influx.url, influx.org, influx.bucket) == ("http://influx:8086", "acme", "bars")
-    assert influx.token is not None and influx.token.get_secret_value() == "influx-secret"
+    assert influx.token is not None
+    assert influx.token.get_secret_value() == "influx-secret"
     key = settings.source("alpha_vantage").api_key
-    assert key is not None and key.get_secret_value() == "av-secret"
-    assert "secret" not in repr(settings) and "secret" not in str(settings)
+    assert key is not None
+    assert key.get_secret_value() == "av-secret"
+    assert "secret" not in repr(settings)
+    assert "secret" not in str(settings)
 
 
 def test_prefixed_variable_beats_seed_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,5 +127,5 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 
 def test_unknown_source_says_how_to_add_it() -> None:
-    with pytest.raises(ConfigError, match="data_sources.polygon"):
+    with pytest.raises(ConfigError, match=r"data_sources\.polygon"):
         load_settings().source("polygon")

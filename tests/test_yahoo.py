@@ -32,9 +32,7 @@ def payload_quote(name: str) -> tuple[list[int], dict[str, list[float | None]], 
     return result.get("timestamp", []), result["indicators"]["quote"][0], adj[0]["adjclose"] if adj else None
 
 
-ALL_SUCCESS_PAYLOADS = sorted(
-    p.name for p in YAHOO.glob("*.json") if "error" not in p.name
-)
+ALL_SUCCESS_PAYLOADS = sorted(p.name for p in YAHOO.glob("*.json") if "error" not in p.name)
 
 
 @pytest.mark.parametrize("name", ALL_SUCCESS_PAYLOADS)
@@ -65,7 +63,8 @@ def test_daily_bars_are_stamped_at_midnight_utc_of_the_exchange_date() -> None:
     assert bars["time"].iloc[0] == pd.Timestamp("2020-01-02", tz="UTC")
     assert bars["time"].iloc[-1] == pd.Timestamp("2020-12-31", tz="UTC")
     assert (bars["time"] == bars["time"].dt.normalize()).all()
-    assert bars["time"].is_unique and bars["time"].is_monotonic_increasing
+    assert bars["time"].is_unique
+    assert bars["time"].is_monotonic_increasing
 
 
 @pytest.mark.parametrize(
@@ -105,7 +104,8 @@ def test_all_null_bars_are_dropped_and_counted() -> None:
 )
 def test_a_result_without_timestamps_is_zero_bars(name: str) -> None:
     collected = parse(name, "X", interval="1h")
-    assert collected.bars.empty and collected.dropped_null_bars == 0
+    assert collected.bars.empty
+    assert collected.dropped_null_bars == 0
 
 
 def test_intraday_bars_keep_their_start_instant() -> None:
@@ -124,7 +124,8 @@ def test_404_not_found_is_permanent_with_yahoos_message() -> None:
     with pytest.raises(PermanentSourceError) as caught:
         parse("yahoo-finance2_chart_SI_404_not_found_delisted_error.json", "SI", status=404)
     assert "No data found, symbol may be delisted" in str(caught.value)
-    assert caught.value.symbol == "SI" and not caught.value.transient
+    assert caught.value.symbol == "SI"
+    assert not caught.value.transient
 
 
 def test_400_data_does_not_exist_is_permanent_with_yahoos_message() -> None:
@@ -151,7 +152,10 @@ def test_busy_or_garbled_answers_are_transient(status: int, body: bytes, content
 @pytest.mark.parametrize(
     ("body", "match"),
     [
-        (b'{"chart": {"result": [{"meta": {}, "timestamp": [1, 2], "indicators": {"quote": [{"close": [1.0]}]}}]}}', "close has 1 values for 2"),
+        (
+            b'{"chart": {"result": [{"meta": {}, "timestamp": [1, 2], "indicators": {"quote": [{"close": [1.0]}]}}]}}',
+            "close has 1 values for 2",
+        ),
         (b'{"chart": {"result": []}}', "chart.result"),
         (b'{"quoteResponse": {}}', "no `chart`"),
         (b'{"chart": {"result": [{"timestamp": [1], "indicators": {"quote": [{"close": ["x"]}]}}]}}', "non-numeric"),
@@ -166,7 +170,8 @@ def test_request_follows_the_v8_chart_shape() -> None:
     (request,) = YahooFinance(SETTINGS).build_requests(BarQuery("EURUSD=X", "1d", date(2020, 1, 1), date(2020, 12, 31)))
     assert str(request.url).startswith("http://127.0.0.1:9/v8/finance/chart/EURUSD%3DX?")
     params = dict(request.url.params)
-    assert params["interval"] == "1d" and params["events"] == "div,splits"
+    assert params["interval"] == "1d"
+    assert params["events"] == "div,splits"
     # A margin on both sides catches sessions that open on the previous UTC day.
     assert int(params["period1"]) < int(pd.Timestamp("2020-01-01", tz="UTC").timestamp())
     assert int(params["period2"]) > int(pd.Timestamp("2021-01-01", tz="UTC").timestamp())
@@ -185,4 +190,6 @@ def test_sources_load_by_config_key() -> None:
 
 def test_redact_url_hides_keys() -> None:
     url = redact_url("https://www.alphavantage.co/query?function=X&symbol=IBM&apikey=SECRET123")
-    assert "SECRET123" not in url and "apikey=***" in url and "symbol=IBM" in url
+    assert "SECRET123" not in url
+    assert "apikey=***" in url
+    assert "symbol=IBM" in url

@@ -87,25 +87,19 @@ class Source(ABC):
         try:
             return http.send(request)
         except httpx.TimeoutException:
-            raise TransientSourceError(
-                self.name, query.symbol, f"timed out after {self.settings.timeout:g}s"
-            ) from None
+            raise TransientSourceError(self.name, query.symbol, f"timed out after {self.settings.timeout:g}s") from None
         except httpx.TransportError as exc:
             raise TransientSourceError(
                 self.name,
                 query.symbol,
-                f"cannot reach {request.url.scheme}://{request.url.netloc.decode()}: "
-                f"{type(exc).__name__}: {exc}",
+                f"cannot reach {request.url.scheme}://{request.url.netloc.decode()}: {type(exc).__name__}: {exc}",
             ) from None
 
 
 def redact_url(url: str) -> str:
     """The URL with secret query parameters replaced, for logs and error messages."""
     parts = urlsplit(url)
-    query = [
-        (k, "***" if k.lower() in SECRET_PARAMS else v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    ]
+    query = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
@@ -119,9 +113,7 @@ def load_source(name: str, settings: SourceSettings) -> Source:
     try:
         module = importlib.import_module(f"tasks.sources.{name}")
     except ModuleNotFoundError:
-        raise ConfigError(
-            f"source {name!r} has a config entry but no module tasks/sources/{name}.py"
-        ) from None
+        raise ConfigError(f"source {name!r} has a config entry but no module tasks/sources/{name}.py") from None
     source_class: type[Source] = module.SOURCE
     return source_class(settings)
 

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from tasks.bars import PRICE_COLUMNS, conform, empty_bars, is_daily_or_longer
@@ -53,9 +54,7 @@ class YahooFinance(Source):
         if response.status_code == 429:
             raise TransientSourceError(self.name, query.symbol, "rate limited by Yahoo (HTTP 429)")
         if response.status_code >= 500:
-            raise TransientSourceError(
-                self.name, query.symbol, f"Yahoo server error (HTTP {response.status_code})"
-            )
+            raise TransientSourceError(self.name, query.symbol, f"Yahoo server error (HTTP {response.status_code})")
         try:
             return response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -68,14 +67,10 @@ class YahooFinance(Source):
             ) from None
 
 
-def _chart_result(
-    source: Source, query: BarQuery, response: httpx.Response, payload: Any
-) -> dict[str, Any]:
+def _chart_result(source: Source, query: BarQuery, response: httpx.Response, payload: Any) -> dict[str, Any]:
     chart = payload.get("chart") if isinstance(payload, dict) else None
     if not isinstance(chart, dict):
-        raise PermanentSourceError(
-            source.name, query.symbol, "malformed Yahoo response: no `chart` object in the body"
-        )
+        raise PermanentSourceError(source.name, query.symbol, "malformed Yahoo response: no `chart` object in the body")
     error = chart.get("error")
     if error:
         code = error.get("code", "error") if isinstance(error, dict) else "error"
@@ -88,16 +83,12 @@ def _chart_result(
         )
     results = chart.get("result")
     if not isinstance(results, list) or not results or not isinstance(results[0], dict):
-        raise PermanentSourceError(
-            source.name, query.symbol, "malformed Yahoo response: `chart.result` is empty"
-        )
+        raise PermanentSourceError(source.name, query.symbol, "malformed Yahoo response: `chart.result` is empty")
     result: dict[str, Any] = results[0]
     return result
 
 
-def parse_chart_result(
-    result: dict[str, Any], symbol: str, interval: str, source: str = "yahoo_finance"
-) -> Collected:
+def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, source: str = "yahoo_finance") -> Collected:
     """One ``chart.result[0]`` object to standard bars. No ``timestamp`` key means zero bars."""
     meta = result.get("meta") or {}
     timestamps = result.get("timestamp") or []
@@ -108,7 +99,7 @@ def parse_chart_result(
     quote_block = (indicators.get("quote") or [{}])[0] or {}
     adj_block = (indicators.get("adjclose") or [{}])[0] or {}
 
-    columns: dict[str, np.ndarray] = {}
+    columns: dict[str, npt.NDArray[np.float64]] = {}
     for name in QUOTE_FIELDS:
         columns[name] = _float_array(quote_block.get(name), n, f"indicators.quote[0].{name}", symbol)
     columns["adj_close"] = _float_array(adj_block.get("adjclose"), n, "indicators.adjclose[0]", symbol)
@@ -128,7 +119,7 @@ def parse_chart_result(
     return Collected(conform(frame), int(all_null.sum()), _public_meta(meta))
 
 
-def _float_array(values: Any, n: int, where: str, symbol: str) -> np.ndarray:
+def _float_array(values: Any, n: int, where: str, symbol: str) -> npt.NDArray[np.float64]:
     if values is None:
         return np.full(n, np.nan)
     if not isinstance(values, list) or len(values) != n:
