@@ -10,22 +10,19 @@ Bars are sorted by time first, so the clean output is strictly increasing.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from configs.settings import IndicatorSpec
 from tasks.bars import conform
 from tasks.indicators import compute_indicators
 from tasks.sources.base import Collected
-
-logger = logging.getLogger(__name__)
 
 # Sources round prices independently, so allow a relative slack of a few ulps-of-cents.
 OHLC_TOLERANCE = 1e-9
@@ -85,17 +82,16 @@ class Processed:
 
 def process(collected: Collected, indicators: Sequence[IndicatorSpec]) -> Processed:
     validated = validate_bars(collected.bars)
-    if validated.rejected_count:
-        logger.warning(
-            "rejected %d bar(s) of %s: %s",
-            validated.rejected_count,
-            collected.bars["symbol"].iloc[0],
-            ", ".join(f"{rule}={count}" for rule, count in validated.counts.items()),
-        )
     bars = compute_indicators(validated.clean, indicators)
     return Processed(bars, len(collected.bars), collected.dropped_null_bars, validated.counts)
 
 
 @task(name="process", task_run_name="process-{symbol}", cache_policy=NO_CACHE, persist_result=False)
 def process_bars(collected: Collected, indicators: Sequence[IndicatorSpec], symbol: str) -> Processed:
-    return process(collected, indicators)
+    processed = process(collected, indicators)
+    if processed.rejected:
+        rules = ", ".join(f"{rule}={count}" for rule, count in processed.rejected.items())
+        get_run_logger().warning("%s: rejected %s", symbol, rules)
+    if processed.dropped_null_bars:
+        get_run_logger().info("%s: dropped %d all-null bar(s)", symbol, processed.dropped_null_bars)
+    return processed
