@@ -8,6 +8,7 @@ Precedence, highest first: ``MARKETPIPE__SECTION__KEY`` variables, the seed's pl
 from __future__ import annotations
 
 import os
+import tempfile
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,11 +44,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RetrySettings(_Section):
+    """Transient errors are retried with exponential backoff and full jitter, within a time budget."""
+
+    max_attempts: int = Field(5, ge=1, description="attempts per request, the first included")
+    initial_wait: float = Field(1.0, gt=0, description="seconds; the backoff cap doubles from here")
+    max_wait: float = Field(60.0, gt=0, description="seconds; cap for one wait, Retry-After included")
+    max_total: float = Field(300.0, gt=0, description="seconds; give up once retrying has taken this long")
+
+
 class SourceSettings(_Section):
-    base_url: str = Field(min_length=1)
-    rate_limit: int = Field(gt=0, description="requests per hour")
-    timeout: float = Field(gt=0, description="seconds per request")
+    base_url: str = ""
+    rate_limit: int = Field(3600, gt=0, description="requests per hour, paced smoothly")
+    requests_per_minute: int | None = Field(None, gt=0)
+    requests_per_day: int | None = Field(None, gt=0, description="a quota: symbols past it are deferred")
+    burst: int = Field(1, ge=1, description="requests allowed back to back above the smooth pace")
+    headroom: float = Field(0.05, ge=0, lt=0.5, description="pace this fraction below the limit, for jitter")
+    concurrency: int = Field(4, ge=1, description="collect tasks of this source running at once, across workers")
+    timeout: float = Field(30, gt=0, description="seconds per request")
+    retry: RetrySettings = RetrySettings()
     api_key: SecretStr | None = None
+    api_key_block: str | None = Field(None, description="name of a saved AlphaVantageCredentials block")
+    outputsize: Literal["compact", "full"] = "compact"
+    adjusted: bool = False
+    path: str | None = Field(None, description="directory of vendor files (source `files`)")
+
+
+class CollectionSettings(_Section):
+    overlap_days: float = Field(5, ge=0, description="re-collect this far before the last stored bar")
+    default_history_days: int = Field(730, gt=0, description="history collected for a symbol seen first")
+    rate_limit_dir: str = Field(
+        default_factory=lambda: str(Path(tempfile.gettempdir()) / "marketpipe-rate-limits"),
+        description="pacing state shared by every process on this host",
+    )
 
 
 class DuckDBSettings(_Section):
@@ -183,6 +212,7 @@ class Settings(BaseSettings):
     debug: bool = False
     data_sources: dict[str, SourceSettings]
     storage: StorageSettings = StorageSettings()
+    collection: CollectionSettings = CollectionSettings()
     symbols: list[str] = Field(default_factory=list)
     indicators: list[IndicatorSpec] = Field(default_factory=default_indicators)
 

@@ -86,6 +86,40 @@ def conform(frame: pd.DataFrame) -> pd.DataFrame:
     return out[[*BAR_COLUMNS, *extra]].reset_index(drop=True)
 
 
+# Corporate actions: one row per event. ``ratio`` for splits (new shares per old share),
+# ``amount`` (per share, in the listing currency) for dividends and capital gains.
+ACTION_KINDS: tuple[str, ...] = ("split", "dividend", "capital_gain")
+ACTION_COLUMNS: tuple[str, ...] = ("time", "symbol", "source", "kind", "ratio", "amount")
+ACTION_KEY: tuple[str, ...] = ("time", "symbol", "source", "kind")
+# Flag columns are float fields like every other value: 1.0 set, 0.0 clear.
+FLAG_PARTIAL_NULL = "flag_partial_null"
+
+
+def empty_actions() -> pd.DataFrame:
+    return conform_actions(pd.DataFrame({column: [] for column in ACTION_COLUMNS}))
+
+
+def conform_actions(frame: pd.DataFrame) -> pd.DataFrame:
+    """Cast a corporate-actions frame to its standard dtypes and column order."""
+    out = frame.reindex(columns=list(ACTION_COLUMNS)).copy()
+    out["time"] = pd.to_datetime(out["time"], utc=True).astype("datetime64[ns, UTC]")
+    for column in ("symbol", "source", "kind"):
+        out[column] = out[column].astype(str)
+    unknown = set(out["kind"]) - set(ACTION_KINDS)
+    if unknown:
+        raise ValueError(f"unknown corporate action kind(s) {sorted(unknown)}: expected {', '.join(ACTION_KINDS)}")
+    for column in ("ratio", "amount"):
+        out[column] = pd.to_numeric(out[column], errors="coerce").astype(np.float64)
+    return out.sort_values(["time", "kind"], kind="stable").reset_index(drop=True)
+
+
+def flag_partial_nulls(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mark bars with some (not all) of open/high/low/close/volume missing."""
+    values = frame[["open", "high", "low", "close", "volume"]].isna()
+    frame[FLAG_PARTIAL_NULL] = (values.any(axis=1) & ~values.all(axis=1)).astype(np.float64)
+    return frame
+
+
 def value_columns(frame: pd.DataFrame) -> list[str]:
     """Every numeric column that is stored as a field: prices, volume, flags, indicators."""
     return [c for c in frame.columns if c not in KEY_COLUMNS]

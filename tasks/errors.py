@@ -31,7 +31,23 @@ class PermanentSourceError(SourceError):
     """Retrying will not help: the symbol is unknown, delisted or the range does not exist."""
 
 
+class RangeNotServedError(PermanentSourceError):
+    """The source can't serve this interval over this range (e.g. Yahoo 1m bars older than 30 days)."""
+
+
 class TransientSourceError(SourceError):
-    """The source is busy or flaky (429, 5xx, timeout, HTML instead of JSON): worth a retry."""
+    """The source is busy or flaky (5xx, timeout, HTML instead of JSON): worth a retry."""
 
     transient = True
+
+    def __init__(self, source: str, symbol: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(source, symbol, message)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(TransientSourceError):
+    """The source said we are too fast (Yahoo 429, an Alpha Vantage `Note`): back off, then retry."""
+
+
+class QuotaExhaustedError(SourceError):
+    """The source's daily quota is used up: the symbol is deferred to the next run, not failed."""

@@ -2,13 +2,17 @@
 
 A source is one module in ``tasks/sources/`` named after its config key (``data_sources.<name>``)
 that exposes ``SOURCE``, a :class:`Source` subclass. Nothing else needs to change to add one.
+HTTP sources subclass :class:`HttpSource` and get pacing, retries and secret-safe errors for free.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import random
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import ClassVar
@@ -16,13 +20,17 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pandas as pd
+import tenacity
 
 from configs.settings import ConfigError, SourceSettings
-from tasks.bars import conform, empty_bars
+from tasks.bars import conform, conform_actions, empty_actions, empty_bars
 from tasks.errors import SourceError, TransientSourceError
+from tasks.sources.pacing import Pacer, rates_for
 
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) marketpipe/0.1"
 SECRET_PARAMS = frozenset({"apikey", "api_key", "token", "password", "key"})
+
+logger = logging.getLogger("marketpipe.sources")
 
 
 @dataclass(frozen=True)
@@ -37,20 +45,58 @@ class BarQuery:
 
 @dataclass
 class Collected:
-    """Bars from one source for one query, plus what was noticed on the way."""
+    """Bars and corporate actions from one source for one query, plus what was noticed on the way."""
 
     bars: pd.DataFrame
     dropped_null_bars: int = 0
+    actions: pd.DataFrame = field(default_factory=empty_actions)
+    live_bars_skipped: int = 0
+    requests: int = 0
     meta: dict[str, object] = field(default_factory=dict)
+
+    @staticmethod
+    def merge(parts: list[Collected]) -> Collected:
+        """One result from several requests' results; later parts win on a repeated bar."""
+        frames = [p.bars for p in parts if not p.bars.empty]
+        bars = empty_bars()
+        if frames:
+            bars = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["time"], keep="last")
+            bars = conform(bars.sort_values("time", kind="stable"))
+        actions = [p.actions for p in parts if not p.actions.empty]
+        merged_actions = empty_actions()
+        if actions:
+            merged_actions = conform_actions(
+                pd.concat(actions, ignore_index=True).drop_duplicates(subset=["time", "kind"], keep="last")
+            )
+        meta: dict[str, object] = {}
+        for part in parts:
+            meta.update(part.meta)
+        return Collected(
+            bars,
+            sum(p.dropped_null_bars for p in parts),
+            merged_actions,
+            sum(p.live_bars_skipped for p in parts),
+            sum(p.requests for p in parts),
+            meta,
+        )
 
 
 class Source(ABC):
-    """One data provider. Subclasses implement :meth:`build_requests` and :meth:`parse`."""
+    """One data provider: turns a :class:`BarQuery` into a :class:`Collected`."""
 
     name: ClassVar[str]
 
-    def __init__(self, settings: SourceSettings) -> None:
+    def __init__(self, settings: SourceSettings, pacer: Pacer | None = None) -> None:
         self.settings = settings
+        self.pacer = pacer
+
+    @abstractmethod
+    def collect(self, query: BarQuery) -> Collected:
+        """Everything the source holds for ``query``, or a :class:`SourceError`."""
+
+
+class HttpSource(Source):
+    """A source behind an HTTP API. Subclasses implement :meth:`build_requests` and :meth:`parse`."""
 
     @abstractmethod
     def build_requests(self, query: BarQuery) -> list[httpx.Request]:
@@ -67,46 +113,122 @@ class Source(ABC):
             follow_redirects=True,
         )
 
-    def fetch(self, query: BarQuery, client: httpx.Client | None = None) -> Collected:
-        """Send every request for ``query`` and merge the parsed parts."""
-        own_client = client is None
-        http = client or self.client()
-        try:
-            parts = [self.parse(query, self._send(http, query, r)) for r in self.build_requests(query)]
-        finally:
-            if own_client:
-                http.close()
-        frames = [p.bars for p in parts if not p.bars.empty]
-        bars = conform(pd.concat(frames, ignore_index=True)) if frames else empty_bars()
-        meta: dict[str, object] = {}
-        for part in parts:
-            meta.update(part.meta)
-        return Collected(bars, sum(p.dropped_null_bars for p in parts), meta)
+    def collect(self, query: BarQuery) -> Collected:
+        with self.client() as http:
+            parts = [self._fetch(http, query, request) for request in self.build_requests(query)]
+        return Collected.merge(parts)
+
+    def _fetch(self, http: httpx.Client, query: BarQuery, request: httpx.Request) -> Collected:
+        """One request: paced, sent, parsed; transient failures retried with backoff."""
+        retry = self.settings.retry
+        attempts = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(TransientSourceError),
+            stop=tenacity.stop_after_attempt(retry.max_attempts) | tenacity.stop_before_delay(retry.max_total),
+            wait=full_jitter_backoff(retry.initial_wait, retry.max_wait),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        for attempt in attempts:
+            with attempt:
+                if self.pacer is not None:
+                    self.pacer.acquire(query.symbol)
+                part = self.parse(query, self._send(http, query, request))
+                part.requests = attempt.retry_state.attempt_number
+                return part
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        _run_logger().warning(
+            "%s (attempt %d of %d); retrying in %.2fs",
+            error,
+            state.attempt_number,
+            self.settings.retry.max_attempts,
+            wait,
+        )
 
     def _send(self, http: httpx.Client, query: BarQuery, request: httpx.Request) -> httpx.Response:
         try:
             return http.send(request)
         except httpx.TimeoutException:
-            raise TransientSourceError(self.name, query.symbol, f"timed out after {self.settings.timeout:g}s") from None
+            raise TransientSourceError(
+                self.name, query.symbol, f"timed out after {self.settings.timeout:g}s"
+            ) from None
         except httpx.TransportError as exc:
             raise TransientSourceError(
                 self.name,
                 query.symbol,
-                f"cannot reach {request.url.scheme}://{request.url.netloc.decode()}: {type(exc).__name__}: {exc}",
+                f"cannot reach {request.url.scheme}://{request.url.netloc.decode()}: {type(exc).__name__}",
             ) from None
+
+
+def full_jitter_backoff(initial: float, cap: float) -> Callable[[tenacity.RetryCallState], float]:
+    """Sleep a uniform random time in [0, min(cap, initial * 2**n)], but never less than Retry-After."""
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        ceiling = min(cap, initial * 2 ** (state.attempt_number - 1))
+        jittered = random.uniform(0, ceiling)  # noqa: S311 (jitter, not cryptography)
+        error = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(error, "retry_after", None) or 0.0
+        return max(jittered, min(retry_after, cap))
+
+    return wait
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The ``Retry-After`` header in seconds (only the delta-seconds form is used)."""
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
 
 
 def redact_url(url: str) -> str:
     """The URL with secret query parameters replaced, for logs and error messages."""
     parts = urlsplit(url)
-    query = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    query = [
+        (k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    ]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+
+
+_URL_IN_TEXT = re.compile(r"https?://\S+")
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites URLs in log records so an API key in a query string never reaches a log line.
+
+    httpx logs every request URL at INFO; Alpha Vantage's key travels in the query string.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "://" in message:
+            record.msg = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), message)
+            record.args = None
+        return True
+
+
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).addFilter(RedactSecrets())
 
 
 _SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def load_source(name: str, settings: SourceSettings) -> Source:
+def load_source(name: str, settings: SourceSettings, pacer: Pacer | None = None) -> Source:
     """Instantiate the source whose module is ``tasks.sources.<name>``."""
     if not _SOURCE_NAME.fullmatch(name):
         raise ConfigError(f"invalid source name {name!r}: use the lowercase config key, e.g. yahoo_finance")
@@ -115,14 +237,23 @@ def load_source(name: str, settings: SourceSettings) -> Source:
     except ModuleNotFoundError:
         raise ConfigError(f"source {name!r} has a config entry but no module tasks/sources/{name}.py") from None
     source_class: type[Source] = module.SOURCE
-    return source_class(settings)
+    return source_class(settings, pacer)
+
+
+def pacer_for(name: str, settings: SourceSettings, state_dir: str) -> Pacer:
+    """The host-wide pacer for one source, from its rate settings."""
+    rates = rates_for(settings.rate_limit, settings.requests_per_minute, settings.burst, settings.headroom)
+    return Pacer(name, rates, state_dir, per_day=settings.requests_per_day)
 
 
 __all__ = [
     "BarQuery",
     "Collected",
+    "HttpSource",
     "Source",
     "SourceError",
     "load_source",
+    "pacer_for",
     "redact_url",
 ]
+
