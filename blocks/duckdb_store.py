@@ -15,11 +15,12 @@ import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from blocks.store import BAR_KEY, SERIES_TAGS, StoreError
+from blocks.store import ACTION_KEY, BAR_KEY, SERIES_TAGS, StoreError
 
 # Value columns become SQL identifiers, so they must be plain snake_case names.
 COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 TABLE = "bars"
+ACTIONS_TABLE = "corporate_actions"
 # DuckDB allows one writer per file per process; tasks run in threads, so writes take turns.
 _write_locks: dict[str, threading.Lock] = {}
 _write_locks_guard = threading.Lock()
@@ -41,8 +42,6 @@ class DuckDBStore(Block):
     @contextmanager
     def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         path = Path(self.path)
-        if read_only and not path.exists():
-            raise StoreError(f"no DuckDB store at {path}: run `marketpipe run` first or fix storage.duckdb.path")
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -54,39 +53,61 @@ class DuckDBStore(Block):
         finally:
             connection.close()
 
-    def _ensure_schema(self, con: duckdb.DuckDBPyConnection, value_columns: list[str]) -> None:
-        con.execute(
-            f"""CREATE TABLE IF NOT EXISTS {TABLE} (
-                time TIMESTAMPTZ NOT NULL, symbol VARCHAR NOT NULL,
-                interval VARCHAR NOT NULL, source VARCHAR NOT NULL,
-                PRIMARY KEY (symbol, interval, source, time))"""
+    def _ensure_table(
+        self, con: duckdb.DuckDBPyConnection, table: str, key: tuple[str, ...], value_columns: list[str]
+    ) -> None:
+        key_sql = ", ".join(
+            f"{column} TIMESTAMPTZ NOT NULL" if column == "time" else f"{column} VARCHAR NOT NULL" for column in key
         )
-        existing = {row[0] for row in con.execute(f"DESCRIBE {TABLE}").fetchall()}
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({key_sql}, PRIMARY KEY ({', '.join(key)}))")
+        existing = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
         for column in value_columns:
             if column not in existing:
-                con.execute(f'ALTER TABLE {TABLE} ADD COLUMN "{column}" DOUBLE')
+                con.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" DOUBLE')
 
-    def write_bars(self, bars: pd.DataFrame) -> int:
-        if bars.empty:
+    def _upsert(self, table: str, key: tuple[str, ...], rows: pd.DataFrame) -> int:
+        if rows.empty:
             return 0
-        missing = [c for c in BAR_KEY if c not in bars.columns]
+        missing = [c for c in key if c not in rows.columns]
         if missing:
-            raise StoreError(f"cannot store bars without key columns: {', '.join(missing)}")
-        value_columns = [c for c in bars.columns if c not in BAR_KEY]
+            raise StoreError(f"cannot store {table} without key columns: {', '.join(missing)}")
+        value_columns = [c for c in rows.columns if c not in key]
         bad = [c for c in value_columns if not COLUMN_NAME.fullmatch(str(c))]
         if bad:
             raise StoreError(f"column names must be lowercase snake_case to be stored: {bad}")
-        frame = bars[[*BAR_KEY, *value_columns]].astype(dict.fromkeys(value_columns, "float64"))
-        frame = frame.drop_duplicates(subset=list(BAR_KEY), keep="last")
+        frame = rows[[*key, *value_columns]].astype(dict.fromkeys(value_columns, "float64"))
+        frame = frame.drop_duplicates(subset=list(key), keep="last")
         names = ", ".join(f'"{c}"' for c in frame.columns)
         with _lock_for(str(Path(self.path).resolve())), self._connect() as con:
             con.begin()
-            self._ensure_schema(con, value_columns)
+            self._ensure_table(con, table, key, value_columns)
             con.register("incoming", frame)
-            con.execute(f"INSERT OR REPLACE INTO {TABLE} ({names}) SELECT {names} FROM incoming")
+            con.execute(f"INSERT OR REPLACE INTO {table} ({names}) SELECT {names} FROM incoming")
             con.unregister("incoming")
             con.commit()
         return len(frame)
+
+    def write_bars(self, bars: pd.DataFrame) -> int:
+        return self._upsert(TABLE, BAR_KEY, bars)
+
+    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
+        return self._upsert(ACTIONS_TABLE, ACTION_KEY, actions)
+
+    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        conditions, params = ["symbol = ?"], [symbol]
+        if source is not None:
+            conditions.append("source = ?")
+            params.append(source)
+        if not Path(self.path).exists():
+            return pd.DataFrame(columns=list(ACTION_KEY))
+        with self._connect(read_only=True) as con:
+            if not self._has_table(con, ACTIONS_TABLE):
+                return pd.DataFrame(columns=list(ACTION_KEY))
+            frame = con.execute(
+                f"SELECT * FROM {ACTIONS_TABLE} WHERE {' AND '.join(conditions)} ORDER BY time, kind", params
+            ).df()
+        frame["time"] = pd.to_datetime(frame["time"], utc=True).astype("datetime64[ns, UTC]")
+        return frame
 
     def read_bars(
         self,
@@ -102,8 +123,10 @@ class DuckDBStore(Block):
             if value is not None:
                 conditions.append(clause)
                 params.append(value)
+        if not Path(self.path).exists():
+            return pd.DataFrame(columns=list(BAR_KEY))
         with self._connect(read_only=True) as con:
-            if not self._has_table(con):
+            if not self._has_table(con, TABLE):
                 return pd.DataFrame(columns=list(BAR_KEY))
             frame = con.execute(
                 f"SELECT * FROM {TABLE} WHERE {' AND '.join(conditions)} ORDER BY source, time", params
@@ -115,7 +138,7 @@ class DuckDBStore(Block):
         if not Path(self.path).exists():
             return None
         with self._connect(read_only=True) as con:
-            if not self._has_table(con):
+            if not self._has_table(con, TABLE):
                 return None
             row = con.execute(
                 f"SELECT max(time) FROM {TABLE} WHERE symbol = ? AND interval = ? AND source = ?",
@@ -128,8 +151,8 @@ class DuckDBStore(Block):
             con.execute("SELECT 1").fetchone()
 
     @staticmethod
-    def _has_table(con: duckdb.DuckDBPyConnection) -> bool:
-        row = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [TABLE]).fetchone()
+    def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+        row = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchone()
         return bool(row and row[0])
 
 

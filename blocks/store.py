@@ -14,6 +14,8 @@ import pandas as pd
 # The identity of a bar in every backend: writing the same key again overwrites it.
 SERIES_TAGS: tuple[str, ...] = ("symbol", "interval", "source")
 BAR_KEY: tuple[str, ...] = ("time", *SERIES_TAGS)
+# Corporate actions are their own series: one per symbol, source and kind (split, dividend, capital_gain).
+ACTION_KEY: tuple[str, ...] = ("time", "symbol", "source", "kind")
 
 
 class StoreError(Exception):
@@ -24,6 +26,14 @@ class StoreError(Exception):
 class BarStore(Protocol):
     def write_bars(self, bars: pd.DataFrame) -> int:
         """Upsert on (symbol, interval, source, time); returns the number of bars written."""
+        ...
+
+    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
+        """Upsert on (symbol, source, kind, time); fields ``ratio`` and ``amount``."""
+        ...
+
+    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        """Stored corporate actions of a symbol, oldest first."""
         ...
 
     def read_bars(

@@ -64,7 +64,7 @@ class SourceSettings(_Section):
     timeout: float = Field(30, gt=0, description="seconds per request")
     retry: RetrySettings = RetrySettings()
     api_key: SecretStr | None = None
-    api_key_block: str | None = Field(None, description="name of a saved AlphaVantageCredentials block")
+    api_key_block: str | None = Field(None, description="name of a saved SourceCredentials block holding the API key")
     outputsize: Literal["compact", "full"] = "compact"
     adjusted: bool = False
     path: str | None = Field(None, description="directory of vendor files (source `files`)")

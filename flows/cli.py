@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
@@ -66,7 +67,10 @@ def run(
     ] = None,
     source: Annotated[str, typer.Option(help="A key of data_sources in the config")] = "yahoo_finance",
     interval: Annotated[str, typer.Option(help="Bar interval, e.g. 1d")] = "1d",
-    start: Annotated[str | None, typer.Option(help="First date, YYYY-MM-DD (default: two years before end)")] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(help="First date, YYYY-MM-DD: an explicit backfill (default: resume after the last stored bar)"),
+    ] = None,
     end: Annotated[str | None, typer.Option(help="Last date, YYYY-MM-DD, inclusive (default: today)")] = None,
     config: ConfigOption = None,
 ) -> None:
@@ -79,9 +83,10 @@ def run(
     first = _or_exit(lambda: _parse_date(start, "--start"))
     last = _or_exit(lambda: _parse_date(end, "--end"))
 
-    from flows.market_data import SymbolsFailedError, market_data, resolve_window
+    if first and last and first > last:
+        _or_exit(lambda: _raise(UsageError(f"--start {first} is after --end {last}: swap them")))
+    from flows.market_data import SymbolsFailedError, market_data
 
-    first, last = _or_exit(lambda: resolve_window(first, last))
     state = market_data(
         symbols=checked,
         source=source,
@@ -101,21 +106,28 @@ def run(
     _print_summary(outcome)
 
 
+def _raise(error: Exception) -> None:
+    raise error
+
+
 def _print_summary(rows: list[dict[str, Any]]) -> None:
     table = Table(title="market-data run")
-    for column in ("symbol", "status", "rows written", "collected", "null bars dropped", "rejected"):
+    columns = ("symbol", "status", "rows written", "collected", "null dropped", "live skipped", "actions",
+               "requests", "rejected", "window")  # fmt: skip
+    for column in columns:
         table.add_column(column)
+    colours = {"ok": "green", "deferred": "yellow"}
     for r in rows:
-        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
+        status = f"[{colours.get(r['status'], 'red')}]{r['status']}[/]"
         rejected = ", ".join(f"{k}={v}" for k, v in r["rejected"].items()) or "0"
         table.add_row(
-            r["symbol"], status, str(r["rows_written"]), str(r["bars_collected"]),
-            str(r["null_bars_dropped"]), rejected,
+            r["symbol"], status, str(r["rows_written"]), str(r["bars_collected"]), str(r["null_bars_dropped"]),
+            str(r["live_bars_skipped"]), str(r["actions_written"]), str(r["requests"]), rejected, r["window"],
         )  # fmt: skip
     console.print(table)
     for r in rows:
         if r["status"] != "ok":
-            console.print(f"[red]{r['symbol']} failed:[/] {r['error']}", highlight=False, soft_wrap=True)
+            console.print(f"[red]{r['symbol']} {r['status']}:[/] {r['error']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -135,6 +147,8 @@ def query(
     first = _or_exit(lambda: _parse_date(start, "--start"))
     last = _or_exit(lambda: _parse_date(end, "--end"))
     frame = _read(settings, checked, interval, source, first, last)
+    if frame.empty:
+        _error(f"no stored {interval} bars for {checked}: run `marketpipe run --symbols {checked}` first")
     _emit(frame, format)
 
 
@@ -142,9 +156,9 @@ def _read(
     settings: Settings, symbol: str, interval: str, source: str | None, first: date | None, last: date | None
 ) -> pd.DataFrame:
     from blocks.store import StoreError
-    from tasks.store import store_from_settings
+    from blocks.stores import store_from_settings
 
-    store = _or_exit(lambda: store_from_settings(settings))
+    store = _or_exit(lambda: store_from_settings(settings.storage))
     lo = pd.Timestamp(first, tz="UTC").to_pydatetime() if first else None
     hi = (pd.Timestamp(last, tz="UTC") + pd.Timedelta(days=1)).to_pydatetime() if last else None
     try:
@@ -188,24 +202,54 @@ def _emit(frame: pd.DataFrame, fmt: str) -> None:
 @app.command()
 def sandbox(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one)")] = 8765,
-    replay: Annotated[Path | None, typer.Option(help="Serve captured responses: DIR/<SYMBOL>.json, verbatim")] = None,
+    replay: Annotated[Path | None, typer.Option(help="Serve captured Yahoo responses: DIR/<SYMBOL>.json")] = None,
     not_found: Annotated[
-        str | None, typer.Option(help="Comma-separated symbols answered with Yahoo's 404 'Not Found' body")
+        str | None, typer.Option(help="Symbols answered with Yahoo's 404 body, comma-separated")
+    ] = None,
+    latency: Annotated[float, typer.Option(help="Seconds added to every response")] = 0.0,
+    rate_limit: Annotated[int | None, typer.Option(help="Requests accepted in any --rate-window seconds")] = None,
+    rate_window: Annotated[float, typer.Option(help="Seconds of the rate-limit window")] = 1.0,
+    fault_rate: Annotated[float, typer.Option(help="Probability that a request gets a fault")] = 0.0,
+    fault_kinds: Annotated[
+        str, typer.Option(help="Faults to draw from: 5xx,timeout,malformed,html")
+    ] = "5xx,timeout,malformed,html",
+    fault: Annotated[list[str] | None, typer.Option(help="SYMBOL=KIND: that symbol always gets that fault")] = None,
+    timeout_delay: Annotated[float, typer.Option(help="Seconds a 'timeout' fault stalls before its 504")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed of the fault draws")] = 0,
+    request_log: Annotated[
+        Path | None, typer.Option(help="Append one JSON line per request (secrets redacted)")
     ] = None,
 ) -> None:
-    """Serve a local stand-in for the Yahoo v8 chart API until interrupted."""
-    from flows.sandbox import start_sandbox
+    """Simulate the Yahoo v8 chart and Alpha Vantage APIs on 127.0.0.1 until interrupted."""
+    from flows.sandbox import FAULT_KINDS, SandboxConfig, start_sandbox
 
     if replay is not None and not replay.is_dir():
         _error(f"--replay {replay} is not a directory")
         raise typer.Exit(EXIT_USAGE)
-    missing = set(not_found.split(",")) if not_found else set()
-    server = start_sandbox(port, replay, missing)
+    kinds = tuple(k.strip() for k in fault_kinds.split(",") if k.strip())
+    symbol_faults = dict(item.split("=", 1) for item in (fault or []) if "=" in item)
+    unknown = (set(kinds) | set(symbol_faults.values())) - set(FAULT_KINDS)
+    if unknown or not 0 <= fault_rate <= 1:
+        _error(f"faults must be among {', '.join(FAULT_KINDS)} and --fault-rate within 0..1")
+        raise typer.Exit(EXIT_USAGE)
+    config = SandboxConfig(
+        replay=replay,
+        not_found=set(not_found.split(",")) if not_found else set(),
+        latency=latency,
+        rate_limit=rate_limit,
+        rate_window=rate_window,
+        fault_rate=fault_rate,
+        fault_kinds=kinds,
+        symbol_faults=symbol_faults,
+        timeout_delay=timeout_delay,
+        seed=seed,
+        request_log=request_log,
+    )
+    server = start_sandbox(port, config)
     print(f"sandbox listening on {server.base_url}", flush=True)
+    print(f"alpha vantage on {server.alpha_vantage_url}", flush=True)
     print(f"use it with: MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL={server.base_url}", flush=True)
     try:
-        import time
-
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 
-from flows.sandbox import start_sandbox
+from flows.sandbox import SandboxConfig, start_sandbox
 
 SYMBOLS = "AAPL,MSFT,BRK-B,^GSPC,EURUSD=X"
 START, END = "2023-01-01", "2024-12-31"
@@ -21,7 +21,7 @@ SHOWN = ["time", "symbol", "close", "sma_20", "ema_20", "rsi_14", "macd_12_26_9"
 
 
 def main() -> int:
-    server = start_sandbox(port=0, access_log=False)
+    server = start_sandbox(port=0, config=SandboxConfig(access_log=False))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ["MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL"] = server.base_url
     os.environ["MARKETPIPE__STORAGE__BACKEND"] = "duckdb"

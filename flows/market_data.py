@@ -1,37 +1,45 @@
 """The main batch flow: collect -> process -> store, fanned out per symbol.
 
-One symbol's failure never stops the others. The run ends Failed when any symbol failed, so
-schedules and the UI show it, and the per-symbol summary is published as a table artifact either way.
+Without ``start`` each symbol resumes from its last stored bar (minus an overlap); with it, the
+range is an explicit backfill. One symbol's failure never stops the others. A symbol whose source
+quota ran out is deferred, not failed: the next run picks it up. The run ends Failed when any
+symbol failed, so schedules and the UI show it; the per-symbol summary is published as a table
+artifact either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 
 from configs.settings import load_settings
 from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import collect_bars
-from tasks.errors import UsageError
+from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.processing import Processed, process_bars
+from tasks.sources.base import Collected
 from tasks.store import store_bars
 
-DEFAULT_LOOKBACK = timedelta(days=730)
+OK, FAILED, DEFERRED = "ok", "failed", "deferred"
 
 
 @dataclass
 class SymbolResult:
     symbol: str
-    status: str  # "ok" or "failed"
+    status: str  # ok, failed or deferred
     rows_written: int = 0
     bars_collected: int = 0
     null_bars_dropped: int = 0
+    live_bars_skipped: int = 0
+    actions_written: int = 0
+    requests: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    window: str = ""
     error: str = ""
 
 
@@ -40,17 +48,14 @@ class SymbolsFailedError(Exception):
 
     def __init__(self, results: list[SymbolResult]) -> None:
         self.results = results
-        failed = [r for r in results if r.status != "ok"]
+        failed = [r for r in results if r.status == FAILED]
         detail = "; ".join(f"{r.symbol}: {r.error}" for r in failed)
         super().__init__(f"{len(failed)} of {len(results)} symbol(s) failed: {detail}")
 
 
-def resolve_window(start: date | None, end: date | None) -> tuple[date, date]:
-    last = end or datetime.now(UTC).date()
-    first = start or last - DEFAULT_LOOKBACK
-    if first > last:
-        raise UsageError(f"start {first} is after end {last}: swap them or widen the range")
-    return first, last
+def collect_tag(source: str) -> str:
+    """The tag whose Prefect concurrency limit bounds a source's collect tasks across workers."""
+    return f"collect:{source}"
 
 
 @flow(name="market-data", log_prints=True)
@@ -67,21 +72,23 @@ def market_data(
     checked = validate_symbols(symbols or settings.symbols)
     validate_interval(interval)
     settings.source(source)
-    first, last = resolve_window(start, end)
-    logger = get_run_logger()
-    logger.info("%d symbol(s) from %s, %s bars, %s to %s", len(checked), source, interval, first, last)
+    if start is not None and end is not None and start > end:
+        raise UsageError(f"start {start} is after end {end}: swap them or widen the range")
+    mode = f"{start} to {end or 'today'}" if start else "incremental"
+    get_run_logger().info("%d symbol(s) from %s, %s bars, %s", len(checked), source, interval, mode)
 
     stages: dict[str, tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]] = {}
     for symbol in checked:
-        collected = collect_bars.submit(settings, source, symbol, interval, first, last)
+        with tags(collect_tag(source)):
+            collected = collect_bars.submit(settings, source, symbol, interval, start, end)
         # Prefect resolves a future passed as an argument into its result, which mypy can't see.
-        processed = process_bars.submit(collected, settings.indicators, symbol)  # type: ignore[call-overload]
+        processed = process_bars.submit(collected, settings, source, symbol, interval)  # type: ignore[call-overload]
         stored = store_bars.submit(processed, settings, symbol)
         stages[symbol] = (collected, processed, stored)
 
     results = [_summarise(symbol, *futures) for symbol, futures in stages.items()]
-    _publish(results, source, interval, first, last)
-    if any(r.status != "ok" for r in results):
+    _publish(results, source, interval)
+    if any(r.status == FAILED for r in results):
         raise SymbolsFailedError(results)
     return [asdict(r) for r in results]
 
@@ -93,34 +100,27 @@ def _summarise(
         stage.wait()
         if not stage.state.is_completed():
             error = stage.state.result(raise_on_failure=False)
+            status = DEFERRED if isinstance(error, QuotaExhaustedError) else FAILED
             message = str(error) if isinstance(error, BaseException) else (stage.state.message or "")
-            return SymbolResult(symbol, "failed", error=message or f"{stage.state.name}")
+            return SymbolResult(symbol, status, error=message or f"{stage.state.name}")
+    raw: Collected = collected.result()
     outcome: Processed = processed.result()
+    rows, actions = stored.result()
+    window = f"{raw.window.start} to {raw.window.end} ({raw.window.mode})" if raw.window else ""
     return SymbolResult(
         symbol,
-        "ok",
-        rows_written=stored.result(),
+        OK,
+        rows_written=rows,
         bars_collected=outcome.collected,
         null_bars_dropped=outcome.dropped_null_bars,
+        live_bars_skipped=outcome.live_bars_skipped,
+        actions_written=actions,
+        requests=raw.requests,
         rejected=outcome.rejected,
+        window=window,
     )
 
 
-def _publish(results: list[SymbolResult], source: str, interval: str, first: date, last: date) -> None:
-    rows = [
-        {
-            "symbol": r.symbol,
-            "status": r.status,
-            "rows_written": r.rows_written,
-            "bars_collected": r.bars_collected,
-            "null_bars_dropped": r.null_bars_dropped,
-            "rejected": ", ".join(f"{k}={v}" for k, v in r.rejected.items()),
-            "error": r.error,
-        }
-        for r in results
-    ]
-    create_table_artifact(
-        key="market-data-summary",
-        table=rows,
-        description=f"{source} {interval} bars, {first} to {last}",
-    )
+def _publish(results: list[SymbolResult], source: str, interval: str) -> None:
+    rows = [{**asdict(r), "rejected": ", ".join(f"{k}={v}" for k, v in r.rejected.items())} for r in results]
+    create_table_artifact(key="market-data-summary", table=rows, description=f"{source} {interval} bars")

@@ -1,17 +1,25 @@
-"""A local stand-in for the Yahoo v8 chart API, so the demo and the tests need no network.
+"""A local simulator of the Yahoo v8 chart and Alpha Vantage APIs, for the demo, tests and benchmarks.
 
-Two modes: synthetic (deterministic prices per symbol, the same bar for the same date on every
-request) and replay (``--replay DIR`` serves ``DIR/<SYMBOL>.json`` captured responses verbatim, with
-the status code their error body implies). Symbols listed as not found get Yahoo's real 404 body.
+Synthetic mode serves deterministic prices per symbol (the same bar for the same date on every
+request, completed sessions only). Replay mode (``replay=DIR``) serves ``DIR/<SYMBOL>.json``
+captured Yahoo responses verbatim, with the status code their error body implies.
+
+Faithful to the failure modes that matter: an enforced rate limit (Yahoo answers 429, Alpha
+Vantage a 200 with a ``Note`` body), per-request latency, faults injected by probability or per
+symbol (5xx, timeout, malformed JSON, HTML with status 200), Yahoo's real 404 body for unknown
+symbols, and a JSON-lines request log with secrets redacted.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 import threading
+import time
 import zlib
-from datetime import UTC, datetime
+from collections import deque
+from dataclasses import dataclass, field
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,16 +30,40 @@ import numpy as np
 import pandas as pd
 
 CHART_PREFIX = "/v8/finance/chart/"
+AV_PATH = "/query"
 SERIES_START = "2000-01-03"
 SERIES_END = "2035-12-31"
+FAULT_KINDS = ("5xx", "timeout", "malformed", "html")
 NOT_FOUND_BODY = {
     "chart": {"result": None, "error": {"code": "Not Found", "description": "No data found, symbol may be delisted"}}
 }
+AV_NOTE = (
+    "Thank you for using Alpha Vantage! Our standard API call frequency is 5 calls per minute and "
+    "500 calls per day. Please visit https://www.alphavantage.co/premium/ if you would like to target "
+    "a higher API call frequency."
+)
+SECRET_PARAMS = frozenset({"apikey", "api_key", "token", "password", "key"})
 
 
-@lru_cache(maxsize=256)
+@dataclass
+class SandboxConfig:
+    replay: Path | None = None
+    not_found: set[str] = field(default_factory=set)
+    latency: float = 0.0
+    rate_limit: int | None = None  # requests accepted in any `rate_window` seconds
+    rate_window: float = 1.0
+    fault_rate: float = 0.0
+    fault_kinds: tuple[str, ...] = FAULT_KINDS
+    symbol_faults: dict[str, str] = field(default_factory=dict)  # symbol -> fault kind, on every request
+    timeout_delay: float = 5.0
+    seed: int = 0
+    request_log: Path | None = None
+    access_log: bool = True
+
+
+@lru_cache(maxsize=512)
 def synthetic_series(symbol: str) -> pd.DataFrame:
-    """A seeded random walk over NYSE weekdays; identical for a symbol on every call and machine."""
+    """A seeded random walk over weekdays; identical for a symbol on every call and machine."""
     rng = np.random.default_rng(zlib.crc32(symbol.encode()))
     days = pd.bdate_range(SERIES_START, SERIES_END)
     n = len(days)
@@ -40,10 +72,15 @@ def synthetic_series(symbol: str) -> pd.DataFrame:
     high = np.maximum(open_, close) * (1 + np.abs(rng.normal(0, 0.006, n)))
     low = np.minimum(open_, close) * (1 - np.abs(rng.normal(0, 0.006, n)))
     volume = np.round(rng.lognormal(15.5, 0.4, n))
-    opens_at = (days + pd.Timedelta(hours=9, minutes=30)).tz_localize("America/New_York")
+    local = days.tz_localize("America/New_York")
+    opens = local + pd.Timedelta(hours=9, minutes=30)
+    closes = local + pd.Timedelta(hours=16)
+    epoch = pd.Timestamp(0, tz="UTC")
     return pd.DataFrame(
         {
-            "timestamp": (opens_at - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1),
+            "date": days.strftime("%Y-%m-%d"),
+            "timestamp": (opens - epoch) // pd.Timedelta(seconds=1),
+            "closes_at": (closes - epoch) // pd.Timedelta(seconds=1),
             "open": open_.round(4),
             "high": high.round(4),
             "low": low.round(4),
@@ -53,17 +90,18 @@ def synthetic_series(symbol: str) -> pd.DataFrame:
     )
 
 
-def synthetic_chart(symbol: str, period1: int, period2: int, interval: str) -> tuple[int, dict[str, Any]]:
-    if interval != "1d":
-        error = {
-            "code": "Bad Request",
-            "description": f"Invalid input - interval={interval} is not supported by the sandbox",
-        }
-        return 400, {"chart": {"result": None, "error": error}}
+def completed_sessions(symbol: str, now: float) -> pd.DataFrame:
     series = synthetic_series(symbol)
-    now = int(datetime.now(UTC).timestamp())
-    rows = series[(series["timestamp"] >= period1) & (series["timestamp"] < min(period2, now))]
-    meta = {
+    return series[series["closes_at"] <= now]
+
+
+def synthetic_chart(symbol: str, period1: int, period2: int, interval: str, now: float) -> tuple[int, dict[str, Any]]:
+    if interval != "1d":
+        error = {"code": "Bad Request", "description": f"Invalid input - interval={interval} is not simulated"}
+        return 400, {"chart": {"result": None, "error": error}}
+    done = completed_sessions(symbol, now)
+    rows = done[(done["timestamp"] >= period1) & (done["timestamp"] < period2)]
+    meta: dict[str, Any] = {
         "currency": "USD",
         "symbol": symbol,
         "exchangeName": "NMS",
@@ -72,14 +110,45 @@ def synthetic_chart(symbol: str, period1: int, period2: int, interval: str) -> t
         "timezone": "EST",
         "exchangeTimezoneName": "America/New_York",
         "dataGranularity": interval,
+        "regularMarketTime": int(done["closes_at"].iloc[-1]) if len(done) else int(now),
     }
     result: dict[str, Any] = {"meta": meta, "indicators": {"quote": [{}]}}
     if len(rows):
-        meta["regularMarketTime"] = int(rows["timestamp"].iloc[-1])
         quote = {k: rows[k].tolist() for k in ("open", "high", "low", "close", "volume")}
         result["timestamp"] = rows["timestamp"].tolist()
         result["indicators"] = {"quote": [quote], "adjclose": [{"adjclose": quote["close"]}]}
     return 200, {"chart": {"result": [result], "error": None}}
+
+
+def alpha_vantage_daily(params: dict[str, str], now: float) -> dict[str, Any]:
+    function = params.get("function", "")
+    symbol = params.get("symbol", "")
+    if not params.get("apikey"):
+        return {"Error Message": "the parameter apikey is invalid or missing. Please claim your free API key."}
+    if function not in {"TIME_SERIES_DAILY", "TIME_SERIES_DAILY_ADJUSTED"} or not symbol:
+        return {"Error Message": f"Invalid API call. Please retry or visit the documentation for {function}."}
+    done = completed_sessions(symbol, now)
+    if params.get("outputsize", "compact") != "full":
+        done = done.tail(100)
+    adjusted = function.endswith("ADJUSTED")
+    series: dict[str, dict[str, str]] = {}
+    for row in done.iloc[::-1].itertuples(index=False):
+        values = {"1. open": f"{row.open:.4f}", "2. high": f"{row.high:.4f}", "3. low": f"{row.low:.4f}",
+                  "4. close": f"{row.close:.4f}"}  # fmt: skip
+        if adjusted:
+            values |= {"5. adjusted close": f"{row.close:.4f}", "6. volume": f"{row.volume:.0f}",
+                       "7. dividend amount": "0.0000", "8. split coefficient": "1.0"}  # fmt: skip
+        else:
+            values["5. volume"] = f"{row.volume:.0f}"
+        series[str(row.date)] = values
+    meta = {
+        "1. Information": "Daily Time Series with Splits and Dividend Events" if adjusted else "Daily Prices",
+        "2. Symbol": symbol,
+        "3. Last Refreshed": str(done["date"].iloc[-1]) if len(done) else "",
+        "4. Output Size": "Full size" if params.get("outputsize") == "full" else "Compact",
+        "5. Time Zone": "US/Eastern",
+    }
+    return {"Meta Data": meta, "Time Series (Daily)": series}
 
 
 def replay_chart(directory: Path, symbol: str) -> tuple[int, bytes]:
@@ -96,68 +165,159 @@ def replay_chart(directory: Path, symbol: str) -> tuple[int, bytes]:
 class SandboxServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(
-        self, address: tuple[str, int], replay: Path | None, not_found: set[str], access_log: bool = True
-    ) -> None:
+    def __init__(self, address: tuple[str, int], config: SandboxConfig) -> None:
         super().__init__(address, _Handler)
-        self.replay = replay
-        self.not_found = not_found
-        self.access_log = access_log
+        self.config = config
+        self.random = random.Random(config.seed)
+        self.accepted: deque[float] = deque()
+        self.lock = threading.Lock()
+        self.log_handle = config.request_log.open("a", encoding="utf-8") if config.request_log else None
 
     @property
     def base_url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host!s}:{port}{CHART_PREFIX}"
 
+    @property
+    def alpha_vantage_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}{AV_PATH}"
+
+    def admit(self) -> bool:
+        """Sliding-window rate limit: at most `rate_limit` accepted requests in any `rate_window`."""
+        limit = self.config.rate_limit
+        if limit is None:
+            return True
+        with self.lock:
+            now = time.monotonic()
+            while self.accepted and self.accepted[0] <= now - self.config.rate_window:
+                self.accepted.popleft()
+            if len(self.accepted) >= limit:
+                return False
+            self.accepted.append(now)
+            return True
+
+    def fault_for(self, symbol: str) -> str | None:
+        if symbol in self.config.symbol_faults:
+            return self.config.symbol_faults[symbol]
+        with self.lock:
+            if self.config.fault_rate and self.random.random() < self.config.fault_rate:
+                return self.random.choice(self.config.fault_kinds)
+        return None
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if self.log_handle is None:
+            return
+        with self.lock:
+            self.log_handle.write(json.dumps(entry) + "\n")
+            self.log_handle.flush()
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.log_handle is not None:
+            self.log_handle.close()
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: SandboxServer
+    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        arrived = time.time()
         url = urlsplit(self.path)
-        if not url.path.startswith(CHART_PREFIX):
-            return self._send(404, b'{"error": "not found: the sandbox serves /v8/finance/chart/<symbol>"}')
-        symbol = unquote(url.path[len(CHART_PREFIX) :])
         params = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        if symbol in self.server.not_found:
+        if url.path.startswith(CHART_PREFIX):
+            api, symbol = "yahoo", unquote(url.path[len(CHART_PREFIX) :])
+        elif url.path == AV_PATH:
+            api, symbol = "alpha_vantage", params.get("symbol", "")
+        else:
+            self._send(404, b'{"error": "the sandbox serves /v8/finance/chart/<symbol> and /query"}')
+            return
+        config = self.server.config
+        if config.latency:
+            time.sleep(config.latency)
+        entry: dict[str, Any] = {"t": arrived, "api": api, "symbol": symbol, "params": _redacted(params)}
+        status = self._answer(api, symbol, params, entry)
+        entry["status"] = status
+        self.server.record(entry)
+
+    def _answer(self, api: str, symbol: str, params: dict[str, str], entry: dict[str, Any]) -> int:
+        if not self.server.admit():
+            entry["rate_limited"] = True
+            if api == "yahoo":
+                return self._send(429, b"Too Many Requests", "text/plain", {"Retry-After": "1"})
+            return self._send(200, json.dumps({"Note": AV_NOTE}).encode())
+        fault = self.server.fault_for(symbol)
+        if fault is not None:
+            entry["fault"] = fault
+            return self._fault(fault)
+        now = time.time()
+        if api == "alpha_vantage":
+            return self._send(200, json.dumps(alpha_vantage_daily(params, now)).encode())
+        if symbol in self.server.config.not_found:
             return self._send(404, json.dumps(NOT_FOUND_BODY).encode())
-        if self.server.replay is not None:
-            return self._send(*replay_chart(self.server.replay, symbol))
+        if self.server.config.replay is not None:
+            return self._send(*replay_chart(self.server.config.replay, symbol))
         try:
             period1, period2 = int(params["period1"]), int(params["period2"])
         except (KeyError, ValueError):
-            body = {
-                "chart": {
-                    "result": None,
-                    "error": {"code": "Bad Request", "description": "period1 and period2 are required integers"},
-                }
-            }
-            return self._send(400, json.dumps(body).encode())
-        status, payload = synthetic_chart(symbol, period1, period2, params.get("interval", "1d"))
-        self._send(status, json.dumps(payload).encode())
+            error = {"code": "Bad Request", "description": "period1 and period2 are required integers"}
+            return self._send(400, json.dumps({"chart": {"result": None, "error": error}}).encode())
+        status, payload = synthetic_chart(symbol, period1, period2, params.get("interval", "1d"), now)
+        return self._send(status, json.dumps(payload).encode())
 
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json;charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def _fault(self, kind: str) -> int:
+        if kind == "5xx":
+            return self._send(503, b"<html><body>Service Unavailable</body></html>", "text/html")
+        if kind == "timeout":
+            time.sleep(self.server.config.timeout_delay)
+            return self._send(504, b"<html><body>Gateway Timeout</body></html>", "text/html")
+        if kind == "malformed":
+            return self._send(200, b'{"chart": {"result": [{"meta": ')
+        if kind == "html":
+            return self._send(200, b"<html><body>Too Many Requests</body></html>", "text/html")
+        raise ValueError(f"unknown fault kind {kind!r}: use one of {', '.join(FAULT_KINDS)}")
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json;charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> int:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (its timeout): nothing to answer
+        return status
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-        if not self.server.access_log:
+        if not self.server.config.access_log:
             return
-        sys.stdout.write(f"sandbox: {self.command} {urlsplit(self.path).path} {args[1] if len(args) > 1 else ''}\n")
+        status = args[1] if len(args) > 1 else ""
+        sys.stdout.write(f"sandbox: {self.command} {urlsplit(self.path).path} {status}\n")
         sys.stdout.flush()
 
 
-def start_sandbox(
-    port: int = 0,
-    replay: Path | None = None,
-    not_found: set[str] | None = None,
-    host: str = "127.0.0.1",
-    access_log: bool = True,
-) -> SandboxServer:
+def _redacted(params: dict[str, str]) -> dict[str, str]:
+    return {k: ("***" if k.lower() in SECRET_PARAMS else v) for k, v in params.items()}
+
+
+def start_sandbox(port: int = 0, config: SandboxConfig | None = None, host: str = "127.0.0.1") -> SandboxServer:
     """Start serving in a background thread; ``port=0`` picks a free port (see ``base_url``)."""
-    server = SandboxServer((host, port), replay, not_found or set(), access_log)
+    server = SandboxServer((host, port), config or SandboxConfig())
     threading.Thread(target=server.serve_forever, name="marketpipe-sandbox", daemon=True).start()
     return server
+
+
+def read_request_log(path: Path) -> list[dict[str, Any]]:
+    """The request log's entries, oldest first."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from blocks.store import ACTION_KEY as STORE_ACTION_KEY
 from blocks.store import BAR_KEY, SERIES_TAGS
 from tasks.errors import InvalidSymbolError, UsageError
 
@@ -90,7 +91,7 @@ def conform(frame: pd.DataFrame) -> pd.DataFrame:
 # ``amount`` (per share, in the listing currency) for dividends and capital gains.
 ACTION_KINDS: tuple[str, ...] = ("split", "dividend", "capital_gain")
 ACTION_COLUMNS: tuple[str, ...] = ("time", "symbol", "source", "kind", "ratio", "amount")
-ACTION_KEY: tuple[str, ...] = ("time", "symbol", "source", "kind")
+ACTION_KEY: tuple[str, ...] = STORE_ACTION_KEY
 # Flag columns are float fields like every other value: 1.0 set, 0.0 clear.
 FLAG_PARTIAL_NULL = "flag_partial_null"
 

@@ -1,20 +1,69 @@
-"""Collect: one symbol's bars from one source, as a Prefect task."""
+"""Collect: one symbol's bars from one source, incrementally unless a range is given."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
+from typing import cast
 
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from configs.settings import Settings
-from tasks.sources.base import BarQuery, Collected, load_source
+from blocks.credentials import SourceCredentials
+from blocks.store import BarStore
+from blocks.stores import store_from_settings
+from configs.settings import CollectionSettings, Settings, SourceSettings
+from tasks.sources.base import BarQuery, Collected, Window, load_source, pacer_for
 
 
-def collect(settings: Settings, source: str, symbol: str, interval: str, start: date, end: date) -> Collected:
-    """Fetch and parse; raises a SourceError (permanent or transient) naming what went wrong."""
-    provider = load_source(source, settings.source(source))
-    return provider.fetch(BarQuery(symbol=symbol, interval=interval, start=start, end=end))
+def plan_window(
+    last_stored: pd.Timestamp | None,
+    start: date | None,
+    end: date | None,
+    collection: CollectionSettings,
+    today: date,
+) -> Window:
+    """``--start`` means an explicit backfill; otherwise resume from the last stored bar minus the overlap."""
+    last = end or today
+    if start is not None:
+        return Window(start, last, "explicit")
+    if last_stored is None:
+        return Window(last - timedelta(days=collection.default_history_days), last, "initial")
+    resume = (last_stored - pd.Timedelta(days=collection.overlap_days)).date()
+    return Window(min(resume, last), last, "incremental")
+
+
+def resolve_credentials(settings: SourceSettings) -> SourceSettings:
+    """Fill ``api_key`` from the named Prefect block when the environment did not set it."""
+    if settings.api_key is not None or not settings.api_key_block:
+        return settings
+    block = cast(SourceCredentials, SourceCredentials.load(settings.api_key_block))
+    return settings.model_copy(update={"api_key": block.api_key})
+
+
+def collect(
+    settings: Settings,
+    source: str,
+    symbol: str,
+    interval: str,
+    start: date | None = None,
+    end: date | None = None,
+    store: BarStore | None = None,
+) -> Collected:
+    """Fetch and parse; raises a SourceError (permanent, transient or quota) naming what went wrong."""
+    source_settings = resolve_credentials(settings.source(source))
+    pacer = pacer_for(source, source_settings, settings.collection.rate_limit_dir)
+    provider = load_source(source, source_settings, pacer)
+    last_stored = None
+    if start is None:
+        last_stored = (store or store_from_settings(settings.storage)).last_timestamp(symbol, interval, source)
+    window = plan_window(last_stored, start, end, settings.collection, datetime.now(UTC).date())
+    earliest = provider.earliest_start(interval, datetime.now(UTC).date())
+    if window.mode != "explicit" and earliest is not None and window.start < earliest:
+        window = Window(earliest, window.end, window.mode)
+    collected = provider.collect(BarQuery(symbol, interval, window.start, window.end))
+    collected.window = window
+    return collected
 
 
 @task(
@@ -22,7 +71,8 @@ def collect(settings: Settings, source: str, symbol: str, interval: str, start: 
     task_run_name="collect-{source}-{symbol}-{interval}",
     cache_policy=NO_CACHE,
     persist_result=False,
-    tags=["marketpipe", "collect"],
 )
-def collect_bars(settings: Settings, source: str, symbol: str, interval: str, start: date, end: date) -> Collected:
+def collect_bars(
+    settings: Settings, source: str, symbol: str, interval: str, start: date | None, end: date | None
+) -> Collected:
     return collect(settings, source, symbol, interval, start, end)

@@ -29,6 +29,24 @@ Floats = npt.NDArray[np.float64]
 INPUT_COLUMNS = ("open", "high", "low", "close", "volume")
 
 
+def longest_period(spec: IndicatorSpec) -> int:
+    """Bars an indicator looks back over, counting chained smoothing (MACD's signal line)."""
+    if isinstance(spec, MACD):
+        return spec.slow + spec.signal
+    if isinstance(spec, OBV):
+        return 1
+    return spec.length
+
+
+def lookback_bars(specs: Sequence[IndicatorSpec]) -> int:
+    """Stored bars to read back before new ones so incremental values equal a full recompute.
+
+    Recursive indicators (EMA, Wilder's RSI and ATR) forget their seed geometrically; twenty of their
+    periods shrink its weight below 1e-12 for the default set. At least 500 bars are read.
+    """
+    return max(500, 20 * max((longest_period(s) for s in specs), default=1))
+
+
 def indicator_columns(specs: Sequence[IndicatorSpec]) -> list[str]:
     return [column for spec in specs for column in spec.columns]
 

@@ -19,9 +19,11 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from configs.settings import IndicatorSpec
-from tasks.bars import conform
-from tasks.indicators import compute_indicators
+from blocks.store import BarStore
+from blocks.stores import store_from_settings
+from configs.settings import IndicatorSpec, Settings
+from tasks.bars import BAR_COLUMNS, conform
+from tasks.indicators import compute_indicators, lookback_bars
 from tasks.sources.base import Collected
 
 # Sources round prices independently, so allow a relative slack of a few ulps-of-cents.
@@ -72,26 +74,63 @@ def validate_bars(bars: pd.DataFrame) -> Validated:
 
 @dataclass
 class Processed:
-    """Clean bars with indicators, ready to store, and what validation rejected."""
+    """New clean bars with indicators and the corporate actions, ready to store, plus the counts."""
 
     bars: pd.DataFrame
+    actions: pd.DataFrame
     collected: int
     dropped_null_bars: int
+    live_bars_skipped: int
     rejected: dict[str, int]
 
 
-def process(collected: Collected, indicators: Sequence[IndicatorSpec]) -> Processed:
+def process(
+    collected: Collected, indicators: Sequence[IndicatorSpec], history: pd.DataFrame | None = None
+) -> Processed:
+    """Validate the new bars and compute indicators as if over the whole series.
+
+    ``history`` holds stored bars before the new ones; enough of it (see :func:`lookback_bars`)
+    makes an incremental run's indicator values equal those of one full run.
+    """
     validated = validate_bars(collected.bars)
-    bars = compute_indicators(validated.clean, indicators)
-    return Processed(bars, len(collected.bars), collected.dropped_null_bars, validated.counts)
+    clean = validated.clean
+    if history is not None and not history.empty and not clean.empty:
+        first_new = clean["time"].iloc[0]
+        past = history.loc[history["time"] < first_new, list(BAR_COLUMNS)]
+        enriched = compute_indicators(pd.concat([past, clean], ignore_index=True), indicators)
+        bars = enriched.loc[enriched["time"] >= first_new].reset_index(drop=True)
+    else:
+        bars = compute_indicators(clean, indicators)
+    return Processed(
+        bars,
+        collected.actions,
+        len(collected.bars),
+        collected.dropped_null_bars,
+        collected.live_bars_skipped,
+        validated.counts,
+    )
 
 
-@task(name="process", task_run_name="process-{symbol}", cache_policy=NO_CACHE, persist_result=False)
-def process_bars(collected: Collected, indicators: Sequence[IndicatorSpec], symbol: str) -> Processed:
-    processed = process(collected, indicators)
+def read_history(
+    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
+) -> pd.DataFrame | None:
+    """The last ``bars`` stored bars before the first collected one."""
+    if collected.bars.empty:
+        return None
+    first_new = collected.bars["time"].min()
+    stored = store.read_bars(symbol, interval, source, end=first_new.to_pydatetime())
+    return stored.tail(bars) if not stored.empty else None
+
+
+@task(name="process", task_run_name="process-{source}-{symbol}", cache_policy=NO_CACHE, persist_result=False)
+def process_bars(collected: Collected, settings: Settings, source: str, symbol: str, interval: str) -> Processed:
+    store = store_from_settings(settings.storage)
+    history = read_history(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
+    processed = process(collected, settings.indicators, history)
+    logger = get_run_logger()
     if processed.rejected:
         rules = ", ".join(f"{rule}={count}" for rule, count in processed.rejected.items())
-        get_run_logger().warning("%s: rejected %s", symbol, rules)
+        logger.warning("%s: rejected %s", symbol, rules)
     if processed.dropped_null_bars:
-        get_run_logger().info("%s: dropped %d all-null bar(s)", symbol, processed.dropped_null_bars)
+        logger.info("%s: dropped %d all-null bar(s)", symbol, processed.dropped_null_bars)
     return processed

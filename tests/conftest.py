@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from flows.sandbox import read_request_log
+
 FIXTURES = Path(__file__).parent / "fixtures"
 YAHOO = FIXTURES / "yahoo"
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +40,14 @@ def free_port() -> int:
 
 
 class Sandbox:
-    """A `marketpipe sandbox` child process; its access log counts the requests it served."""
+    """A `marketpipe sandbox` child process with its JSON-lines request log."""
 
     def __init__(self, *args: str, log: Path) -> None:
         self.log_path = log
+        self.request_log = log.with_suffix(".requests.jsonl")
         self._log = log.open("w")
         self.process = subprocess.Popen(
-            [str(BIN / "marketpipe"), "sandbox", "--port", "0", *args],
+            [str(BIN / "marketpipe"), "sandbox", "--port", "0", "--request-log", str(self.request_log), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -52,17 +55,19 @@ class Sandbox:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             for line in log.read_text().splitlines():
+                if line.startswith("alpha vantage on "):
+                    self.alpha_vantage_url = line.removeprefix("alpha vantage on ").strip()
+                    return
                 if line.startswith("sandbox listening on "):
                     self.base_url = line.removeprefix("sandbox listening on ").strip()
-                    return
             if self.process.poll() is not None:
                 raise RuntimeError(f"sandbox exited early:\n{log.read_text()}")
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("sandbox did not start within 30 s")
 
-    def requests(self) -> list[str]:
-        return [line for line in self.log_path.read_text().splitlines() if line.startswith("sandbox: GET")]
+    def requests(self) -> list[dict[str, Any]]:
+        return read_request_log(self.request_log)
 
     def stop(self) -> None:
         self.process.terminate()

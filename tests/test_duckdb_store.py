@@ -10,7 +10,7 @@ import pytest
 
 from blocks.duckdb_store import DuckDBStore
 from blocks.store import BarStore, StoreError
-from tasks.bars import conform
+from tasks.bars import conform, conform_actions
 
 
 def frame(symbol: str = "BRK-B", n: int = 30, source: str = "yahoo_finance", start: str = "2024-01-01") -> pd.DataFrame:
@@ -119,9 +119,34 @@ def test_unsafe_column_names_are_refused(store: DuckDBStore) -> None:
         store.write_bars(frame().assign(**{'x"; DROP TABLE bars; --': 1.0}))
 
 
-def test_reading_a_missing_store_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="marketpipe run"):
-        DuckDBStore(path=str(tmp_path / "none.duckdb")).read_bars("AAPL")
+def test_a_missing_store_reads_empty(tmp_path: Path) -> None:
+    store = DuckDBStore(path=str(tmp_path / "none.duckdb"))
+    assert store.read_bars("AAPL").empty
+    assert store.read_corporate_actions("AAPL").empty
+    assert store.last_timestamp("AAPL", "1d", "yahoo_finance") is None
+    assert not (tmp_path / "none.duckdb").exists()
+
+
+def test_corporate_actions_round_trip_and_upsert(store: DuckDBStore) -> None:
+    actions = conform_actions(
+        pd.DataFrame(
+            {
+                "time": pd.to_datetime(["2020-08-31", "2020-08-07"], utc=True),
+                "symbol": "AAPL",
+                "source": "yahoo_finance",
+                "kind": ["split", "dividend"],
+                "ratio": [4.0, np.nan],
+                "amount": [np.nan, 0.82],
+            }
+        )
+    )
+    assert store.write_corporate_actions(actions) == 2
+    assert store.write_corporate_actions(actions) == 2
+    read = store.read_corporate_actions("AAPL")
+    assert list(read["kind"]) == ["dividend", "split"]
+    assert read["amount"].iloc[0] == 0.82 and np.isnan(read["amount"].iloc[1])
+    assert read["ratio"].iloc[1] == 4.0
+    assert store.read_corporate_actions("AAPL", source="files").empty
 
 
 def test_health(store: DuckDBStore) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -10,13 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.settings import SourceSettings
-from tasks.errors import PermanentSourceError, TransientSourceError
+from configs.settings import RetrySettings, SourceSettings
+from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, load_source, redact_url
-from tasks.sources.yahoo_finance import YahooFinance
+from tasks.sources.yahoo_finance import YahooFinance, request_windows
 from tests.conftest import YAHOO, yahoo_json, yahoo_payload
 
-SETTINGS = SourceSettings(base_url="http://127.0.0.1:9/v8/finance/chart/", rate_limit=2000, timeout=5)
+SETTINGS = SourceSettings(
+    base_url="http://127.0.0.1:9/v8/finance/chart/",
+    rate_limit=2000,
+    timeout=5,
+    retry=RetrySettings(max_attempts=2, initial_wait=0.01, max_wait=0.02),
+)
 WIDE = (date(1980, 1, 1), date(2030, 1, 1))
 
 
@@ -44,9 +49,11 @@ def test_every_captured_payload_parses_to_its_bars(name: str) -> None:
     bars = collected.bars
     fields = ("open", "high", "low", "close", "volume")
     all_null = [all(quote.get(f, [None] * len(timestamps))[i] is None for f in fields) for i in range(len(timestamps))]
-    assert collected.dropped_null_bars == sum(all_null)
-    assert len(bars) == len(timestamps) - sum(all_null)
-    kept = [i for i, null in enumerate(all_null) if not null]
+    live = [i == len(timestamps) - 1 and ts == meta.get("regularMarketTime") for i, ts in enumerate(timestamps)]
+    assert collected.live_bars_skipped == sum(live)
+    assert collected.dropped_null_bars == sum(n and not lv for n, lv in zip(all_null, live, strict=True))
+    kept = [i for i in range(len(timestamps)) if not all_null[i] and not live[i]]
+    assert len(bars) == len(kept)
     for field in fields:
         expected = np.array([quote[field][i] for i in kept], dtype=float)
         np.testing.assert_array_equal(bars[field].to_numpy(), expected)
@@ -79,10 +86,11 @@ def test_daily_bars_are_stamped_at_midnight_utc_of_the_exchange_date() -> None:
 def test_non_us_daily_bars_take_their_local_trading_date(name: str, symbol: str, zone: str) -> None:
     timestamps, quote, _ = payload_quote(name)
     bars = parse(name, symbol).bars
+    live = yahoo_json(name)["chart"]["result"][0]["meta"].get("regularMarketTime")
     expected = {
         pd.Timestamp(pd.Timestamp(ts, unit="s", tz="UTC").tz_convert(ZoneInfo(zone)).date(), tz="UTC")
         for ts, close in zip(timestamps, quote["close"], strict=True)
-        if close is not None
+        if close is not None and ts != live
     }
     assert set(bars["time"]) == expected
 
@@ -171,7 +179,7 @@ def test_request_follows_the_v8_chart_shape() -> None:
     assert str(request.url).startswith("http://127.0.0.1:9/v8/finance/chart/EURUSD%3DX?")
     params = dict(request.url.params)
     assert params["interval"] == "1d"
-    assert params["events"] == "div,splits"
+    assert params["events"] == "div,splits,capitalGains"
     # A margin on both sides catches sessions that open on the previous UTC day.
     assert int(params["period1"]) < int(pd.Timestamp("2020-01-01", tz="UTC").timestamp())
     assert int(params["period2"]) > int(pd.Timestamp("2021-01-01", tz="UTC").timestamp())
@@ -180,7 +188,7 @@ def test_request_follows_the_v8_chart_shape() -> None:
 def test_unreachable_server_is_transient_and_names_the_host_only() -> None:
     source = YahooFinance(SETTINGS)
     with pytest.raises(TransientSourceError, match=r"cannot reach http://127\.0\.0\.1:9") as caught:
-        source.fetch(BarQuery("AAPL", "1d", date(2024, 1, 1), date(2024, 1, 5)))
+        source.collect(BarQuery("AAPL", "1d", date(2024, 1, 1), date(2024, 1, 5)))
     assert "period1" not in str(caught.value)
 
 
@@ -193,3 +201,92 @@ def test_redact_url_hides_keys() -> None:
     assert "SECRET123" not in url
     assert "apikey=***" in url
     assert "symbol=IBM" in url
+
+
+def test_the_live_last_bar_is_not_stored_as_a_final_bar() -> None:
+    name = "yfinance-rs_history_chart_GS2C.DE.json"
+    meta = yahoo_json(name)["chart"]["result"][0]["meta"]
+    collected = parse(name, "GS2C.DE")
+    assert collected.live_bars_skipped == 1
+    assert len(collected.bars) == 4
+    live_date = pd.Timestamp(meta["regularMarketTime"], unit="s", tz="UTC").tz_convert("Europe/Berlin").date()
+    assert pd.Timestamp(live_date, tz="UTC") not in set(collected.bars["time"])
+
+
+def test_partly_null_bars_are_kept_and_flagged() -> None:
+    body = yahoo_json("yahoo-finance2_chart_AAPL_2020-08-31_2020-11-07_1d_split_and_dividend.json")
+    quote = body["chart"]["result"][0]["indicators"]["quote"][0]
+    quote["open"][3] = None
+    quote["volume"][5] = None
+    source = YahooFinance(SETTINGS)
+    bars = source.parse(BarQuery("AAPL", "1d", *WIDE), httpx.Response(200, json=body)).bars
+    assert len(bars) == 49
+    assert bars["flag_partial_null"].tolist() == [1.0 if i in (3, 5) else 0.0 for i in range(49)]
+
+
+def test_splits_and_dividends_become_corporate_actions() -> None:
+    actions = parse("yahoo-finance2_chart_AAPL_2020_full_year_1d_split_and_dividends.json", "AAPL").actions
+    splits = actions[actions["kind"] == "split"]
+    assert splits["time"].tolist() == [pd.Timestamp("2020-08-31", tz="UTC")]
+    assert splits["ratio"].tolist() == [4.0]
+    dividends = actions[actions["kind"] == "dividend"]
+    assert len(dividends) == 4
+    assert dividends["amount"].notna().all()
+    assert dividends["ratio"].isna().all()
+    assert (dividends["symbol"] == "AAPL").all()
+    assert (dividends["source"] == "yahoo_finance").all()
+
+
+def test_capital_gains_are_collected() -> None:
+    name = "yfinance-rs_history_chart_VFINX.json"
+    gains = yahoo_json(name)["chart"]["result"][0]["events"]["capitalGains"]
+    actions = parse(name, "VFINX", interval="3mo").actions
+    collected_gains = actions[actions["kind"] == "capital_gain"]
+    assert len(collected_gains) == len(gains) > 0
+    assert sorted(collected_gains["amount"]) == sorted(float(g["amount"]) for g in gains.values())
+
+
+def test_adj_close_comes_from_the_payload() -> None:
+    name = "yahoo-finance2_chart_MSFT_2021-02-01_2022-01-31_1d_dividends.json"
+    _, _quote, adj = payload_quote(name)
+    bars = parse(name, "MSFT").bars
+    assert adj is not None
+    np.testing.assert_array_equal(bars["adj_close"].to_numpy(), np.array(adj, dtype=float))
+    assert (bars["adj_close"] < bars["close"]).iloc[0]  # dividends after the first bar adjust it down
+
+
+NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
+
+
+def test_1m_ranges_are_split_into_7_day_requests() -> None:
+    windows = request_windows(BarQuery("AAPL", "1m", date(2026, 11, 1), date(2026, 11, 24)), NOW)
+    assert len(windows) == 4
+    assert all(b - a <= timedelta(days=7) for a, b in windows)
+    assert all(windows[i][1] == windows[i + 1][0] for i in range(len(windows) - 1))
+    assert windows[-1][1] == NOW
+
+
+@pytest.mark.parametrize(("interval", "days_back"), [("1m", 30), ("5m", 60), ("90m", 60), ("1h", 730)])
+def test_ranges_yahoo_cannot_serve_are_refused(interval: str, days_back: int) -> None:
+    old = (NOW - timedelta(days=days_back + 2)).date()
+    with pytest.raises(RangeNotServedError, match=f"last {days_back} days"):
+        request_windows(BarQuery("AAPL", interval, old, NOW.date()), NOW)
+    assert request_windows(BarQuery("AAPL", interval, (NOW - timedelta(days=days_back - 2)).date(), NOW.date()), NOW)
+
+
+def test_long_daily_ranges_are_one_request_and_unknown_intervals_refused() -> None:
+    assert len(request_windows(BarQuery("AAPL", "1d", date(1990, 1, 1), date(2026, 11, 24)), NOW)) == 1
+    with pytest.raises(RangeNotServedError, match="no '4h' bars"):
+        request_windows(BarQuery("AAPL", "4h", date(2026, 11, 1), date(2026, 11, 2)), NOW)
+
+
+def test_1h_is_requested_as_60m() -> None:
+    (request,) = YahooFinance(SETTINGS).build_requests(BarQuery("AAPL", "1h", date(2026, 11, 20), date(2026, 11, 24)))
+    assert request.url.params["interval"] == "60m"
+
+
+def test_429_is_a_rate_limit_honouring_retry_after() -> None:
+    response = httpx.Response(429, content=b"Too Many Requests", headers={"Retry-After": "7"})
+    with pytest.raises(RateLimitedError) as caught:
+        YahooFinance(SETTINGS).parse(BarQuery("AAPL", "1d", *WIDE), response)
+    assert caught.value.retry_after == 7.0

@@ -21,6 +21,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 import pandas as pd
 import tenacity
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
 from configs.settings import ConfigError, SourceSettings
 from tasks.bars import conform, conform_actions, empty_actions, empty_bars
@@ -43,6 +45,15 @@ class BarQuery:
     end: date
 
 
+@dataclass(frozen=True)
+class Window:
+    """The dates collected and why: an explicit backfill, an incremental top-up or a first history."""
+
+    start: date
+    end: date
+    mode: str  # "explicit", "incremental" or "initial"
+
+
 @dataclass
 class Collected:
     """Bars and corporate actions from one source for one query, plus what was noticed on the way."""
@@ -53,6 +64,7 @@ class Collected:
     live_bars_skipped: int = 0
     requests: int = 0
     meta: dict[str, object] = field(default_factory=dict)
+    window: Window | None = None
 
     @staticmethod
     def merge(parts: list[Collected]) -> Collected:
@@ -93,6 +105,10 @@ class Source(ABC):
     @abstractmethod
     def collect(self, query: BarQuery) -> Collected:
         """Everything the source holds for ``query``, or a :class:`SourceError`."""
+
+    def earliest_start(self, interval: str, today: date) -> date | None:
+        """The oldest date this source still serves for ``interval`` (None: no limit)."""
+        return None
 
 
 class HttpSource(Source):
@@ -152,9 +168,7 @@ class HttpSource(Source):
         try:
             return http.send(request)
         except httpx.TimeoutException:
-            raise TransientSourceError(
-                self.name, query.symbol, f"timed out after {self.settings.timeout:g}s"
-            ) from None
+            raise TransientSourceError(self.name, query.symbol, f"timed out after {self.settings.timeout:g}s") from None
         except httpx.TransportError as exc:
             raise TransientSourceError(
                 self.name,
@@ -168,7 +182,7 @@ def full_jitter_backoff(initial: float, cap: float) -> Callable[[tenacity.RetryC
 
     def wait(state: tenacity.RetryCallState) -> float:
         ceiling = min(cap, initial * 2 ** (state.attempt_number - 1))
-        jittered = random.uniform(0, ceiling)  # noqa: S311 (jitter, not cryptography)
+        jittered = random.uniform(0, ceiling)
         error = state.outcome.exception() if state.outcome else None
         retry_after = getattr(error, "retry_after", None) or 0.0
         return max(jittered, min(retry_after, cap))
@@ -186,9 +200,6 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
     try:
         return get_run_logger()
     except MissingContextError:
@@ -198,9 +209,7 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
 def redact_url(url: str) -> str:
     """The URL with secret query parameters replaced, for logs and error messages."""
     parts = urlsplit(url)
-    query = [
-        (k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    ]
+    query = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
@@ -256,4 +265,3 @@ __all__ = [
     "pacer_for",
     "redact_url",
 ]
-

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from tasks.errors import QuotaExhaustedError
 
@@ -111,7 +112,7 @@ def _key(rate: Rate) -> str:
     return f"every {rate.interval:.6g}s"
 
 
-def _load(text: str) -> dict[str, object]:
+def _load(text: str) -> dict[str, Any]:
     try:
         state = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError:

@@ -1,9 +1,14 @@
-"""Yahoo Finance through the v8 chart API (``{base_url}{symbol}?period1=..&period2=..&interval=..``)."""
+"""Yahoo Finance through the v8 chart API (``{base_url}{symbol}?period1=..&period2=..&interval=..``).
+
+Yahoo's limits shape the requests: 1m bars come at most 7 days per request and 30 days back; the
+other minute intervals 60 days back; 60m/1h 730 days back. A range outside them is refused with a
+clear error before any request, never answered with an empty success.
+"""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -13,46 +18,56 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tasks.bars import PRICE_COLUMNS, conform, empty_bars, is_daily_or_longer
-from tasks.errors import PermanentSourceError, TransientSourceError
-from tasks.sources.base import BarQuery, Collected, Source
+from tasks.bars import PRICE_COLUMNS, conform, conform_actions, empty_bars, flag_partial_nulls, is_daily_or_longer
+from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
+from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
 QUOTE_FIELDS = ("open", "high", "low", "close", "volume")
 # Asian and Pacific sessions open on the previous UTC day, so ask for a margin and filter by date.
 RANGE_MARGIN = timedelta(days=2)
+# interval -> (days per request, days back from now)
+INTRADAY_LIMITS: dict[str, tuple[int, int]] = {
+    "1m": (7, 30),
+    "2m": (60, 60),
+    "5m": (60, 60),
+    "15m": (60, 60),
+    "30m": (60, 60),
+    "90m": (60, 60),
+    "60m": (730, 730),
+    "1h": (730, 730),
+}
+YAHOO_INTERVALS = frozenset({*INTRADAY_LIMITS, "1d", "5d", "1wk", "1mo", "3mo"})
+EVENT_KINDS = {"splits": "split", "dividends": "dividend", "capitalGains": "capital_gain"}
 
 
-class YahooFinance(Source):
+class YahooFinance(HttpSource):
     name = "yahoo_finance"
 
     def build_requests(self, query: BarQuery) -> list[httpx.Request]:
-        period1 = datetime.combine(query.start, time(), UTC) - RANGE_MARGIN
-        period2 = datetime.combine(query.end, time(), UTC) + RANGE_MARGIN
-        params = {
-            "period1": str(int(period1.timestamp())),
-            "period2": str(int(period2.timestamp())),
-            "interval": query.interval,
-            "events": "div,splits",
-            "includePrePost": "false",
-        }
         url = self.settings.base_url + quote(query.symbol, safe="")
-        return [httpx.Request("GET", url, params=params)]
+        return [
+            httpx.Request("GET", url, params=_params(query.interval, first, last))
+            for first, last in request_windows(query, datetime.now(UTC))
+        ]
+
+    def earliest_start(self, interval: str, today: date) -> date | None:
+        return earliest_servable(interval, today)
 
     def parse(self, query: BarQuery, response: httpx.Response) -> Collected:
         payload = self._json_body(query, response)
-        result = _chart_result(self, query, response, payload)
+        result = _chart_result(self.name, query, response, payload)
         collected = parse_chart_result(result, query.symbol, query.interval, self.name)
-        if not collected.bars.empty:
-            dates = collected.bars["time"].dt.tz_convert("UTC")
-            lo = pd.Timestamp(query.start, tz="UTC")
-            hi = pd.Timestamp(query.end, tz="UTC") + pd.Timedelta(days=1)
-            keep = ((dates >= lo) & (dates < hi)).to_numpy()
-            collected.bars = collected.bars.loc[keep].reset_index(drop=True)
+        lo = pd.Timestamp(query.start, tz="UTC")
+        hi = pd.Timestamp(query.end, tz="UTC") + pd.Timedelta(days=1)
+        collected.bars = _within(collected.bars, lo, hi)
+        collected.actions = _within(collected.actions, lo, hi)
         return collected
 
     def _json_body(self, query: BarQuery, response: httpx.Response) -> Any:
         if response.status_code == 429:
-            raise TransientSourceError(self.name, query.symbol, "rate limited by Yahoo (HTTP 429)")
+            raise RateLimitedError(
+                self.name, query.symbol, "rate limited by Yahoo (HTTP 429)", retry_after_seconds(response)
+            )
         if response.status_code >= 500:
             raise TransientSourceError(self.name, query.symbol, f"Yahoo server error (HTTP {response.status_code})")
         try:
@@ -67,33 +82,84 @@ class YahooFinance(Source):
             ) from None
 
 
-def _chart_result(source: Source, query: BarQuery, response: httpx.Response, payload: Any) -> dict[str, Any]:
+def request_windows(query: BarQuery, now: datetime) -> list[tuple[datetime, datetime]]:
+    """Split the query into [period1, period2) windows that Yahoo serves for its interval."""
+    if query.interval not in YAHOO_INTERVALS:
+        raise RangeNotServedError(
+            "yahoo_finance", query.symbol, f"Yahoo has no {query.interval!r} bars: use one of {sorted(YAHOO_INTERVALS)}"
+        )
+    first = datetime.combine(query.start, time(), UTC) - RANGE_MARGIN
+    last = min(datetime.combine(query.end, time(), UTC) + RANGE_MARGIN, now)
+    if query.interval not in INTRADAY_LIMITS:
+        return [(first, last)]
+    per_request, days_back = INTRADAY_LIMITS[query.interval]
+    earliest = now - timedelta(days=days_back)
+    if datetime.combine(query.start, time(), UTC) < earliest.replace(hour=0, minute=0, second=0, microsecond=0):
+        raise RangeNotServedError(
+            "yahoo_finance",
+            query.symbol,
+            f"Yahoo serves {query.interval} bars for the last {days_back} days only: "
+            f"start on {(earliest + timedelta(days=1)).date()} or later, or use a longer interval",
+        )
+    first = max(first, earliest + timedelta(minutes=1))
+    windows = []
+    while first < last:
+        upto = min(first + timedelta(days=per_request), last)
+        windows.append((first, upto))
+        first = upto
+    return windows
+
+
+def _params(interval: str, first: datetime, last: datetime) -> dict[str, str]:
+    return {
+        "period1": str(int(first.timestamp())),
+        "period2": str(int(last.timestamp())),
+        "interval": "60m" if interval == "1h" else interval,
+        "events": "div,splits,capitalGains",
+        "includePrePost": "false",
+    }
+
+
+def _within(frame: pd.DataFrame, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    keep = ((frame["time"] >= lo) & (frame["time"] < hi)).to_numpy()
+    return frame.loc[keep].reset_index(drop=True)
+
+
+def _chart_result(source: str, query: BarQuery, response: httpx.Response, payload: Any) -> dict[str, Any]:
     chart = payload.get("chart") if isinstance(payload, dict) else None
     if not isinstance(chart, dict):
-        raise PermanentSourceError(source.name, query.symbol, "malformed Yahoo response: no `chart` object in the body")
+        raise PermanentSourceError(source, query.symbol, "malformed Yahoo response: no `chart` object in the body")
     error = chart.get("error")
     if error:
         code = error.get("code", "error") if isinstance(error, dict) else "error"
         description = error.get("description", "") if isinstance(error, dict) else str(error)
-        message = f"{code}: {description} (HTTP {response.status_code})"
-        raise PermanentSourceError(source.name, query.symbol, message)
+        raise PermanentSourceError(source, query.symbol, f"{code}: {description} (HTTP {response.status_code})")
     if response.status_code != 200:
         raise PermanentSourceError(
-            source.name, query.symbol, f"Yahoo answered HTTP {response.status_code} without an error body"
+            source, query.symbol, f"Yahoo answered HTTP {response.status_code} without an error body"
         )
     results = chart.get("result")
     if not isinstance(results, list) or not results or not isinstance(results[0], dict):
-        raise PermanentSourceError(source.name, query.symbol, "malformed Yahoo response: `chart.result` is empty")
+        raise PermanentSourceError(source, query.symbol, "malformed Yahoo response: `chart.result` is empty")
     result: dict[str, Any] = results[0]
     return result
 
 
 def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, source: str = "yahoo_finance") -> Collected:
-    """One ``chart.result[0]`` object to standard bars. No ``timestamp`` key means zero bars."""
+    """One ``chart.result[0]`` object to standard bars and corporate actions.
+
+    No ``timestamp`` key means zero bars. Bars with every value null are dropped and counted;
+    partly null bars are kept and flagged. The live, still-forming last bar (its timestamp is
+    ``meta.regularMarketTime``) is skipped: the next run's overlap collects it once final.
+    """
     meta = result.get("meta") or {}
+    zone = _exchange_zone(meta)
+    actions = _corporate_actions(result.get("events") or {}, symbol, interval, source, zone)
     timestamps = result.get("timestamp") or []
     if not timestamps:
-        return Collected(empty_bars(), 0, _public_meta(meta))
+        return Collected(empty_bars(), actions=actions, meta=_public_meta(meta))
     n = len(timestamps)
     indicators = result.get("indicators") or {}
     quote_block = (indicators.get("quote") or [{}])[0] or {}
@@ -104,19 +170,51 @@ def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, sourc
         columns[name] = _float_array(quote_block.get(name), n, f"indicators.quote[0].{name}", symbol)
     columns["adj_close"] = _float_array(adj_block.get("adjclose"), n, "indicators.adjclose[0]", symbol)
 
-    instants = pd.to_datetime(np.asarray(timestamps, dtype="int64"), unit="s", utc=True)
+    raw = np.asarray(timestamps, dtype="int64")
     frame = pd.DataFrame(
         {
-            "time": _stamp(instants, interval, meta),
+            "time": _stamp(pd.to_datetime(raw, unit="s", utc=True), interval, zone),
             "symbol": symbol,
             "interval": interval,
             "source": source,
             **{c: columns[c] for c in (*PRICE_COLUMNS, "volume")},
         }
     )
+    live = np.zeros(n, dtype=bool)
+    if meta.get("regularMarketTime") is not None:
+        live[-1] = raw[-1] == meta["regularMarketTime"]
     all_null = frame[list(QUOTE_FIELDS)].isna().all(axis=1).to_numpy()
-    frame = frame.loc[~all_null]
-    return Collected(conform(frame), int(all_null.sum()), _public_meta(meta))
+    frame = flag_partial_nulls(frame.loc[~all_null & ~live].reset_index(drop=True))
+    return Collected(
+        conform(frame),
+        dropped_null_bars=int((all_null & ~live).sum()),
+        actions=actions,
+        live_bars_skipped=int(live.sum()),
+        meta=_public_meta(meta),
+    )
+
+
+def _corporate_actions(events: dict[str, Any], symbol: str, interval: str, source: str, zone: Any) -> pd.DataFrame:
+    rows: list[dict[str, object]] = []
+    for key, kind in EVENT_KINDS.items():
+        for event in (events.get(key) or {}).values():
+            if not isinstance(event, dict) or "date" not in event:
+                continue
+            ratio = amount = np.nan
+            if kind == "split":
+                numerator, denominator = event.get("numerator"), event.get("denominator")
+                if not numerator or not denominator:
+                    continue
+                ratio = float(numerator) / float(denominator)
+            else:
+                amount = float(event.get("amount", np.nan))
+            rows.append({"time": int(event["date"]), "kind": kind, "ratio": ratio, "amount": amount})
+    if not rows:
+        return conform_actions(pd.DataFrame(columns=["time", "symbol", "source", "kind", "ratio", "amount"]))
+    frame = pd.DataFrame(rows)
+    # Events are dated by the trading day they take effect, like daily bars.
+    frame["time"] = _stamp(pd.DatetimeIndex(pd.to_datetime(frame["time"], unit="s", utc=True)), "1d", zone)
+    return conform_actions(frame.assign(symbol=symbol, source=source))
 
 
 def _float_array(values: Any, n: int, where: str, symbol: str) -> npt.NDArray[np.float64]:
@@ -135,15 +233,15 @@ def _float_array(values: Any, n: int, where: str, symbol: str) -> npt.NDArray[np
         ) from None
 
 
-def _stamp(instants: pd.DatetimeIndex, interval: str, meta: dict[str, Any]) -> pd.DatetimeIndex:
+def _stamp(instants: pd.DatetimeIndex, interval: str, zone: Any) -> pd.DatetimeIndex:
     """Daily and longer bars: 00:00 UTC of the trading date in the exchange's time zone."""
     if not is_daily_or_longer(interval):
         return instants
-    local = instants.tz_convert(_exchange_zone(meta))
+    local = instants.tz_convert(zone)
     return local.tz_localize(None).normalize().tz_localize("UTC")
 
 
-def _exchange_zone(meta: dict[str, Any]) -> ZoneInfo | Any:
+def _exchange_zone(meta: dict[str, Any]) -> Any:
     name = meta.get("exchangeTimezoneName")
     if isinstance(name, str):
         try:
@@ -157,6 +255,13 @@ def _exchange_zone(meta: dict[str, Any]) -> ZoneInfo | Any:
 def _public_meta(meta: dict[str, Any]) -> dict[str, object]:
     keys = ("currency", "exchangeName", "exchangeTimezoneName", "instrumentType", "regularMarketTime")
     return {k: meta[k] for k in keys if k in meta}
+
+
+def earliest_servable(interval: str, today: date) -> date | None:
+    """The first date Yahoo still serves for an intraday interval (None: no limit)."""
+    if interval not in INTRADAY_LIMITS:
+        return None
+    return today - timedelta(days=INTRADAY_LIMITS[interval][1] - 1)
 
 
 SOURCE = YahooFinance
