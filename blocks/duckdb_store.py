@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import ClassVar
@@ -21,14 +21,56 @@ from blocks.store import ACTION_KEY, BAR_KEY, SERIES_TAGS, StoreError
 COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 TABLE = "bars"
 ACTIONS_TABLE = "corporate_actions"
-# DuckDB allows one writer per file per process; tasks run in threads, so writes take turns.
-_write_locks: dict[str, threading.Lock] = {}
-_write_locks_guard = threading.Lock()
 
 
-def _lock_for(path: str) -> threading.Lock:
-    with _write_locks_guard:
-        return _write_locks.setdefault(path, threading.Lock())
+class _SharedConnections:
+    """One DuckDB connection per file per process, shared by threads through cursors.
+
+    DuckDB refuses a second connection to a file with a different configuration (read-only next
+    to read-write) in the same process, and tasks run in threads. The connection closes when its
+    last user is done, so no file stays locked against other processes between operations.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._open: dict[str, tuple[duckdb.DuckDBPyConnection, int]] = {}
+        self.write_locks: dict[str, threading.Lock] = {}
+
+    @contextmanager
+    def cursor(self, path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+        key = str(path.resolve())
+        with self._guard:
+            if key in self._open:
+                connection, users = self._open[key]
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    connection, users = duckdb.connect(key), 0
+                except duckdb.Error as exc:
+                    raise StoreError(
+                        f"cannot open DuckDB store {path}: {exc} (another process may be writing to it)"
+                    ) from None
+            self._open[key] = (connection, users + 1)
+            self.write_locks.setdefault(key, threading.Lock())
+        cursor = connection.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+            with self._guard:
+                connection, users = self._open[key]
+                if users == 1:
+                    del self._open[key]
+                    connection.close()
+                else:
+                    self._open[key] = (connection, users - 1)
+
+    def write_lock(self, path: Path) -> threading.Lock:
+        with self._guard:
+            return self.write_locks.setdefault(str(path.resolve()), threading.Lock())
+
+
+_connections = _SharedConnections()
 
 
 class DuckDBStore(Block):
@@ -39,19 +81,8 @@ class DuckDBStore(Block):
 
     path: str = Field(default="data/marketpipe.duckdb", description="DuckDB database file")
 
-    @contextmanager
-    def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        path = Path(self.path)
-        if not read_only:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            connection = duckdb.connect(str(path), read_only=read_only)
-        except duckdb.Error as exc:
-            raise StoreError(f"cannot open DuckDB store {path}: {exc}") from None
-        try:
-            yield connection
-        finally:
-            connection.close()
+    def _connect(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        return _connections.cursor(Path(self.path))
 
     def _ensure_table(
         self, con: duckdb.DuckDBPyConnection, table: str, key: tuple[str, ...], value_columns: list[str]
@@ -78,7 +109,7 @@ class DuckDBStore(Block):
         frame = rows[[*key, *value_columns]].astype(dict.fromkeys(value_columns, "float64"))
         frame = frame.drop_duplicates(subset=list(key), keep="last")
         names = ", ".join(f'"{c}"' for c in frame.columns)
-        with _lock_for(str(Path(self.path).resolve())), self._connect() as con:
+        with _connections.write_lock(Path(self.path)), self._connect() as con:
             con.begin()
             self._ensure_table(con, table, key, value_columns)
             con.register("incoming", frame)
@@ -100,7 +131,7 @@ class DuckDBStore(Block):
             params.append(source)
         if not Path(self.path).exists():
             return pd.DataFrame(columns=list(ACTION_KEY))
-        with self._connect(read_only=True) as con:
+        with self._connect() as con:
             if not self._has_table(con, ACTIONS_TABLE):
                 return pd.DataFrame(columns=list(ACTION_KEY))
             frame = con.execute(
@@ -125,7 +156,7 @@ class DuckDBStore(Block):
                 params.append(value)
         if not Path(self.path).exists():
             return pd.DataFrame(columns=list(BAR_KEY))
-        with self._connect(read_only=True) as con:
+        with self._connect() as con:
             if not self._has_table(con, TABLE):
                 return pd.DataFrame(columns=list(BAR_KEY))
             frame = con.execute(
@@ -137,7 +168,7 @@ class DuckDBStore(Block):
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
         if not Path(self.path).exists():
             return None
-        with self._connect(read_only=True) as con:
+        with self._connect() as con:
             if not self._has_table(con, TABLE):
                 return None
             row = con.execute(

@@ -59,7 +59,9 @@ class SourceSettings(_Section):
     requests_per_minute: int | None = Field(None, gt=0)
     requests_per_day: int | None = Field(None, gt=0, description="a quota: symbols past it are deferred")
     burst: int = Field(1, ge=1, description="requests allowed back to back above the smooth pace")
-    headroom: float = Field(0.05, ge=0, lt=0.5, description="pace this fraction below the limit, for jitter")
+    headroom: float = Field(
+        0.07, ge=0, lt=0.5, description="pace this fraction below the limit: network and scheduling jitter"
+    )
     concurrency: int = Field(4, ge=1, description="collect tasks of this source running at once, across workers")
     timeout: float = Field(30, gt=0, description="seconds per request")
     retry: RetrySettings = RetrySettings()

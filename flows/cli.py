@@ -29,7 +29,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _error(message: str) -> None:
@@ -254,6 +255,16 @@ def sandbox(
             time.sleep(3600)
     except KeyboardInterrupt:
         server.shutdown()
+
+
+@app.command()
+def setup(config: ConfigOption = None) -> None:
+    """Create what deployments rely on, idempotently: per-source concurrency limits and block types."""
+    settings = _or_exit(lambda: load_settings(config))
+    from flows.maintenance import setup as run_setup
+
+    for change in run_setup(settings):
+        console.print(f"{change.outcome:>9}  {change.what}", highlight=False)
 
 
 def main() -> None:

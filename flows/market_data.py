@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.settings import load_settings
 from tasks.bars import validate_interval, validate_symbols
@@ -58,7 +59,7 @@ def collect_tag(source: str) -> str:
     return f"collect:{source}"
 
 
-@flow(name="market-data", log_prints=True)
+@flow(name="market-data", log_prints=True, task_runner=ThreadPoolTaskRunner[Any](max_workers=16))  # type: ignore[arg-type]
 def market_data(
     symbols: list[str] | None = None,
     source: str = "yahoo_finance",

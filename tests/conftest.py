@@ -105,10 +105,19 @@ REPLAY_FILES = {
 }
 
 
+_server_home: list[Path] = []
+
+
+def server_home() -> Path:
+    """PREFECT_HOME of the session's Prefect server (its database and logs)."""
+    return _server_home[0]
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prefect server (SQLite) on a free loopback port, stopped by PID at the end."""
     home = tmp_path_factory.mktemp("prefect-home")
+    _server_home.append(home)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

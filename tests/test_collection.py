@@ -1,0 +1,275 @@
+"""Collection against the simulator, end to end: rate limits across processes, faults, incremental
+runs, quotas and secrets. Real processes, a real Prefect server, the sandbox and DuckDB."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from tests.conftest import BIN, REPO, Sandbox
+
+YAHOO_RATE = "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RATE_LIMIT"
+
+
+def start(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(BIN / "marketpipe"), *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def run(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    process = start(*args, env=env)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def query(env: dict[str, str], symbol: str) -> pd.DataFrame:
+    result = run("query", "--symbol", symbol, "--format", "csv", env=env)
+    assert result.returncode == 0, result.stderr
+    return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, na_values=[""])
+
+
+def sandbox_with(tmp_path: Path, *args: str) -> Sandbox:
+    return Sandbox(*args, log=tmp_path / f"sandbox-{len(list(tmp_path.glob('sandbox-*.log')))}.log")
+
+
+@pytest.fixture
+def env(prefect_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    return {
+        **prefect_env,
+        "MARKETPIPE__COLLECTION__RATE_LIMIT_DIR": str(tmp_path / "rate-limits"),
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RETRY__INITIAL_WAIT": "0.05",
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RETRY__MAX_WAIT": "0.5",
+    }
+
+
+@pytest.fixture
+def stopper() -> Iterator[list[Sandbox]]:
+    servers: list[Sandbox] = []
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def rate(entries: list[dict[str, Any]]) -> float:
+    times = sorted(e["t"] for e in entries)
+    return float((len(times) - 1) / (times[-1] - times[0]))
+
+
+def busiest_second(entries: list[dict[str, Any]]) -> int:
+    times = sorted(e["t"] for e in entries if not e.get("rate_limited"))
+    return max(sum(1 for t in times if s <= t < s + 1.0) for s in times)
+
+
+SYMBOLS_100 = [f"S{i:03d}" for i in range(100)]
+
+
+def test_a_hundred_symbols_at_5_per_second_get_no_rejection(
+    env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]
+) -> None:
+    sandbox = sandbox_with(tmp_path, "--rate-limit", "5", "--rate-window", "1")
+    stopper.append(sandbox)
+    env = {**env, YAHOO_RATE: "18000", "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url}
+    result = run("run", "--symbols", ",".join(SYMBOLS_100), "--start", "2024-01-01", "--end", "2024-02-29", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    entries = sandbox.requests()
+    assert len(entries) == 100
+    assert [e for e in entries if e.get("rate_limited")] == []
+    assert rate(entries) >= 4.5
+    assert busiest_second(entries) <= 5
+
+
+def test_two_processes_share_one_limit(env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]) -> None:
+    sandbox = sandbox_with(tmp_path, "--rate-limit", "5", "--rate-window", "1")
+    stopper.append(sandbox)
+    base = {**env, YAHOO_RATE: "18000", "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url}
+    halves = (SYMBOLS_100[:40], SYMBOLS_100[40:80])
+    processes = [
+        start(
+            "run",
+            "--symbols",
+            ",".join(half),
+            "--start",
+            "2024-01-01",
+            "--end",
+            "2024-01-31",
+            env={**base, "MARKETPIPE__STORAGE__DUCKDB__PATH": str(tmp_path / f"store-{i}.duckdb")},
+        )
+        for i, half in enumerate(halves)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    entries = sandbox.requests()
+    assert len(entries) == 80
+    assert [e for e in entries if e.get("rate_limited")] == []
+    assert busiest_second(entries) <= 5
+
+
+def test_with_20_percent_transient_faults_every_symbol_is_stored(
+    env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]
+) -> None:
+    sandbox = sandbox_with(
+        tmp_path, "--fault-rate", "0.2", "--fault-kinds", "5xx,timeout,malformed,html", "--timeout-delay", "1.5",
+        "--not-found", "GONE", "--seed", "7",
+    )  # fmt: skip
+    stopper.append(sandbox)
+    env = {
+        **env,
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url,
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__TIMEOUT": "0.5",
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RETRY__MAX_ATTEMPTS": "12",
+    }
+    symbols = [f"F{i:02d}" for i in range(30)]
+    result = run(
+        "run", "--symbols", ",".join([*symbols, "GONE"]), "--start", "2024-03-01", "--end", "2024-03-29", env=env
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "GONE failed" in result.stdout and "No data found, symbol may be delisted" in result.stdout
+    assert "F0" not in result.stdout.split("GONE failed")[1]
+    faults = [e for e in sandbox.requests() if e.get("fault")]
+    assert len(faults) >= 5
+    assert {e["fault"] for e in faults} == {"5xx", "timeout", "malformed", "html"}
+    gone = [e for e in sandbox.requests() if e["symbol"] == "GONE"]
+    assert [e["status"] for e in gone if not e.get("fault")] == [404]  # retried past faults, never past the 404
+    assert gone[-1]["status"] == 404
+    for symbol in symbols:
+        assert len(query(env, symbol)) == 21
+
+
+def period1(entry: dict[str, Any]) -> date:
+    return datetime.fromtimestamp(int(entry["params"]["period1"]), UTC).date()
+
+
+def test_a_run_without_start_collects_only_the_overlap_and_the_new_range(
+    env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]
+) -> None:
+    sandbox = sandbox_with(tmp_path)
+    stopper.append(sandbox)
+    env = {**env, "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url}
+    today = datetime.now(UTC).date()
+    first, middle = today - timedelta(days=500), today - timedelta(days=60)
+    split = {**env, "MARKETPIPE__STORAGE__DUCKDB__PATH": str(tmp_path / "split.duckdb")}
+    whole = {**env, "MARKETPIPE__STORAGE__DUCKDB__PATH": str(tmp_path / "whole.duckdb")}
+
+    assert run("run", "--symbols", "AAPL,MSFT", "--start", str(first), "--end", str(middle), env=split).returncode == 0
+    stored_until = pd.Timestamp(query(split, "AAPL")["time"].iloc[-1]).date()
+    before = len(sandbox.requests())
+    resumed = run("run", "--symbols", "AAPL,MSFT", env=split)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "incremental" in resumed.stdout
+    for entry in sandbox.requests()[before:]:
+        # The overlap (5 days) plus the 2-day margin for exchanges east of UTC, nothing older.
+        assert period1(entry) == stored_until - timedelta(days=5 + 2)
+
+    assert run("run", "--symbols", "AAPL,MSFT", "--start", str(first), env=whole).returncode == 0
+    for symbol in ("AAPL", "MSFT"):
+        incremental, full = query(split, symbol), query(whole, symbol)
+        assert len(full) > 300
+        pd.testing.assert_frame_equal(incremental, full, check_exact=False, rtol=1e-9, atol=0)
+
+
+def test_a_new_symbol_gets_the_default_history(env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]) -> None:
+    sandbox = sandbox_with(tmp_path)
+    stopper.append(sandbox)
+    env = {
+        **env,
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url,
+        "MARKETPIPE__COLLECTION__DEFAULT_HISTORY_DAYS": "90",
+    }
+    result = run("run", "--symbols", "NVDA", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (entry,) = sandbox.requests()
+    assert period1(entry) == datetime.now(UTC).date() - timedelta(days=90 + 2)
+    assert "initial" in result.stdout
+
+
+AV_KEY = "AVKEY-3f9c1e7a-5b2d-4c8e-9a61-d0b7e2f4a8c3-UNIQUE"
+
+
+def test_alpha_vantage_key_leaves_no_trace(
+    env: dict[str, str], tmp_path: Path, stopper: list[Sandbox], prefect_api: str
+) -> None:
+    sandbox = sandbox_with(tmp_path, "--fault", "ERR=5xx")
+    stopper.append(sandbox)
+    env = {
+        **env,
+        "ALPHA_VANTAGE_API_KEY": AV_KEY,
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__BASE_URL": sandbox.alpha_vantage_url,
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__RATE_LIMIT": "36000",
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__RETRY__MAX_ATTEMPTS": "2",
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__RETRY__INITIAL_WAIT": "0.05",
+        "MARKETPIPE__DEBUG": "true",
+        "PREFECT_LOGGING_LEVEL": "DEBUG",
+        "PREFECT_LOGGING_ROOT_LEVEL": "INFO",  # httpx's request lines too
+    }
+    result = run("run", "--source", "alpha_vantage", "--symbols", "IBM,MSFT,ERR", "--start", "2025-01-01", env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "ERR failed" in result.stdout
+    assert "apikey=***" in result.stderr  # debug logging did print the request URLs, redacted
+    assert len(query(env, "IBM")) > 0
+
+    async def artifacts() -> list[Any]:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    places = {"stdout": result.stdout, "stderr": result.stderr}
+    places["artifacts"] = repr([a.model_dump() for a in asyncio.run(artifacts())])
+    homes = [Path(prefect_api and env["PREFECT_HOME"]), Path(prefect_env_home(env)), tmp_path]
+    for home in homes:
+        for path in home.rglob("*"):
+            if path.is_file():
+                places[str(path)] = path.read_bytes().decode("utf-8", errors="replace")
+    assert len(places) > 5
+    leaks = [where for where, text in places.items() if AV_KEY in text or AV_KEY[:20] in text]
+    assert leaks == []
+
+
+def prefect_env_home(env: dict[str, str]) -> str:
+    """The session server's PREFECT_HOME: its SQLite database and logs."""
+    from tests.conftest import server_home
+
+    return str(server_home())
+
+
+def test_a_used_up_daily_quota_defers_symbols(env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]) -> None:
+    sandbox = sandbox_with(tmp_path)
+    stopper.append(sandbox)
+    env = {
+        **env,
+        "ALPHA_VANTAGE_API_KEY": "quota-test-key",
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__BASE_URL": sandbox.alpha_vantage_url,
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__RATE_LIMIT": "36000",
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__REQUESTS_PER_DAY": "2",
+    }
+    result = run("run", "--source", "alpha_vantage", "--symbols", "AAA,BBB,CCC,DDD", "--start", "2025-01-01", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" ok ") + result.stdout.count("│ ok") >= 2
+    assert result.stdout.count("deferred:") == 2
+    assert "daily quota of 2 requests is used up" in result.stdout
+    assert len(sandbox.requests()) == 2
+
+
+def test_setup_creates_concurrency_limits_idempotently(env: dict[str, str]) -> None:
+    env = {**env, "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__CONCURRENCY": "3"}
+    first = run("setup", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "concurrency limit collect:yahoo_finance = 3" in first.stdout
+    second = run("setup", env=env)
+    assert second.returncode == 0, second.stderr
+    lines = [line for line in second.stdout.splitlines() if "concurrency limit" in line]
+    assert lines and all(line.strip().startswith("unchanged") for line in lines)
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_concurrency_limit_by_tag("collect:yahoo_finance").concurrency_limit == 3
