@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from blocks.duckdb_store import DuckDBStore
 from tests.conftest import BIN, REPO, Sandbox
 
 YAHOO_RATE = "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RATE_LIMIT"
@@ -46,6 +47,7 @@ def env(prefect_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return {
         **prefect_env,
         "MARKETPIPE__COLLECTION__RATE_LIMIT_DIR": str(tmp_path / "rate-limits"),
+        YAHOO_RATE: "36000",  # 10/s: the rate-limit tests set their own
         "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RETRY__INITIAL_WAIT": "0.05",
         "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RETRY__MAX_WAIT": "0.5",
     }
@@ -140,8 +142,9 @@ def test_with_20_percent_transient_faults_every_symbol_is_stored(
     gone = [e for e in sandbox.requests() if e["symbol"] == "GONE"]
     assert [e["status"] for e in gone if not e.get("fault")] == [404]  # retried past faults, never past the 404
     assert gone[-1]["status"] == 404
+    store = DuckDBStore(path=env["MARKETPIPE__STORAGE__DUCKDB__PATH"])
     for symbol in symbols:
-        assert len(query(env, symbol)) == 21
+        assert len(store.read_bars(symbol)) == 21
 
 
 def period1(entry: dict[str, Any]) -> date:
@@ -273,3 +276,5 @@ def test_setup_creates_concurrency_limits_idempotently(env: dict[str, str]) -> N
 
     with get_client(sync_client=True) as client:
         assert client.read_concurrency_limit_by_tag("collect:yahoo_finance").concurrency_limit == 3
+        for source in ("yahoo_finance", "alpha_vantage"):  # leave the session's server as it was
+            client.delete_concurrency_limit_by_tag(f"collect:{source}")

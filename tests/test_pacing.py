@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -157,4 +158,4 @@ def test_a_late_sender_pushes_the_next_slots_back(tmp_path: Path) -> None:
         pacer.mark_sent(slot)
         sent.append(clock.now)
     assert max_in_any_window(sent) <= 5
-    assert all(b > a for a, b in zip(sent, sent[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(sent))
