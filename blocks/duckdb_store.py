@@ -125,20 +125,8 @@ class DuckDBStore(Block):
         return self._upsert(ACTIONS_TABLE, ACTION_KEY, actions)
 
     def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        conditions, params = ["symbol = ?"], [symbol]
-        if source is not None:
-            conditions.append("source = ?")
-            params.append(source)
-        if not Path(self.path).exists():
-            return pd.DataFrame(columns=list(ACTION_KEY))
-        with self._connect() as con:
-            if not self._has_table(con, ACTIONS_TABLE):
-                return pd.DataFrame(columns=list(ACTION_KEY))
-            frame = con.execute(
-                f"SELECT * FROM {ACTIONS_TABLE} WHERE {' AND '.join(conditions)} ORDER BY time, kind", params
-            ).df()
-        frame["time"] = pd.to_datetime(frame["time"], utc=True).astype("datetime64[ns, UTC]")
-        return frame
+        filters: dict[str, object] = {"symbol": symbol, "source": source}
+        return self._select(ACTIONS_TABLE, ACTION_KEY, filters, order="time, kind")
 
     def read_bars(
         self,
@@ -148,20 +136,31 @@ class DuckDBStore(Block):
         start: datetime | None = None,
         end: datetime | None = None,
     ) -> pd.DataFrame:
-        conditions = ["symbol = ?", "interval = ?"]
-        params: list[object] = [symbol, interval]
-        for clause, value in (("source = ?", source), ("time >= ?", start), ("time < ?", end)):
-            if value is not None:
+        filters: dict[str, object] = {"symbol": symbol, "interval": interval, "source": source}
+        return self._select(TABLE, BAR_KEY, filters, order="source, time", start=start, end=end)
+
+    def _select(
+        self,
+        table: str,
+        key: tuple[str, ...],
+        filters: dict[str, object],
+        order: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        """Rows matching every non-None filter (bound parameters, never interpolated), in ``order``."""
+        conditions = [f"{column} = ?" for column, value in filters.items() if value is not None]
+        params = [value for value in filters.values() if value is not None]
+        for clause, bound in (("time >= ?", start), ("time < ?", end)):
+            if bound is not None:
                 conditions.append(clause)
-                params.append(value)
+                params.append(bound)
         if not Path(self.path).exists():
-            return pd.DataFrame(columns=list(BAR_KEY))
+            return pd.DataFrame(columns=list(key))
         with self._connect() as con:
-            if not self._has_table(con, TABLE):
-                return pd.DataFrame(columns=list(BAR_KEY))
-            frame = con.execute(
-                f"SELECT * FROM {TABLE} WHERE {' AND '.join(conditions)} ORDER BY source, time", params
-            ).df()
+            if not self._has_table(con, table):
+                return pd.DataFrame(columns=list(key))
+            frame = con.execute(f"SELECT * FROM {table} WHERE {' AND '.join(conditions)} ORDER BY {order}", params).df()
         frame["time"] = pd.to_datetime(frame["time"], utc=True).astype("datetime64[ns, UTC]")
         return frame
 
