@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import talib
 
+from blocks.duckdb_store import DuckDBStore
 from tests.conftest import BIN, REPLAY_FILES, REPO, Sandbox, yahoo_json
 
 
@@ -107,6 +108,18 @@ def test_real_yahoo_responses_round_trip_through_run_and_query(replay_env: dict[
         ):
             assert rows[column].iloc[:warmup].isna().all(), f"{symbol} {column} warm-up must be empty"
             np.testing.assert_allclose(rows[column].iloc[warmup:], expected[warmup:], rtol=1e-6, atol=0)
+
+
+def test_splits_and_dividends_are_stored_as_corporate_actions(replay_env: dict[str, str]) -> None:
+    result = marketpipe("run", "--symbols", "AAPL", "--start", "2020-01-01", "--end", "2020-12-31", env=replay_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    actions = DuckDBStore(path=replay_env["MARKETPIPE__STORAGE__DUCKDB__PATH"]).read_corporate_actions("AAPL")
+    events = yahoo_json(REPLAY_FILES["AAPL"])["chart"]["result"][0]["events"]
+    assert len(actions) == len(events["dividends"]) + len(events["splits"]) == 5
+    assert actions.loc[actions["kind"] == "split", "ratio"].tolist() == [4.0]
+    assert sorted(actions.loc[actions["kind"] == "dividend", "amount"]) == sorted(
+        d["amount"] for d in events["dividends"].values()
+    )
 
 
 def test_not_found_symbol_fails_alone_with_yahoos_message(replay_env: dict[str, str]) -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from blocks.duckdb_store import DuckDBStore
 from flows.market_data import SymbolsFailedError, market_data
-from tests.conftest import Sandbox
+from tests.conftest import YAHOO, Sandbox
 
 
 @pytest.fixture
@@ -75,3 +77,23 @@ def test_rerunning_the_same_window_changes_nothing(configured: DuckDBStore, tmp_
     second = configured.read_bars("AAPL")
     assert len(first) == 130
     assert first.equals(second)
+
+
+def test_vendor_files_flow_through_the_same_pipeline(
+    prefect_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    shutil.copy(YAHOO / "yahoo-finance2_v7download_EURGBP=X_2019-09_1d_csv_with_null_rows.csv", dumps / "EURGBP=X.csv")
+    shutil.copy(YAHOO / "yahoo-finance2_v7download_NVDA_splits_2021-02_2022-01.csv", dumps / "NVDA.splits.csv")
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__FILES__PATH", str(dumps))
+    monkeypatch.setenv("MARKETPIPE__STORAGE__DUCKDB__PATH", prefect_env["MARKETPIPE__STORAGE__DUCKDB__PATH"])
+    summary = market_data(["EURGBP=X", "NVDA"], source="files", start=date(2019, 1, 1), end=date(2022, 12, 31))
+    rows = {r["symbol"]: r for r in summary}
+    assert rows["EURGBP=X"]["status"] == "ok" and rows["NVDA"]["status"] == "ok"
+    store = DuckDBStore(path=prefect_env["MARKETPIPE__STORAGE__DUCKDB__PATH"])
+    stored = store.read_bars("EURGBP=X", source="files")
+    assert len(stored) == rows["EURGBP=X"]["rows_written"] == 5  # 25 rows, 20 of them `null`
+    assert rows["EURGBP=X"]["null_bars_dropped"] == 20
+    (split,) = store.read_corporate_actions("NVDA").itertuples()
+    assert (split.kind, split.ratio, split.time) == ("split", 4.0, pd.Timestamp("2021-07-20", tz="UTC"))
