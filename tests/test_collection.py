@@ -278,3 +278,15 @@ def test_setup_creates_concurrency_limits_idempotently(env: dict[str, str]) -> N
         assert client.read_concurrency_limit_by_tag("collect:yahoo_finance").concurrency_limit == 3
         for source in ("yahoo_finance", "alpha_vantage"):  # leave the session's server as it was
             client.delete_concurrency_limit_by_tag(f"collect:{source}")
+
+
+def test_the_api_key_can_come_from_a_saved_block(prefect_env: dict[str, str]) -> None:
+    from blocks.credentials import SourceCredentials
+    from configs.settings import SourceSettings
+    from tasks.collect import resolve_credentials
+
+    SourceCredentials(api_key="key-from-block").save("alpha-vantage-test", overwrite=True)
+    resolved = resolve_credentials(SourceSettings(base_url="http://x/query", api_key_block="alpha-vantage-test"))
+    assert resolved.api_key is not None and resolved.api_key.get_secret_value() == "key-from-block"
+    from_env = SourceSettings(base_url="http://x/query", api_key="from-env", api_key_block="alpha-vantage-test")
+    assert resolve_credentials(from_env).api_key.get_secret_value() == "from-env"  # type: ignore[union-attr]
