@@ -57,16 +57,21 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
     ``bars`` holds one series (symbol, interval, source) in time order. Bars with a missing input
     value are skipped for the computation (TA-Lib would carry a NaN forward forever) and get NaN.
     """
-    out = bars.copy()
-    complete = bars[list(INPUT_COLUMNS)].notna().all(axis=1).to_numpy()
-    usable = bars.loc[complete].reset_index(drop=True)
+    inputs = bars[list(INPUT_COLUMNS)]
+    complete = inputs.notna().all(axis=1).to_numpy()
+    whole = bool(complete.all())
+    usable = inputs.reset_index(drop=True) if whole else inputs.loc[complete].reset_index(drop=True)
+    columns: dict[str, Floats] = {}
     for spec in specs:
-        values = _COMPUTE[type(spec)](usable, spec)
-        for column, series in zip(spec.columns, values, strict=True):
-            full = np.full(len(bars), np.nan)
-            full[complete] = series
-            out[column] = full
-    return out
+        for column, values in zip(spec.columns, _COMPUTE[type(spec)](usable, spec), strict=True):
+            if whole:
+                columns[column] = values
+            else:
+                columns[column] = np.full(len(bars), np.nan)
+                columns[column][complete] = values
+    kept = bars.drop(columns=[c for c in columns if c in bars.columns])
+    # One concat builds the float block once, instead of a reallocation per inserted column.
+    return pd.concat([kept, pd.DataFrame(columns, index=bars.index)], axis=1)
 
 
 def _array(result: pd.Series | None, n: int) -> Floats:

@@ -8,6 +8,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -97,3 +98,30 @@ def test_vendor_files_flow_through_the_same_pipeline(
     assert rows["EURGBP=X"]["null_bars_dropped"] == 20
     (split,) = store.read_corporate_actions("NVDA").itertuples()
     assert (split.kind, split.ratio, split.time) == ("split", 4.0, pd.Timestamp("2021-07-20", tz="UTC"))
+
+
+def test_an_explicit_window_of_five_new_days_stores_what_a_full_run_stores(
+    configured: DuckDBStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    market_data(["AAPL"], start=date(2022, 1, 3), end=date(2023, 12, 29))
+    market_data(["AAPL"], start=date(2024, 1, 1), end=date(2024, 1, 5))  # the next 5 trading days
+    incremental = configured.read_bars("AAPL", start=pd.Timestamp("2024-01-01", tz="UTC").to_pydatetime())
+
+    whole = tmp_path / "whole.duckdb"
+    monkeypatch.setenv("MARKETPIPE__STORAGE__DUCKDB__PATH", str(whole))
+    market_data(["AAPL"], start=date(2022, 1, 3), end=date(2024, 1, 5))
+    full = DuckDBStore(path=str(whole)).read_bars("AAPL", start=pd.Timestamp("2024-01-01", tz="UTC").to_pydatetime())
+
+    assert len(incremental) == len(full) == 5
+    for column in (
+        "sma_20",
+        "ema_20",
+        "rsi_14",
+        "macd_12_26_9",
+        "macd_signal_12_26_9",
+        "bb_upper_20_2",
+        "atr_14",
+        "obv",
+    ):
+        assert incremental[column].notna().all()
+        np.testing.assert_allclose(incremental[column], full[column], rtol=1e-9, atol=0, err_msg=column)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from datetime import date
+
+import httpx
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import pytest
 import talib
 
-from configs.settings import MACD, RSI, SMA, BBands, IndicatorSpec, default_indicators
+from configs.settings import MACD, RSI, SMA, BBands, IndicatorSpec, SourceSettings, default_indicators
 from tasks.indicators import compute_indicators, indicator_columns
+from tasks.sources.alpha_vantage import AlphaVantage, parse_technical
+from tasks.sources.base import BarQuery
 from tests.conftest import FIXTURES
 
 SPY = FIXTURES / "csv" / "pandas-ta_SPY_D_1999-11-01_2020-08-28.csv"
@@ -120,3 +126,21 @@ def test_rsi_uses_wilders_sma_seed(spy: pd.DataFrame) -> None:
         expected.append(100 - 100 / (1 + avg_gain / avg_loss))
     got = compute_indicators(spy.head(400), [RSI(kind="rsi", length=n)])["rsi_14"].to_numpy()[n:]
     np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+
+def test_rsi_matches_alpha_vantages_published_values() -> None:
+    """Alpha Vantage's RSI(10) on MSFT weekly opens, published to 4 decimals, against ours."""
+    folder = FIXTURES / "alphavantage"
+    weekly = AlphaVantage(SourceSettings(base_url="http://127.0.0.1:9/query", api_key="unused")).parse(
+        BarQuery("MSFT", "1wk", date(1990, 1, 1), date(2030, 1, 1)),
+        httpx.Response(200, content=(folder / "threefourteen_TIME_SERIES_WEEKLY_MSFT_full.json").read_bytes()),
+    )
+    reference = parse_technical(
+        json.loads((folder / "threefourteen_RSI_MSFT_weekly_period10_open.json").read_bytes().decode("utf-8-sig"))
+    )
+    opens = weekly.bars.assign(close=weekly.bars["open"])  # AV computed it with series_type=open
+    ours = compute_indicators(opens, [RSI(kind="rsi", length=10)])[["time", "rsi_10"]]
+    joined = reference.merge(ours, on="time", how="inner")
+    assert len(joined) >= 1220  # every published week but the in-progress ones
+    np.testing.assert_allclose(joined["rsi_10"], joined["rsi"], atol=0.5e-4 + 1e-9, rtol=0)
+    assert joined["rsi"].iloc[0] == 75.0 and joined["time"].iloc[0] == pd.Timestamp("1995-03-24", tz="UTC")
