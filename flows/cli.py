@@ -19,6 +19,7 @@ from rich.table import Table
 from configs.settings import ConfigError, Settings, load_settings
 from tasks.bars import validate_interval, validate_symbol, validate_symbols
 from tasks.errors import UsageError
+from tasks.sources.base import load_source
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -80,7 +81,7 @@ def run(
     wanted = symbols.split(",") if symbols else settings.symbols
     checked = _or_exit(lambda: validate_symbols(wanted))
     _or_exit(lambda: validate_interval(interval))
-    _or_exit(lambda: settings.source(source))
+    _or_exit(lambda: load_source(source, settings.source(source)).check_config())
     first = _or_exit(lambda: _parse_date(start, "--start"))
     last = _or_exit(lambda: _parse_date(end, "--end"))
 

@@ -166,3 +166,17 @@ def test_invalid_config_exits_2_naming_the_key(env: dict[str, str], sandbox: San
 def test_usage_errors_exit_2(env: dict[str, str], args: tuple[str, ...]) -> None:
     result = marketpipe(*args, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [("alpha_vantage", "ALPHA_VANTAGE_API_KEY"), ("files", "data_sources.files.path")],
+)
+def test_a_source_that_cannot_work_as_configured_exits_2(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path, source: str, message: str
+) -> None:
+    bare = {k: v for k, v in env.items() if k != "ALPHA_VANTAGE_API_KEY"}
+    bare["MARKETPIPE__DATA_SOURCES__FILES__PATH"] = str(tmp_path / "missing")
+    result = marketpipe("run", "--source", source, "--symbols", "IBM", env=bare)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr

@@ -140,6 +140,10 @@ class AlphaVantage(HttpSource):
         except (ValueError, TypeError) as exc:
             self._fail(query, f"malformed Alpha Vantage response: {exc}")
 
+    def check_config(self) -> None:
+        if not self.settings.api_key_block:  # a block is resolved at run time, on the worker
+            self._api_key()
+
     def _api_key(self) -> str:
         secret = self.settings.api_key
         value = secret.get_secret_value().strip() if secret is not None else ""

@@ -107,6 +107,9 @@ class Source(ABC):
     def collect(self, query: BarQuery) -> Collected:
         """Everything the source holds for ``query``, or a :class:`SourceError`."""
 
+    def check_config(self) -> None:  # noqa: B027 (optional hook; most sources need no check)
+        """Raise ConfigError if the source can't work as configured, before any symbol is tried."""
+
     def earliest_start(self, interval: str, today: date) -> date | None:
         """The oldest date this source still serves for ``interval`` (None: no limit)."""
         return None

@@ -57,6 +57,9 @@ class VendorFiles(Source):
         parts = [self.parse(query, path, self.fetch(query, path)) for path in self.build_requests(query)]
         return Collected.merge(parts)
 
+    def check_config(self) -> None:
+        self.directory()
+
     def directory(self) -> Path:
         """The configured directory; missing or wrong is a config problem, not a source failure."""
         path = Path(self.settings.path) if self.settings.path else None
