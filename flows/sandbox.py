@@ -29,6 +29,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 import pandas as pd
 
+from tasks.sources.base import SECRET_PARAMS
+
 CHART_PREFIX = "/v8/finance/chart/"
 AV_PATH = "/query"
 SERIES_START = "2000-01-03"
@@ -42,7 +44,6 @@ AV_NOTE = (
     "500 calls per day. Please visit https://www.alphavantage.co/premium/ if you would like to target "
     "a higher API call frequency."
 )
-SECRET_PARAMS = frozenset({"apikey", "api_key", "token", "password", "key"})
 
 
 @dataclass

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from blocks.store import ACTION_KEY as STORE_ACTION_KEY
 from blocks.store import BAR_KEY, SERIES_TAGS
 from tasks.errors import InvalidSymbolError, UsageError
 
@@ -23,6 +22,8 @@ KEY_COLUMNS: tuple[str, ...] = BAR_KEY
 TAG_COLUMNS: tuple[str, ...] = SERIES_TAGS
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "adj_close")
 VALUE_COLUMNS: tuple[str, ...] = (*PRICE_COLUMNS, "volume")
+# The values a source reports for a bar; a bar with none of them is no bar at all.
+OHLCV: tuple[str, ...] = ("open", "high", "low", "close", "volume")
 BAR_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, *VALUE_COLUMNS)
 
 DAILY_OR_LONGER: frozenset[str] = frozenset({"1d", "5d", "1wk", "1mo", "3mo"})
@@ -91,7 +92,6 @@ def conform(frame: pd.DataFrame) -> pd.DataFrame:
 # ``amount`` (per share, in the listing currency) for dividends and capital gains.
 ACTION_KINDS: tuple[str, ...] = ("split", "dividend", "capital_gain")
 ACTION_COLUMNS: tuple[str, ...] = ("time", "symbol", "source", "kind", "ratio", "amount")
-ACTION_KEY: tuple[str, ...] = STORE_ACTION_KEY
 # Flag columns are float fields like every other value: 1.0 set, 0.0 clear.
 FLAG_PARTIAL_NULL = "flag_partial_null"
 
@@ -116,11 +116,12 @@ def conform_actions(frame: pd.DataFrame) -> pd.DataFrame:
 
 def flag_partial_nulls(frame: pd.DataFrame) -> pd.DataFrame:
     """Mark bars with some (not all) of open/high/low/close/volume missing."""
-    values = frame[["open", "high", "low", "close", "volume"]].isna()
+    values = frame[list(OHLCV)].isna()
     frame[FLAG_PARTIAL_NULL] = (values.any(axis=1) & ~values.all(axis=1)).astype(np.float64)
     return frame
 
 
-def value_columns(frame: pd.DataFrame) -> list[str]:
-    """Every numeric column that is stored as a field: prices, volume, flags, indicators."""
-    return [c for c in frame.columns if c not in KEY_COLUMNS]
+def drop_null_bars(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Drop bars whose values are all missing, flag the partly missing ones; returns (bars, dropped)."""
+    all_null = frame[list(OHLCV)].isna().all(axis=1).to_numpy()
+    return flag_partial_nulls(frame.loc[~all_null].reset_index(drop=True)), int(all_null.sum())

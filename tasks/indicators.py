@@ -18,6 +18,7 @@ import pandas as pd
 import pandas_ta as ta
 
 from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec
+from tasks.bars import OHLCV
 
 if not ta.Imports.get("talib"):
     raise ImportError(
@@ -26,7 +27,6 @@ if not ta.Imports.get("talib"):
     )
 
 Floats = npt.NDArray[np.float64]
-INPUT_COLUMNS = ("open", "high", "low", "close", "volume")
 
 
 def longest_period(spec: IndicatorSpec) -> int:
@@ -57,7 +57,7 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
     ``bars`` holds one series (symbol, interval, source) in time order. Bars with a missing input
     value are skipped for the computation (TA-Lib would carry a NaN forward forever) and get NaN.
     """
-    inputs = bars[list(INPUT_COLUMNS)]
+    inputs = bars[list(OHLCV)]
     complete = inputs.notna().all(axis=1).to_numpy()
     whole = bool(complete.all())
     usable = inputs.reset_index(drop=True) if whole else inputs.loc[complete].reset_index(drop=True)

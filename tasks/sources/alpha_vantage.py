@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import ConfigError
-from tasks.bars import conform, conform_actions, empty_bars, flag_partial_nulls, is_daily_or_longer
+from tasks.bars import OHLCV, conform, conform_actions, drop_null_bars, empty_bars, is_daily_or_longer
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
@@ -53,7 +53,6 @@ FIELD_COLUMNS: dict[str, str] = {
     "dividend amount": "dividend",
     "split coefficient": "split",
 }
-OHLCV = ("open", "high", "low", "close", "volume")
 
 _FIELD_PREFIX = re.compile(r"^\s*\d+[a-z]?\s*[.:]\s*")
 _GMT_OFFSET = re.compile(r"^(?:GMT|UTC)\s*([+-])(\d{1,2})(?::?(\d{2}))?$", re.IGNORECASE)
@@ -111,13 +110,10 @@ class AlphaVantage(HttpSource):
             time=times, symbol=query.symbol, interval=query.interval, source=self.name
         )
         frame = frame.loc[_in_window(frame["time"], query)].sort_values("time", kind="stable").reset_index(drop=True)
-        all_null = frame[list(OHLCV)].isna().all(axis=1).to_numpy()
-        bars = flag_partial_nulls(
-            conform(frame.loc[~all_null, ["time", "symbol", "interval", "source", *OHLCV, "adj_close"]])
-        )
+        bars, dropped = drop_null_bars(frame[["time", "symbol", "interval", "source", *OHLCV, "adj_close"]])
         return Collected(
-            bars,
-            dropped_null_bars=int(all_null.sum()),
+            conform(bars),
+            dropped_null_bars=dropped,
             actions=_actions(frame, query.symbol, self.name),
             meta=public_meta,
         )

@@ -33,13 +33,20 @@ import numpy as np
 import pandas as pd
 
 from configs.settings import ConfigError
-from tasks.bars import VALUE_COLUMNS, conform, conform_actions, empty_bars, flag_partial_nulls, is_daily_or_longer
+from tasks.bars import (
+    OHLCV,
+    VALUE_COLUMNS,
+    conform,
+    conform_actions,
+    drop_null_bars,
+    empty_bars,
+    is_daily_or_longer,
+)
 from tasks.errors import PermanentSourceError
 from tasks.sources.base import BarQuery, Collected, Source
 
 SUFFIXES = (".csv", ".csv.gz", ".parquet")
 NULL_TOKENS = ["", "null"]
-QUOTE_FIELDS = ("open", "high", "low", "close", "volume")
 ACCEPTED = (
     "bars (time or date, open, high, low, close, volume; optional adj_close, symbol, interval), "
     "dividends (Date, Dividends) or splits (Date, Stock Splits)"
@@ -133,7 +140,7 @@ def parse_frame(query: BarQuery, frame: pd.DataFrame, source: str) -> Collected:
     found = [str(c) for c in frame.columns]
     frame = frame.set_axis([_normalise(c) for c in found], axis=1)
     columns = set(frame.columns)
-    if columns.issuperset(QUOTE_FIELDS) and columns & {"time", "date"}:
+    if columns.issuperset(OHLCV) and columns & {"time", "date"}:
         return parse_bars(query, frame, source)
     if columns == {"date", "dividends"}:
         amounts = numbers(frame["dividends"], "Dividends")
@@ -159,10 +166,9 @@ def parse_bars(query: BarQuery, frame: pd.DataFrame, source: str) -> Collected:
         index=frame.index,
     )
     bars = within(bars, query)
-    all_null = bars[list(QUOTE_FIELDS)].isna().all(axis=1)
-    bars = flag_partial_nulls(bars.loc[~all_null].sort_values("time", kind="stable").reset_index(drop=True))
+    bars, dropped = drop_null_bars(bars.sort_values("time", kind="stable"))
     refuse_clashes(bars, query.interval)
-    return Collected(conform(bars), dropped_null_bars=int(all_null.sum()))
+    return Collected(conform(bars), dropped_null_bars=dropped)
 
 
 def rows_for(query: BarQuery, frame: pd.DataFrame) -> pd.DataFrame:

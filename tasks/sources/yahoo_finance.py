@@ -18,11 +18,10 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tasks.bars import PRICE_COLUMNS, conform, conform_actions, empty_bars, flag_partial_nulls, is_daily_or_longer
+from tasks.bars import OHLCV, PRICE_COLUMNS, conform, conform_actions, drop_null_bars, empty_bars, is_daily_or_longer
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
-QUOTE_FIELDS = ("open", "high", "low", "close", "volume")
 # Asian and Pacific sessions open on the previous UTC day, so ask for a margin and filter by date.
 RANGE_MARGIN = timedelta(days=2)
 # interval -> (days per request, days back from now)
@@ -166,7 +165,7 @@ def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, sourc
     adj_block = (indicators.get("adjclose") or [{}])[0] or {}
 
     columns: dict[str, npt.NDArray[np.float64]] = {}
-    for name in QUOTE_FIELDS:
+    for name in OHLCV:
         columns[name] = _float_array(quote_block.get(name), n, f"indicators.quote[0].{name}", symbol)
     columns["adj_close"] = _float_array(adj_block.get("adjclose"), n, "indicators.adjclose[0]", symbol)
 
@@ -183,11 +182,10 @@ def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, sourc
     live = np.zeros(n, dtype=bool)
     if meta.get("regularMarketTime") is not None:
         live[-1] = raw[-1] == meta["regularMarketTime"]
-    all_null = frame[list(QUOTE_FIELDS)].isna().all(axis=1).to_numpy()
-    frame = flag_partial_nulls(frame.loc[~all_null & ~live].reset_index(drop=True))
+    bars, dropped = drop_null_bars(frame.loc[~live])
     return Collected(
-        conform(frame),
-        dropped_null_bars=int((all_null & ~live).sum()),
+        conform(bars),
+        dropped_null_bars=dropped,
         actions=actions,
         live_bars_skipped=int(live.sum()),
         meta=_public_meta(meta),
