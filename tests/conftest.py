@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from flows.sandbox import read_request_log
@@ -69,6 +71,24 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
+
+
+def marketpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "marketpipe"), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def query_csv(env: dict[str, str], symbol: str, *extra: str) -> pd.DataFrame:
+    result = marketpipe("query", "--symbol", symbol, "--format", "csv", *extra, env=env)
+    assert result.returncode == 0, result.stderr
+    return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, na_values=[""])
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +11,7 @@ import pytest
 import talib
 
 from blocks.duckdb_store import DuckDBStore
-from tests.conftest import BIN, REPLAY_FILES, REPO, Sandbox, yahoo_json
-
-
-def marketpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "marketpipe"), *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def query_csv(env: dict[str, str], symbol: str, *extra: str) -> pd.DataFrame:
-    result = marketpipe("query", "--symbol", symbol, "--format", "csv", *extra, env=env)
-    assert result.returncode == 0, result.stderr
-    return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, na_values=[""])
+from tests.conftest import REPLAY_FILES, REPO, Sandbox, marketpipe, query_csv, yahoo_json
 
 
 @pytest.fixture

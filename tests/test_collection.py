@@ -4,7 +4,6 @@ runs, quotas and secrets. Real processes, a real Prefect server, the sandbox and
 from __future__ import annotations
 
 import asyncio
-import io
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -16,6 +15,8 @@ import pytest
 
 from blocks.duckdb_store import DuckDBStore
 from tests.conftest import BIN, REPO, Sandbox, server_home
+from tests.conftest import marketpipe as run
+from tests.conftest import query_csv as query
 
 YAHOO_RATE = "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RATE_LIMIT"
 
@@ -24,18 +25,6 @@ def start(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [str(BIN / "marketpipe"), *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-
-
-def run(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    process = start(*args, env=env)
-    stdout, stderr = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def query(env: dict[str, str], symbol: str) -> pd.DataFrame:
-    result = run("query", "--symbol", symbol, "--format", "csv", env=env)
-    assert result.returncode == 0, result.stderr
-    return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, na_values=[""])
 
 
 def sandbox_with(tmp_path: Path, *args: str) -> Sandbox:
