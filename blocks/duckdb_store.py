@@ -34,7 +34,7 @@ class _SharedConnections:
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._open: dict[str, tuple[duckdb.DuckDBPyConnection, int]] = {}
-        self.write_locks: dict[str, threading.Lock] = {}
+        self._write_locks: dict[str, threading.Lock] = {}
 
     @contextmanager
     def cursor(self, path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -51,7 +51,6 @@ class _SharedConnections:
                         f"cannot open DuckDB store {path}: {exc} (another process may be writing to it)"
                     ) from None
             self._open[key] = (connection, users + 1)
-            self.write_locks.setdefault(key, threading.Lock())
         cursor = connection.cursor()
         try:
             yield cursor
@@ -67,7 +66,7 @@ class _SharedConnections:
 
     def write_lock(self, path: Path) -> threading.Lock:
         with self._guard:
-            return self.write_locks.setdefault(str(path.resolve()), threading.Lock())
+            return self._write_locks.setdefault(str(path.resolve()), threading.Lock())
 
 
 _connections = _SharedConnections()

@@ -23,7 +23,7 @@ from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import collect_bars
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.processing import Processed, process_bars
-from tasks.sources.base import Collected
+from tasks.sources.base import Collected, load_source
 from tasks.store import store_bars
 
 OK, FAILED, DEFERRED = "ok", "failed", "deferred"
@@ -72,7 +72,7 @@ def market_data(
     settings = load_settings(config)
     checked = validate_symbols(symbols or settings.symbols)
     validate_interval(interval)
-    settings.source(source)
+    load_source(source, settings.source(source)).check_config()  # fail the run once, not every symbol
     if start is not None and end is not None and start > end:
         raise UsageError(f"start {start} is after end {end}: swap them or widen the range")
     mode = f"{start} to {end or 'today'}" if start else "incremental"

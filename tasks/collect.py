@@ -57,8 +57,9 @@ def collect(
     last_stored = None
     if start is None:
         last_stored = (store or store_from_settings(settings.storage)).last_timestamp(symbol, interval, source)
-    window = plan_window(last_stored, start, end, settings.collection, datetime.now(UTC).date())
-    earliest = provider.earliest_start(interval, datetime.now(UTC).date())
+    today = datetime.now(UTC).date()
+    window = plan_window(last_stored, start, end, settings.collection, today)
+    earliest = provider.earliest_start(interval, today)
     if window.mode != "explicit" and earliest is not None and window.start < earliest:
         window = Window(earliest, window.end, window.mode)
     collected = provider.collect(BarQuery(symbol, interval, window.start, window.end))

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from blocks.duckdb_store import DuckDBStore
+from configs.settings import ConfigError
 from flows.market_data import SymbolsFailedError, market_data
 from tests.conftest import YAHOO, Sandbox
 
@@ -125,3 +126,14 @@ def test_an_explicit_window_of_five_new_days_stores_what_a_full_run_stores(
     ):
         assert incremental[column].notna().all()
         np.testing.assert_allclose(incremental[column], full[column], rtol=1e-9, atol=0, err_msg=column)
+
+
+def test_a_source_that_cannot_work_fails_the_run_before_any_symbol(
+    configured: DuckDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ALPHA_VANTAGE_API_KEY", raising=False)
+    state = market_data(["IBM", "MSFT"], source="alpha_vantage", return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ConfigError)
+    assert "ALPHA_VANTAGE_API_KEY" in str(error)
