@@ -15,12 +15,15 @@ import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from blocks.store import ACTION_KEY, BAR_KEY, SERIES_TAGS, StoreError
+from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, SERIES_TAGS, StoreError
 
 # Value columns become SQL identifiers, so they must be plain snake_case names.
 COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 TABLE = "bars"
 ACTIONS_TABLE = "corporate_actions"
+QUARANTINE_TABLE = "quarantine"
+# The only text value columns; every other value is a DOUBLE.
+TEXT_COLUMNS = frozenset({"reason"})
 
 
 class _SharedConnections:
@@ -93,7 +96,8 @@ class DuckDBStore(Block):
         existing = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
         for column in value_columns:
             if column not in existing:
-                con.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" DOUBLE')
+                kind = "VARCHAR" if column in TEXT_COLUMNS else "DOUBLE"
+                con.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {kind}')
 
     def _upsert(self, table: str, key: tuple[str, ...], rows: pd.DataFrame) -> int:
         if rows.empty:
@@ -105,7 +109,8 @@ class DuckDBStore(Block):
         bad = [c for c in value_columns if not COLUMN_NAME.fullmatch(str(c))]
         if bad:
             raise StoreError(f"column names must be lowercase snake_case to be stored: {bad}")
-        frame = rows[[*key, *value_columns]].astype(dict.fromkeys(value_columns, "float64"))
+        numeric = [c for c in value_columns if c not in TEXT_COLUMNS]
+        frame = rows[[*key, *value_columns]].astype(dict.fromkeys(numeric, "float64"))
         frame = frame.drop_duplicates(subset=list(key), keep="last")
         names = ", ".join(f'"{c}"' for c in frame.columns)
         with _connections.write_lock(Path(self.path)), self._connect() as con:
@@ -126,6 +131,20 @@ class DuckDBStore(Block):
     def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
         filters: dict[str, object] = {"symbol": symbol, "source": source}
         return self._select(ACTIONS_TABLE, ACTION_KEY, filters, order="time, kind")
+
+    def write_quarantine(self, bars: pd.DataFrame) -> int:
+        return self._upsert(QUARANTINE_TABLE, QUARANTINE_KEY, bars)
+
+    def read_quarantine(
+        self,
+        symbol: str,
+        interval: str | None = None,
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        filters: dict[str, object] = {"symbol": symbol, "interval": interval, "source": source}
+        return self._select(QUARANTINE_TABLE, QUARANTINE_KEY, filters, "time, source, rule", start, end)
 
     def read_bars(
         self,

@@ -1,7 +1,8 @@
 """The store interface every backend block implements (DuckDB now; InfluxDB v1/v2 next).
 
 A few plain verbs, so incremental collection and the CLI need nothing backend-specific:
-write a frame, read a range, the last timestamp of a series, health.
+write a frame, read a range, the last timestamp of a series, health. Bars that fail validation
+are kept apart, in quarantine, with the rule they broke.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ SERIES_TAGS: tuple[str, ...] = ("symbol", "interval", "source")
 BAR_KEY: tuple[str, ...] = ("time", *SERIES_TAGS)
 # Corporate actions are their own series: one per symbol, source and kind (split, dividend, capital_gain).
 ACTION_KEY: tuple[str, ...] = ("time", "symbol", "source", "kind")
+# Quarantined bars: the bar's series and time plus the rule it broke; ``reason`` is the one text field.
+QUARANTINE_KEY: tuple[str, ...] = (*BAR_KEY, "rule")
 
 
 class StoreError(Exception):
@@ -34,6 +37,21 @@ class BarStore(Protocol):
 
     def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
         """Stored corporate actions of a symbol, oldest first."""
+        ...
+
+    def write_quarantine(self, bars: pd.DataFrame) -> int:
+        """Upsert rejected bars on (symbol, interval, source, time, rule), with their values and ``reason``."""
+        ...
+
+    def read_quarantine(
+        self,
+        symbol: str,
+        interval: str | None = None,
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        """Quarantined bars of a symbol, oldest first; ``end`` is exclusive."""
         ...
 
     def read_bars(

@@ -13,8 +13,9 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import exchange_calendars as xc
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -79,6 +80,38 @@ class CollectionSettings(_Section):
         default_factory=lambda: str(Path(tempfile.gettempdir()) / "marketpipe-rate-limits"),
         description="pacing state shared by every process on this host",
     )
+
+
+def trading_calendar_name(name: str) -> str:
+    """A calendar name exchange_calendars knows, resolved from an alias (NYSE) to its canonical name (XNYS)."""
+    names = set(xc.get_calendar_names(include_aliases=True))
+    for candidate in (name.strip(), name.strip().upper()):
+        if candidate in names:
+            return str(xc.resolve_alias(candidate))
+    raise ValueError(
+        f"unknown trading calendar {name!r}: use an exchange_calendars name such as XNYS, XLON, XETR, "
+        "XTKS, 24/7 (crypto) or 24/5 (FX); exchange_calendars.get_calendar_names() lists them all"
+    )
+
+
+class QualitySettings(_Section):
+    """How bars are checked and repaired before they are stored (see the README's "Data quality")."""
+
+    missing: Literal["drop", "ffill", "keep"] = Field(
+        "drop", description="bars missing a price: drop them, carry the last close (flagged) or keep NaN"
+    )
+    spike_threshold: float = Field(
+        0.25, gt=0, description="relative move from both neighbours that flags a single-bar spike"
+    )
+    calendars: dict[str, str] = Field(
+        default_factory=dict,
+        description="symbol -> exchange_calendars name (XNYS, XLON, 24/7 ...), overriding the exchange in the data",
+    )
+
+    @field_validator("calendars")
+    @classmethod
+    def _known_calendars(cls, calendars: dict[str, str]) -> dict[str, str]:
+        return {symbol.strip().upper(): trading_calendar_name(name) for symbol, name in calendars.items()}
 
 
 class DuckDBSettings(_Section):
@@ -215,6 +248,7 @@ class Settings(BaseSettings):
     data_sources: dict[str, SourceSettings]
     storage: StorageSettings = StorageSettings()
     collection: CollectionSettings = CollectionSettings()
+    quality: QualitySettings = QualitySettings()
     symbols: list[str] = Field(default_factory=list)
     indicators: list[IndicatorSpec] = Field(default_factory=default_indicators)
 

@@ -113,20 +113,26 @@ def _raise(error: Exception) -> None:
 
 
 def _print_summary(rows: list[dict[str, Any]]) -> None:
+    from tasks.processing import describe_counts
+
     table = Table(title="market-data run")
-    columns = ("symbol", "status", "rows written", "collected", "null dropped", "live skipped", "actions",
-               "requests", "rejected", "window")  # fmt: skip
+    columns = ("symbol", "status", "rows written", "collected", "quarantined", "repaired", "flagged", "dropped",
+               "missing sessions", "actions", "requests", "window")  # fmt: skip
     for column in columns:
         table.add_column(column)
     colours = {"ok": "green", "deferred": "yellow"}
     for r in rows:
         status = f"[{colours.get(r['status'], 'red')}]{r['status']}[/]"
-        rejected = ", ".join(f"{k}={v}" for k, v in r["rejected"].items()) or "0"
+        counts = [describe_counts(r[k]) or "0" for k in ("quarantined", "repaired", "flagged", "dropped")]
+        sessions = "n/a" if r["missing_sessions"] is None else str(r["missing_sessions"])
         table.add_row(
-            r["symbol"], status, str(r["rows_written"]), str(r["bars_collected"]), str(r["null_bars_dropped"]),
-            str(r["live_bars_skipped"]), str(r["actions_written"]), str(r["requests"]), rejected, r["window"],
+            r["symbol"], status, str(r["rows_written"]), str(r["bars_collected"]), *counts, sessions,
+            str(r["actions_written"]), str(r["requests"]), r["window"],
         )  # fmt: skip
     console.print(table)
+    for r in rows:
+        if r["missing_sessions"]:
+            console.print(f"[yellow]{r['symbol']}:[/] {r['gaps']}", highlight=False, soft_wrap=True)
     for r in rows:
         if r["status"] != "ok":
             console.print(f"[red]{r['symbol']} {r['status']}:[/] {r['error']}", highlight=False, soft_wrap=True)
@@ -140,6 +146,9 @@ def query(
     start: Annotated[str | None, typer.Option(help="First date, YYYY-MM-DD")] = None,
     end: Annotated[str | None, typer.Option(help="Last date, YYYY-MM-DD, inclusive")] = None,
     format: Annotated[Literal["csv", "json", "table"], typer.Option("--format")] = "table",  # noqa: A002
+    quarantine: Annotated[
+        bool, typer.Option("--quarantine", help="Show the bars set aside by validation, with rule and reason")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Print stored bars oldest first, with every stored column and time in ISO-8601 UTC."""
@@ -148,14 +157,22 @@ def query(
     _or_exit(lambda: validate_interval(interval))
     first = _or_exit(lambda: _parse_date(start, "--start"))
     last = _or_exit(lambda: _parse_date(end, "--end"))
-    frame = _read(settings, checked, interval, source, first, last)
-    if frame.empty:
+    frame = _read(settings, checked, interval, source, first, last, quarantine)
+    if frame.empty and quarantine:
+        _error(f"no quarantined {interval} bars for {checked}")
+    elif frame.empty:
         _error(f"no stored {interval} bars for {checked}: run `marketpipe run --symbols {checked}` first")
     _emit(frame, format)
 
 
 def _read(
-    settings: Settings, symbol: str, interval: str, source: str | None, first: date | None, last: date | None
+    settings: Settings,
+    symbol: str,
+    interval: str,
+    source: str | None,
+    first: date | None,
+    last: date | None,
+    quarantine: bool = False,
 ) -> pd.DataFrame:
     from blocks.store import StoreError
     from blocks.stores import store_from_settings
@@ -164,7 +181,8 @@ def _read(
     lo = pd.Timestamp(first, tz="UTC").to_pydatetime() if first else None
     hi = (pd.Timestamp(last, tz="UTC") + pd.Timedelta(days=1)).to_pydatetime() if last else None
     try:
-        frame = store.read_bars(symbol, interval, source, lo, hi)
+        read = store.read_quarantine if quarantine else store.read_bars
+        frame = read(symbol, interval, source, lo, hi)
     except StoreError as exc:
         _error(str(exc))
         raise typer.Exit(EXIT_FAILED) from None

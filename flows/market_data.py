@@ -22,7 +22,7 @@ from configs.settings import load_settings
 from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import collect_bars
 from tasks.errors import QuotaExhaustedError, UsageError
-from tasks.processing import Processed, process_bars
+from tasks.processing import Processed, describe_counts, process_bars
 from tasks.sources.base import Collected, load_source
 from tasks.store import store_bars
 
@@ -35,11 +35,16 @@ class SymbolResult:
     status: str  # ok, failed or deferred
     rows_written: int = 0
     bars_collected: int = 0
-    null_bars_dropped: int = 0
     live_bars_skipped: int = 0
     actions_written: int = 0
     requests: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)  # by rule; kept in the store's quarantine
+    repaired: dict[str, int] = field(default_factory=dict)
+    flagged: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    currency: str = ""
+    missing_sessions: int | None = None  # None: no calendar known for the symbol, or bars longer than a day
+    gaps: str = ""
     window: str = ""
     error: str = ""
 
@@ -106,22 +111,28 @@ def _summarise(
             return SymbolResult(symbol, status, error=message or f"{stage.state.name}")
     raw: Collected = collected.result()
     outcome: Processed = processed.result()
-    rows, actions = stored.result()
+    rows, actions, _ = stored.result()
     window = f"{raw.window.start} to {raw.window.end} ({raw.window.mode})" if raw.window else ""
     return SymbolResult(
         symbol,
         OK,
         rows_written=rows,
         bars_collected=outcome.collected,
-        null_bars_dropped=outcome.dropped_null_bars,
         live_bars_skipped=outcome.live_bars_skipped,
         actions_written=actions,
         requests=raw.requests,
-        rejected=outcome.rejected,
+        quarantined=outcome.rejected,
+        repaired=outcome.repaired,
+        flagged=outcome.flagged,
+        dropped=outcome.dropped,
+        currency=outcome.currency or "",
+        missing_sessions=outcome.gaps.count if outcome.gaps else None,
+        gaps=outcome.gaps.describe() if outcome.gaps else "",
         window=window,
     )
 
 
 def _publish(results: list[SymbolResult], source: str, interval: str) -> None:
-    rows = [{**asdict(r), "rejected": ", ".join(f"{k}={v}" for k, v in r.rejected.items())} for r in results]
+    counted = ("quarantined", "repaired", "flagged", "dropped")
+    rows = [{**asdict(r), **{k: describe_counts(getattr(r, k)) for k in counted}} for r in results]
     create_table_artifact(key="market-data-summary", table=rows, description=f"{source} {interval} bars")

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from blocks.store import BAR_KEY, SERIES_TAGS
@@ -23,7 +24,8 @@ TAG_COLUMNS: tuple[str, ...] = SERIES_TAGS
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "adj_close")
 VALUE_COLUMNS: tuple[str, ...] = (*PRICE_COLUMNS, "volume")
 # The values a source reports for a bar; a bar with none of them is no bar at all.
-OHLCV: tuple[str, ...] = ("open", "high", "low", "close", "volume")
+OHLC: tuple[str, ...] = ("open", "high", "low", "close")
+OHLCV: tuple[str, ...] = (*OHLC, "volume")
 BAR_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, *VALUE_COLUMNS)
 
 DAILY_OR_LONGER: frozenset[str] = frozenset({"1d", "5d", "1wk", "1mo", "3mo"})
@@ -69,8 +71,8 @@ def is_daily_or_longer(interval: str) -> bool:
 
 
 def empty_bars() -> pd.DataFrame:
-    """A zero-row frame with the standard columns and dtypes."""
-    return conform(pd.DataFrame({column: [] for column in BAR_COLUMNS}))
+    """A zero-row frame with the standard columns and dtypes, as a source delivers it."""
+    return conform(pd.DataFrame({column: [] for column in BAR_COLUMNS})).assign(**{FLAG_MISSING: np.float64()})
 
 
 def conform(frame: pd.DataFrame) -> pd.DataFrame:
@@ -93,7 +95,11 @@ def conform(frame: pd.DataFrame) -> pd.DataFrame:
 ACTION_KINDS: tuple[str, ...] = ("split", "dividend", "capital_gain")
 ACTION_COLUMNS: tuple[str, ...] = ("time", "symbol", "source", "kind", "ratio", "amount")
 # Flag columns are float fields like every other value: 1.0 set, 0.0 clear.
-FLAG_PARTIAL_NULL = "flag_partial_null"
+# ``flag_missing``: the source left some of open/high/low/close/volume empty (see the missing-value policy).
+FLAG_MISSING = "flag_missing"
+# Split- and dividend-adjusted prices, all from one factor: adj_close / close.
+ADJUSTED_COLUMNS: tuple[str, ...] = ("adj_open", "adj_high", "adj_low")
+RETURN_COLUMNS: tuple[str, ...] = ("return_1", "log_return_1")
 
 
 def empty_actions() -> pd.DataFrame:
@@ -114,14 +120,11 @@ def conform_actions(frame: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["time", "kind"], kind="stable").reset_index(drop=True)
 
 
-def flag_partial_nulls(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mark bars with some (not all) of open/high/low/close/volume missing."""
-    values = frame[list(OHLCV)].isna()
-    frame[FLAG_PARTIAL_NULL] = (values.any(axis=1) & ~values.all(axis=1)).astype(np.float64)
-    return frame
+def flag_missing(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mark bars with any of open/high/low/close/volume missing; the missing-value policy decides their fate."""
+    return frame.assign(**{FLAG_MISSING: frame[list(OHLCV)].isna().any(axis=1).astype(np.float64)})
 
 
-def drop_null_bars(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Drop bars whose values are all missing, flag the partly missing ones; returns (bars, dropped)."""
-    all_null = frame[list(OHLCV)].isna().all(axis=1).to_numpy()
-    return flag_partial_nulls(frame.loc[~all_null].reset_index(drop=True)), int(all_null.sum())
+def missing_prices(frame: pd.DataFrame) -> npt.NDArray[np.bool_]:
+    """Bars lacking any of open/high/low/close (volume alone missing is normal for FX and some indices)."""
+    return frame[list(OHLC)].isna().any(axis=1).to_numpy()

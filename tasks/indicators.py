@@ -18,7 +18,6 @@ import pandas as pd
 import pandas_ta as ta
 
 from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec
-from tasks.bars import OHLCV
 
 if not ta.Imports.get("talib"):
     raise ImportError(
@@ -54,21 +53,26 @@ def indicator_columns(specs: Sequence[IndicatorSpec]) -> list[str]:
 def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd.DataFrame:
     """Append one float64 column per indicator output; warm-up rows are NaN, never 0.
 
-    ``bars`` holds one series (symbol, interval, source) in time order. Bars with a missing input
-    value are skipped for the computation (TA-Lib would carry a NaN forward forever) and get NaN.
+    ``bars`` holds one series (symbol, interval, source) in time order. Bars lacking a value an
+    indicator reads are skipped for that indicator (TA-Lib would carry a NaN forward forever) and
+    get NaN: so a missing volume (FX) blanks OBV only, never the price indicators.
     """
-    inputs = bars[list(OHLCV)]
-    complete = inputs.notna().all(axis=1).to_numpy()
-    whole = bool(complete.all())
-    usable = inputs.reset_index(drop=True) if whole else inputs.loc[complete].reset_index(drop=True)
+    subsets: dict[tuple[str, ...], tuple[pd.DataFrame, npt.NDArray[np.bool_] | None]] = {}
     columns: dict[str, Floats] = {}
     for spec in specs:
+        needs = INPUTS.get(type(spec), ("close",))
+        if needs not in subsets:
+            complete = bars[list(needs)].notna().all(axis=1).to_numpy()
+            whole = bool(complete.all())
+            usable = bars if whole else bars.loc[complete]
+            subsets[needs] = (usable[list(needs)].reset_index(drop=True), None if whole else complete)
+        usable, mask = subsets[needs]
         for column, values in zip(spec.columns, _COMPUTE[type(spec)](usable, spec), strict=True):
-            if whole:
+            if mask is None:
                 columns[column] = values
             else:
                 columns[column] = np.full(len(bars), np.nan)
-                columns[column][complete] = values
+                columns[column][mask] = values
     kept = bars.drop(columns=[c for c in columns if c in bars.columns])
     # One concat builds the float block once, instead of a reallocation per inserted column.
     return pd.concat([kept, pd.DataFrame(columns, index=bars.index)], axis=1)
@@ -121,6 +125,9 @@ def _atr(b: pd.DataFrame, s: ATR) -> list[Floats]:
 def _obv(b: pd.DataFrame, s: OBV) -> list[Floats]:
     return [_array(ta.obv(b["close"], b["volume"], talib=True), len(b))]
 
+
+# The bar values each kind reads; the rest read only the close.
+INPUTS: dict[type, tuple[str, ...]] = {ATR: ("high", "low", "close"), OBV: ("close", "volume")}
 
 _COMPUTE: dict[type, Callable[[pd.DataFrame, object], list[Floats]]] = {
     SMA: _sma,  # type: ignore[dict-item]

@@ -1,114 +1,111 @@
-"""Validation: every bar is either kept as clean or rejected with the rule it broke.
+"""Processing: the steps between a source's raw bars and the bars we store as clean.
 
-Rules (named, counted in the run summary):
-- ``duplicate_time``: a second bar with the same timestamp; the last one received wins.
-- ``ohlc_inconsistent``: low > min(open, close), high < max(open, close) or low > high.
-- ``non_positive_price``: a price <= 0.
-- ``negative_volume``: volume < 0.
-Bars are sorted by time first, so the clean output is strictly increasing.
+In order: minor currency units to major (GBp -> GBP), validation (bad bars quarantined, see
+:mod:`tasks.validation`), the missing-value policy (:mod:`tasks.missing`), bad ticks
+(:mod:`tasks.ticks`), adjusted prices and returns (:mod:`tasks.adjust`), indicators, and the
+calendar's missing sessions (:mod:`tasks.calendars`). Every step counts what it did; the counts
+go into the run summary.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
-import numpy as np
-import numpy.typing as npt
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.store import BarStore
 from blocks.stores import store_from_settings
-from configs.settings import IndicatorSpec, Settings
-from tasks.bars import BAR_COLUMNS, conform
+from configs.settings import IndicatorSpec, QualitySettings, Settings
+from tasks.adjust import add_adjusted_prices, add_returns
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING, flag_missing
+from tasks.calendars import SessionGaps, calendar_for, missing_sessions
 from tasks.indicators import compute_indicators, lookback_bars
+from tasks.missing import apply_missing_policy
 from tasks.sources.base import Collected
+from tasks.ticks import FLAG_SPIKE, FLAG_UNIT_REPAIRED, FLAG_ZERO_VOLUME, check_ticks, to_major_unit
+from tasks.validation import validate_bars
 
-# Sources round prices independently, so allow a relative slack of a few ulps-of-cents.
-OHLC_TOLERANCE = 1e-9
-
-
-@dataclass
-class Validated:
-    clean: pd.DataFrame
-    rejected: pd.DataFrame
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def rejected_count(self) -> int:
-        return len(self.rejected)
-
-
-def validate_bars(bars: pd.DataFrame) -> Validated:
-    """Sort, de-duplicate and check each bar; rejected bars carry ``rule`` and ``reason`` columns."""
-    frame = conform(bars).sort_values("time", kind="stable").reset_index(drop=True)
-    rule = pd.Series("", index=frame.index, dtype=object)
-    reason = pd.Series("", index=frame.index, dtype=object)
-
-    def reject(mask: npt.ArrayLike, name: str, why: str) -> None:
-        fresh = np.asarray(mask, dtype=bool) & (rule == "").to_numpy()
-        rule[fresh] = name
-        reason[fresh] = why
-
-    duplicate = frame.duplicated(subset=["time"], keep="last").to_numpy()
-    reject(duplicate, "duplicate_time", "another bar with the same timestamp arrived later")
-
-    o, h, lo, c = (frame[k].to_numpy() for k in ("open", "high", "low", "close"))
-    slack = OHLC_TOLERANCE * np.nan_to_num(np.abs(h))
-    with np.errstate(invalid="ignore"):
-        bad_low = lo > np.fmin(o, c) + slack
-        bad_high = h < np.fmax(o, c) - slack
-        inverted = lo > h + slack
-        reject(bad_low | bad_high | inverted, "ohlc_inconsistent", "low/high do not bracket open and close")
-        prices = frame[["open", "high", "low", "close", "adj_close"]].to_numpy()
-        reject((prices <= 0).any(axis=1), "non_positive_price", "a price is zero or negative")
-        reject(frame["volume"].to_numpy() < 0, "negative_volume", "volume is negative")
-
-    bad = (rule != "").to_numpy()
-    rejected = frame.loc[bad].assign(rule=rule[bad], reason=reason[bad]).reset_index(drop=True)
-    counts = {str(k): int(v) for k, v in rejected["rule"].value_counts().items()}
-    return Validated(frame.loc[~bad].reset_index(drop=True), rejected, counts)
+# Summary names of the flags counted on stored bars.
+FLAG_COUNTS: dict[str, str] = {FLAG_MISSING: "missing", FLAG_ZERO_VOLUME: "zero_volume", FLAG_SPIKE: "spike"}
 
 
 @dataclass
 class Processed:
-    """New clean bars with indicators and the corporate actions, ready to store, plus the counts."""
+    """New clean bars with indicators, the corporate actions and the quarantined bars, plus the counts."""
 
     bars: pd.DataFrame
     actions: pd.DataFrame
+    quarantined: pd.DataFrame
     collected: int
-    dropped_null_bars: int
     live_bars_skipped: int
-    rejected: dict[str, int]
+    rejected: dict[str, int] = field(default_factory=dict)  # quarantined bars by rule
+    repaired: dict[str, int] = field(default_factory=dict)  # out_of_order, unit_error, missing_filled
+    flagged: dict[str, int] = field(default_factory=dict)  # stored bars carrying a flag, by flag
+    dropped: dict[str, int] = field(default_factory=dict)  # missing_dropped
+    currency: str | None = None
+    gaps: SessionGaps | None = None
 
 
 def process(
-    collected: Collected, indicators: Sequence[IndicatorSpec], history: pd.DataFrame | None = None
+    collected: Collected,
+    symbol: str,
+    interval: str,
+    quality: QualitySettings,
+    indicators: Sequence[IndicatorSpec],
+    history: pd.DataFrame | None = None,
+    now: datetime | None = None,
 ) -> Processed:
-    """Validate the new bars and compute indicators as if over the whole series.
+    """Check, repair and enrich the new bars as if over the whole series.
 
     ``history`` holds stored bars before the new ones; enough of it (see :func:`lookback_bars`)
-    makes an incremental run's indicator values equal those of one full run.
+    makes an incremental run's indicator values equal those of one full run, and lets the tick
+    rules and returns see the new bars' predecessors.
     """
-    validated = validate_bars(collected.bars)
-    clean = validated.clean
+    bars, currency = to_major_unit(collected.bars, _text(collected.meta.get("currency")))
+    validated = validate_bars(bars, now)
+    clean = flag_missing(validated.clean)
+    past = pd.DataFrame(columns=list(BAR_COLUMNS))
     if history is not None and not history.empty and not clean.empty:
-        first_new = clean["time"].iloc[0]
-        past = history.loc[history["time"] < first_new, list(BAR_COLUMNS)]
-        enriched = compute_indicators(pd.concat([past, clean], ignore_index=True), indicators)
-        bars = enriched.loc[enriched["time"] >= first_new].reset_index(drop=True)
-    else:
-        bars = compute_indicators(clean, indicators)
+        past = history.loc[history["time"] < clean["time"].iloc[0], list(BAR_COLUMNS)]
+    combined = pd.concat([past, clean], ignore_index=True) if not past.empty else clean
+    combined, missing_counts = apply_missing_policy(combined, quality.missing, start=len(past))
+    check_ticks(combined, quality.spike_threshold)
+    combined = compute_indicators(add_returns(add_adjusted_prices(combined)), indicators)
+    new = combined.iloc[len(past) :].reset_index(drop=True)
+
+    repaired = {
+        "out_of_order": validated.out_of_order,
+        "unit_error": int(new[FLAG_UNIT_REPAIRED].sum()),
+        "missing_filled": missing_counts.get("missing_filled", 0),
+    }
+    flagged = {name: int(new[column].sum()) for column, name in FLAG_COUNTS.items() if column in new}
+    dropped = {k: v for k, v in missing_counts.items() if k == "missing_dropped"}
+    calendar = calendar_for(symbol, collected.meta, quality.calendars.get(symbol.upper()))
+    gaps = None
+    if calendar is not None and not new.empty:
+        since = past["time"].iloc[-1] if not past.empty else None
+        gaps = missing_sessions(new["time"], interval, calendar, since=since)
     return Processed(
-        bars,
-        collected.actions,
-        len(collected.bars),
-        collected.dropped_null_bars,
-        collected.live_bars_skipped,
-        validated.counts,
+        bars=new,
+        actions=collected.actions,
+        quarantined=validated.quarantined,
+        collected=len(collected.bars),
+        live_bars_skipped=collected.live_bars_skipped,
+        rejected=validated.counts,
+        repaired={k: v for k, v in repaired.items() if v},
+        flagged={k: v for k, v in flagged.items() if v},
+        dropped=dropped,
+        currency=currency,
+        gaps=gaps,
     )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def read_history(
@@ -126,11 +123,21 @@ def read_history(
 def process_bars(collected: Collected, settings: Settings, source: str, symbol: str, interval: str) -> Processed:
     store = store_from_settings(settings.storage)
     history = read_history(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
-    processed = process(collected, settings.indicators, history)
+    processed = process(collected, symbol, interval, settings.quality, settings.indicators, history)
     logger = get_run_logger()
     if processed.rejected:
-        rules = ", ".join(f"{rule}={count}" for rule, count in processed.rejected.items())
-        logger.warning("%s: rejected %s", symbol, rules)
-    if processed.dropped_null_bars:
-        logger.info("%s: dropped %d all-null bar(s)", symbol, processed.dropped_null_bars)
+        logger.warning("%s: quarantined %s", symbol, describe_counts(processed.rejected))
+    for what, counts in (("repaired", processed.repaired), ("flagged", processed.flagged)):
+        if counts:
+            logger.info("%s: %s %s", symbol, what, describe_counts(counts))
+    if processed.dropped:
+        logger.warning(
+            "%s: dropped %s (quality.missing: %s)", symbol, describe_counts(processed.dropped), settings.quality.missing
+        )
+    if processed.gaps is not None and processed.gaps.count:
+        logger.warning("%s: %s", symbol, processed.gaps.describe())
     return processed
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name}={count}" for name, count in counts.items())

@@ -113,6 +113,8 @@ def replay_sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 REPLAY_FILES = {
     "AAPL": "yahoo-finance2_chart_AAPL_2020_full_year_1d_split_and_dividends.json",
     "BTC-USD": "yahoo-finance2_chart_BTC-USD_2020_full_year_1d_with_nulls.json",
+    "EURUSD=X": "yahoo-finance2_chart_EURUSD=X_2020_full_year_1d.json",
+    "OCDO.L": "yahoo-finance2_chart_OCDO.L_2020_full_year_1d_London.json",
     "QQQ": "yahoo-finance2_chart_QQQ_2020_full_year_1d_dividends.json",
     "SI": "yahoo-finance2_chart_SI_404_not_found_delisted_error.json",
 }

@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from configs.settings import ConfigError, SourceSettings
-from tasks.bars import BAR_COLUMNS, FLAG_PARTIAL_NULL
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING
 from tasks.errors import (
     PermanentSourceError,
     RangeNotServedError,
@@ -123,7 +123,7 @@ def test_every_series_fixture_parses_to_the_files_values(name: str) -> None:
     expected = expected_bars(name, interval)
 
     assert len(bars) == rows == len(expected)
-    assert list(bars.columns) == [*BAR_COLUMNS, FLAG_PARTIAL_NULL]
+    assert list(bars.columns) == [*BAR_COLUMNS, FLAG_MISSING]
     assert str(bars["time"].dtype) == "datetime64[ns, UTC]"
     assert bars["time"].is_monotonic_increasing
     assert list(bars["time"]) == list(expected["time"])
@@ -159,7 +159,7 @@ def test_daily_compact_first_and_last_bar() -> None:
     assert last["time"] == pd.Timestamp("2018-08-16", tz="UTC")
     assert (last["open"], last["close"], last["volume"]) == (108.3, 107.64, 20687122.0)
     assert bars["adj_close"].isna().all()
-    assert (bars[FLAG_PARTIAL_NULL] == 0.0).all()
+    assert (bars[FLAG_MISSING] == 0.0).all()
     assert collected.actions.empty
     assert collected.meta == {"last_refreshed": "2018-08-16", "time_zone": "US/Eastern"}
 
@@ -192,6 +192,29 @@ def test_split_coefficient_becomes_a_split_action() -> None:
     assert list(split["ratio"]) == [2.0]
     assert split["amount"].isna().all()
     assert (actions["kind"] == "dividend").sum() == 2
+
+
+def test_adjusted_series_prices_are_restated_in_post_split_shares_like_yahoo() -> None:
+    data = payload(DAILY_ADJUSTED)
+    series = data["Time Series (Daily)"]
+    series["2018-08-17"]["8. split coefficient"] = "2.0000"
+    raw = parse(json.dumps(payload(DAILY_ADJUSTED)).encode()).bars.set_index("time")
+    split = parse(json.dumps(data).encode()).bars.set_index("time")
+    before = split.index < pd.Timestamp("2018-08-17", tz="UTC")
+    for column in ("open", "high", "low", "close"):
+        np.testing.assert_array_equal(split.loc[before, column], raw.loc[before, column] / 2)
+        np.testing.assert_array_equal(split.loc[~before, column], raw.loc[~before, column])
+    np.testing.assert_array_equal(split.loc[before, "volume"], raw.loc[before, "volume"] * 2)
+    np.testing.assert_array_equal(split["adj_close"], raw["adj_close"])  # AV's own, already adjusted
+
+
+def test_a_split_after_the_window_still_restates_the_windows_bars() -> None:
+    data = payload(DAILY_ADJUSTED)
+    data["Time Series (Daily)"]["2018-08-17"]["8. split coefficient"] = "4.0000"
+    window = (date(2018, 6, 1), date(2018, 6, 29))
+    bars = parse(json.dumps(data).encode(), window=window).bars
+    unsplit = parse(json.dumps(payload(DAILY_ADJUSTED)).encode(), window=window).bars
+    np.testing.assert_array_equal(bars["close"], unsplit["close"] / 4)
 
 
 def test_actions_outside_the_window_are_dropped_with_their_bars() -> None:
@@ -253,7 +276,7 @@ def test_fx_series_has_no_volume() -> None:
     assert bars["close"].iloc[-1] == 1.1571
     assert bars["time"].iloc[-1] == pd.Timestamp("2018-08-22", tz="UTC")
     # Volume is one of the checked fields, so every FX bar is flagged as partly null.
-    assert (bars[FLAG_PARTIAL_NULL] == 1.0).all()
+    assert (bars[FLAG_MISSING] == 1.0).all()
 
 
 def test_weekly_full_history() -> None:
@@ -284,18 +307,21 @@ def test_a_series_with_no_rows_is_zero_bars_not_an_error() -> None:
     assert collected.actions.empty
 
 
-def test_unparsable_values_are_dropped_or_flagged() -> None:
+def test_unparsable_values_are_flagged_as_missing() -> None:
     data = payload(DAILY)
     series = data["Time Series (Daily)"]
     series["2018-08-16"] = {"1. open": "", "2. high": "-", "3. low": "", "4. close": "", "5. volume": ""}
     series["2018-08-15"]["5. volume"] = "n/a"
     collected = parse(json.dumps(data).encode())
-    assert collected.dropped_null_bars == 1
-    assert len(collected.bars) == 99
-    last = collected.bars.iloc[-1]
+    assert len(collected.bars) == 100
+    empty = collected.bars.iloc[-1]
+    assert empty["time"] == pd.Timestamp("2018-08-16", tz="UTC")
+    assert empty[["open", "high", "low", "close", "volume"]].isna().all()
+    assert empty[FLAG_MISSING] == 1.0
+    last = collected.bars.iloc[-2]
     assert last["time"] == pd.Timestamp("2018-08-15", tz="UTC")
     assert np.isnan(last["volume"])
-    assert last[FLAG_PARTIAL_NULL] == 1.0
+    assert last[FLAG_MISSING] == 1.0
 
 
 def test_series_key_variants_are_recognised() -> None:

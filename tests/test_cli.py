@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -100,6 +101,35 @@ def test_splits_and_dividends_are_stored_as_corporate_actions(replay_env: dict[s
     assert sorted(actions.loc[actions["kind"] == "dividend", "amount"]) == sorted(
         d["amount"] for d in events["dividends"].values()
     )
+
+
+def test_data_quality_shows_in_the_summary_and_bad_bars_wait_in_quarantine(replay_env: dict[str, str]) -> None:
+    symbols = "AAPL,BTC-USD,EURUSD=X,OCDO.L"
+    result = marketpipe("run", "--symbols", symbols, "--start", "2020-01-01", "--end", "2020-12-31", env=replay_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
+    # Yahoo's own EURUSD=X 2020 bars: 13 closes outside their high-low range.
+    assert "ohlc_inconsistent=13" in summary["EURUSD=X"]
+    store = DuckDBStore(path=replay_env["MARKETPIPE__STORAGE__DUCKDB__PATH"])
+    quarantined = store.read_quarantine("EURUSD=X")
+    assert len(quarantined) == 13
+    assert set(quarantined["rule"]) == {"ohlc_inconsistent"}
+    assert not set(quarantined["time"]) & set(store.read_bars("EURUSD=X")["time"])
+    shown = marketpipe("query", "--symbol", "EURUSD=X", "--quarantine", "--format", "csv", env=replay_env)
+    assert shown.returncode == 0, shown.stderr
+    rows = pd.read_csv(io.StringIO(shown.stdout))
+    assert len(rows) == 13
+    assert set(rows["reason"]) == {"low/high do not bracket open and close"}
+    # BTC-USD's 4 null rows are dropped (quality.missing: drop) and so are missing sessions of 24/7 trading.
+    assert "missing_dropped=4" in summary["BTC-USD"]
+    assert "BTC-USD: 4 missing of" in result.stdout
+    # Every 2020 NYSE session is in the AAPL payload.
+    assert "AAPL: " not in result.stdout.replace("AAPL: 0", "")
+    assert summary["AAPL"].split("│")[9].strip() == "0"
+    # OCDO.L is quoted in pence and stored in pounds.
+    raw = yahoo_json(REPLAY_FILES["OCDO.L"])["chart"]["result"][0]["indicators"]["quote"][0]["close"]
+    stored = query_csv(replay_env, "OCDO.L")
+    assert stored["close"].iloc[0] == pytest.approx(next(c for c in raw if c is not None) / 100, rel=1e-12)
 
 
 def test_not_found_symbol_fails_alone_with_yahoos_message(replay_env: dict[str, str]) -> None:

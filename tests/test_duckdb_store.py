@@ -149,6 +149,27 @@ def test_corporate_actions_round_trip_and_upsert(store: DuckDBStore) -> None:
     assert store.read_corporate_actions("AAPL", source="files").empty
 
 
+def test_quarantine_keeps_each_rule_apart_with_its_reason_and_upserts(store: DuckDBStore) -> None:
+    bad = frame(n=3).drop(columns=["rsi_14"])
+    rows = pd.concat(
+        [
+            bad.assign(rule="ohlc_inconsistent", reason="low/high do not bracket open and close"),
+            bad.iloc[[0]].assign(rule="negative_volume", reason="volume is negative"),
+        ],
+        ignore_index=True,
+    )
+    assert store.write_quarantine(rows) == 4
+    assert store.write_quarantine(rows) == 4
+    read = store.read_quarantine("BRK-B")
+    assert len(read) == 4
+    assert sorted(read["rule"].unique()) == ["negative_volume", "ohlc_inconsistent"]
+    first = read.loc[read["rule"] == "negative_volume"].iloc[0]
+    assert first["reason"] == "volume is negative"
+    assert first["close"] == bad["close"].iloc[0]
+    assert store.read_bars("BRK-B").empty  # quarantined bars are never bars
+    assert store.read_quarantine("BRK-B", interval="1h").empty
+
+
 def test_health(store: DuckDBStore) -> None:
     store.health()
     assert Path(store.path).exists()

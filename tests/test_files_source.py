@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from configs.settings import ConfigError, SourceSettings
-from tasks.bars import BAR_COLUMNS, FLAG_PARTIAL_NULL, conform
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING, conform
 from tasks.errors import PermanentSourceError
 from tasks.sources.base import BarQuery, Collected, load_source
 from tasks.sources.files import VendorFiles, holds_symbol
@@ -72,16 +72,17 @@ def test_load_source_finds_the_module(tmp_path: Path) -> None:
     assert loaded.name == "files"
 
 
-def test_yahoo_csv_drops_and_counts_null_rows_and_keeps_exact_values(vendor_dir: Path) -> None:
+def test_yahoo_csv_flags_null_rows_and_keeps_exact_values(vendor_dir: Path) -> None:
     expected = [r for r in rows(EURGBP) if r["Close"] != "null"]
     assert len(rows(EURGBP)) == 25
     assert len(expected) == 5
 
     got = collect(vendor_dir, "EURGBP=X")
 
-    assert got.dropped_null_bars == 20
     assert got.requests == 1
-    bars = got.bars
+    assert len(got.bars) == 25
+    assert got.bars[FLAG_MISSING].sum() == 20
+    bars = got.bars.loc[got.bars[FLAG_MISSING] == 0.0]
     assert list(bars.columns[: len(BAR_COLUMNS)]) == list(BAR_COLUMNS)
     assert list(bars["time"]) == [utc(r["Date"]) for r in expected]
     assert list(bars["close"]) == [float(r["Close"]) for r in expected]
@@ -91,7 +92,7 @@ def test_yahoo_csv_drops_and_counts_null_rows_and_keeps_exact_values(vendor_dir:
     assert set(bars["symbol"]) == {"EURGBP=X"}
     assert set(bars["interval"]) == {"1d"}
     assert set(bars["source"]) == {"files"}
-    assert list(bars[FLAG_PARTIAL_NULL]) == [0.0] * 5
+    assert list(bars[FLAG_MISSING]) == [0.0] * 5
     assert str(bars["time"].dtype) == "datetime64[ns, UTC]"
 
 
@@ -104,9 +105,10 @@ def test_partly_null_rows_are_kept_and_flagged(tmp_path: Path) -> None:
         "2020-01-07,,,,,,\n"
     )
     got = collect(tmp_path, "X")
-    assert got.dropped_null_bars == 2
-    assert list(got.bars["close"]) == [1.55, 1.52]
-    assert list(got.bars[FLAG_PARTIAL_NULL]) == [0.0, 1.0]
+    assert len(got.bars) == 4
+    assert list(got.bars["close"])[:2] == [1.55, 1.52]
+    assert got.bars["close"].iloc[2:].isna().all()
+    assert list(got.bars[FLAG_MISSING]) == [0.0, 1.0, 1.0, 1.0]
     assert np.isnan(got.bars["volume"].iloc[1])
 
 
@@ -152,10 +154,10 @@ def test_bad_split_ratio_is_refused(tmp_path: Path, cell: str) -> None:
 def test_bars_and_actions_from_several_files_are_merged(vendor_dir: Path) -> None:
     shutil.copy(EURGBP, vendor_dir / "MSFT.csv")
     got = collect(vendor_dir, "MSFT", window=(date(2019, 9, 1), date(2021, 12, 31)))
-    assert len(got.bars) == 5
+    assert len(got.bars) == 25
+    assert got.bars["close"].notna().sum() == 5
     assert set(got.bars["symbol"]) == {"MSFT"}
     assert len(got.actions) == 4
-    assert got.dropped_null_bars == 20
     assert got.requests == 2
 
 

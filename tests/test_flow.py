@@ -96,7 +96,7 @@ def test_vendor_files_flow_through_the_same_pipeline(
     store = DuckDBStore(path=prefect_env["MARKETPIPE__STORAGE__DUCKDB__PATH"])
     stored = store.read_bars("EURGBP=X", source="files")
     assert len(stored) == rows["EURGBP=X"]["rows_written"] == 5  # 25 rows, 20 of them `null`
-    assert rows["EURGBP=X"]["null_bars_dropped"] == 20
+    assert rows["EURGBP=X"]["dropped"] == {"missing_dropped": 20}
     (split,) = store.read_corporate_actions("NVDA").itertuples()
     assert (split.kind, split.ratio, split.time) == ("split", 4.0, pd.Timestamp("2021-07-20", tz="UTC"))
 

@@ -1,101 +1,179 @@
-"""Each validation rule against a crafted bad frame: the bad bar is rejected, named and counted."""
+"""The processing pipeline: quarantine, the missing-value policy, adjusted prices, returns and units."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from configs.settings import default_indicators
-from tasks.bars import conform
-from tasks.processing import process, validate_bars
+from configs.settings import QualitySettings, default_indicators
+from tasks.adjust import add_adjusted_prices, add_returns
+from tasks.bars import conform, flag_missing
+from tasks.missing import FLAG_FILLED, apply_missing_policy
+from tasks.processing import Processed, process
 from tasks.sources.base import Collected
+from tasks.sources.yahoo_finance import parse_chart_result
+from tests.conftest import yahoo_json
+
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
 
-def bars(n: int = 5, **overrides: list[float]) -> pd.DataFrame:
+def bars(n: int = 40, **overrides: object) -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    close = 100 * np.cumprod(1 + rng.normal(0, 0.01, n))
     data: dict[str, object] = {
-        "time": pd.date_range("2024-01-01", periods=n, freq="D", tz="UTC"),
+        "time": pd.bdate_range("2024-01-02", periods=n, tz="UTC"),
         "symbol": "TEST",
         "interval": "1d",
         "source": "test",
-        "open": [10.0] * n,
-        "high": [11.0] * n,
-        "low": [9.0] * n,
-        "close": [10.5] * n,
-        "adj_close": [10.5] * n,
-        "volume": [1000.0] * n,
+        "open": close * 0.999,
+        "high": close * 1.01,
+        "low": close * 0.99,
+        "close": close,
+        "adj_close": close * 0.98,
+        "volume": np.full(n, 1000.0),
     }
     data.update(overrides)
-    return conform(pd.DataFrame(data))
+    return flag_missing(conform(pd.DataFrame(data)))
 
 
-def test_clean_bars_pass_untouched() -> None:
-    result = validate_bars(bars())
-    assert len(result.clean) == 5
-    assert result.rejected.empty
-    assert result.counts == {}
+def run(frame: pd.DataFrame, history: pd.DataFrame | None = None, **quality: Any) -> Processed:
+    return process(Collected(frame), "TEST", "1d", QualitySettings(**quality), default_indicators(), history, NOW)
 
 
-@pytest.mark.parametrize(
-    ("column", "value", "rule"),
-    [
-        ("low", 10.2, "ohlc_inconsistent"),  # low above open
-        ("high", 10.4, "ohlc_inconsistent"),  # high below close
-        ("open", 12.0, "ohlc_inconsistent"),  # open above high
-        ("close", 8.0, "ohlc_inconsistent"),  # close below low
-        ("adj_close", 0.0, "non_positive_price"),
-        ("volume", -5.0, "negative_volume"),
-    ],
-)
-def test_each_rule_rejects_the_bad_bar_only(column: str, value: float, rule: str) -> None:
+def test_quarantined_bars_are_counted_kept_and_never_stored_as_clean() -> None:
     frame = bars()
-    frame.loc[2, column] = value
-    result = validate_bars(frame)
-    assert result.counts == {rule: 1}
-    assert len(result.clean) == 4
-    assert frame["time"].iloc[2] not in set(result.clean["time"])
-    rejected = result.rejected.iloc[0]
-    assert rejected["rule"] == rule
-    assert rejected["reason"]
-    assert rejected["time"] == frame["time"].iloc[2]
-
-
-def test_inverted_high_low_is_rejected() -> None:
-    frame = bars(low=[9, 9, 12, 9, 9], high=[11, 11, 8, 11, 11], open=[10] * 5, close=[10] * 5)
-    assert validate_bars(frame).counts == {"ohlc_inconsistent": 1}
-
-
-def test_duplicates_keep_the_last_bar_received() -> None:
-    frame = bars(3)
-    later = frame.iloc[[1]].assign(close=10.75)
-    result = validate_bars(pd.concat([frame, later], ignore_index=True))
-    assert result.counts == {"duplicate_time": 1}
-    assert result.clean["close"].tolist() == [10.5, 10.75, 10.5]
-    assert result.rejected["close"].tolist() == [10.5]
-
-
-def test_out_of_order_bars_come_out_strictly_increasing() -> None:
-    frame = bars(6).iloc[[3, 0, 5, 1, 4, 2]]
-    clean = validate_bars(frame).clean
-    assert clean["time"].is_monotonic_increasing
-    assert clean["time"].is_unique
-    assert len(clean) == 6
-
-
-def test_partly_null_bars_are_not_rejected_by_consistency_checks() -> None:
-    frame = bars()
-    frame.loc[1, ["open", "high"]] = np.nan
-    assert validate_bars(frame).counts == {}
-
-
-def test_process_counts_rejections_and_stores_no_bad_bar() -> None:
-    frame = bars(40)
-    frame.loc[[3, 7], "low"] = 20.0
-    processed = process(Collected(frame, dropped_null_bars=2), default_indicators())
+    frame.loc[[3, 7], "low"] = 500.0
+    processed = process(Collected(frame), "TEST", "1d", QualitySettings(), default_indicators(), now=NOW)
     assert processed.rejected == {"ohlc_inconsistent": 2}
     assert processed.collected == 40
-    assert processed.dropped_null_bars == 2
     assert len(processed.bars) == 38
+    assert set(processed.quarantined["time"]) == {frame["time"].iloc[3], frame["time"].iloc[7]}
+    assert set(processed.quarantined["rule"]) == {"ohlc_inconsistent"}
+    assert not set(processed.quarantined["time"]) & set(processed.bars["time"])
     assert (processed.bars["low"] <= processed.bars[["open", "close"]].min(axis=1)).all()
-    assert "rsi_14" in processed.bars
-    assert "obv" in processed.bars
+
+
+def missing_frame() -> pd.DataFrame:
+    frame = bars(10)
+    frame.loc[4, ["open", "high", "low", "close", "adj_close", "volume"]] = np.nan  # a Yahoo null row
+    frame.loc[6, "open"] = np.nan  # a partly empty bar
+    return flag_missing(frame)
+
+
+def test_missing_policy_drop_drops_and_counts() -> None:
+    frame, counts = apply_missing_policy(missing_frame(), "drop")
+    assert counts == {"missing_dropped": 2}
+    assert len(frame) == 8
+    assert not frame[["open", "high", "low", "close"]].isna().any().any()
+
+
+def test_missing_policy_ffill_carries_the_last_close_and_flags() -> None:
+    source = missing_frame()
+    frame, counts = apply_missing_policy(source, "ffill")
+    assert counts == {"missing_filled": 2}
+    assert len(frame) == 10
+    carried = source["close"].iloc[3]
+    empty = frame.iloc[4]
+    assert [empty["open"], empty["high"], empty["low"], empty["close"]] == [carried] * 4
+    assert empty["volume"] == 0.0
+    # The adjustment factor of the bar before carries over.
+    assert empty["adj_close"] == pytest.approx(carried * 0.98, rel=1e-12)
+    partly = frame.iloc[6]
+    assert partly["open"] == frame["close"].iloc[5]  # the previous close
+    assert partly["close"] == source["close"].iloc[6]  # what the source sent is untouched
+    assert partly["volume"] == 1000.0
+    assert frame[FLAG_FILLED].tolist() == [1.0 if i in (4, 6) else 0.0 for i in range(10)]
+    assert frame["flag_missing"].tolist() == [1.0 if i in (4, 6) else 0.0 for i in range(10)]
+
+
+def test_missing_policy_ffill_cannot_fill_the_first_bar_ever_and_says_so() -> None:
+    frame = bars(5)
+    frame.loc[0, ["open", "high", "low", "close"]] = np.nan
+    filled, counts = apply_missing_policy(frame, "ffill")
+    assert counts == {"missing_dropped": 1}
+    assert len(filled) == 4
+
+
+def test_missing_policy_ffill_uses_stored_history_for_the_first_new_bar() -> None:
+    frame = bars(6)
+    frame.loc[3, ["open", "high", "low", "close"]] = np.nan
+    filled, counts = apply_missing_policy(frame, "ffill", start=3)
+    assert counts == {"missing_filled": 1}
+    assert filled["close"].iloc[3] == frame["close"].iloc[2]
+
+
+def test_missing_policy_keep_keeps_nan_and_indicators_skip_the_bar() -> None:
+    source = missing_frame()
+    processed = run(source, missing="keep")
+    assert processed.dropped == {}
+    out: pd.DataFrame = processed.bars
+    assert len(out) == 10
+    assert np.isnan(out["close"].iloc[4])
+    assert np.isnan(out["sma_20"].iloc[4])
+    assert processed.flagged == {"missing": 2}
+
+
+def test_the_default_policy_drops_and_the_summary_counts() -> None:
+    processed = run(missing_frame())
+    assert processed.dropped == {"missing_dropped": 2}
+    assert len(processed.bars) == 8
+
+
+def test_adjusted_prices_share_the_close_factor() -> None:
+    frame = add_adjusted_prices(bars(5))
+    for column in ("open", "high", "low"):
+        np.testing.assert_allclose(frame[f"adj_{column}"], frame[column] * 0.98, rtol=1e-15)
+
+
+def test_adjusted_prices_are_nan_without_an_adj_close() -> None:
+    frame = add_adjusted_prices(bars(5, adj_close=np.nan))
+    assert frame[["adj_open", "adj_high", "adj_low"]].isna().all().all()
+
+
+def test_returns_are_on_adj_close_and_the_first_bar_has_none() -> None:
+    frame = add_returns(bars(5))
+    adj = frame["adj_close"].to_numpy()
+    assert np.isnan(frame["return_1"].iloc[0])
+    assert np.isnan(frame["log_return_1"].iloc[0])
+    np.testing.assert_allclose(frame["return_1"].iloc[1:], adj[1:] / adj[:-1] - 1, rtol=1e-12)
+    np.testing.assert_allclose(frame["log_return_1"].iloc[1:], np.log(adj[1:] / adj[:-1]), rtol=1e-12)
+
+
+def test_returns_fall_back_to_close_without_adj_close() -> None:
+    frame = add_returns(bars(3, adj_close=np.nan))
+    close = frame["close"].to_numpy()
+    assert frame["return_1"].iloc[2] == pytest.approx(close[2] / close[1] - 1, rel=1e-12)
+
+
+def test_incremental_returns_use_the_stored_previous_bar() -> None:
+    whole = bars(30)
+    full = run(whole)
+    incremental = run(whole.iloc[25:].reset_index(drop=True), history=full.bars.iloc[:25])
+    np.testing.assert_allclose(
+        incremental.bars["return_1"],
+        full.bars["return_1"].iloc[25:],
+        rtol=1e-12,
+    )
+
+
+def test_pence_are_stored_as_pounds_and_the_summary_names_the_currency() -> None:
+    result = yahoo_json("yahoo-finance2_chart_OCDO.L_2020_full_year_1d_London.json")["chart"]["result"][0]
+    collected = parse_chart_result(result, "OCDO.L", "1d")
+    processed = process(collected, "OCDO.L", "1d", QualitySettings(), default_indicators(), now=NOW)
+    assert processed.currency == "GBP"
+    raw = collected.bars.set_index("time")["close"]
+    stored = processed.bars.set_index("time")["close"]
+    np.testing.assert_allclose(stored, raw.loc[stored.index] / 100, rtol=1e-15)
+
+
+def test_every_stored_column_is_float64_and_times_are_utc() -> None:
+    out = run(bars()).bars
+    assert str(out["time"].dtype) == "datetime64[ns, UTC]"
+    values = out.drop(columns=["time", "symbol", "interval", "source"])
+    assert set(values.dtypes.astype(str)) == {"float64"}
+    for column in ("adj_open", "adj_high", "adj_low", "return_1", "log_return_1", "flag_missing", "flag_filled"):
+        assert column in out

@@ -129,3 +129,13 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 def test_unknown_source_says_how_to_add_it() -> None:
     with pytest.raises(ConfigError, match=r"data_sources\.polygon"):
         load_settings().source("polygon")
+
+
+def test_a_calendar_override_is_checked_and_resolved_when_the_config_is_read(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("data_sources: {}\nquality:\n  calendars: {sap.de: xetr, spy: NYSE}\n")
+    assert load_settings(str(good)).quality.calendars == {"SAP.DE": "XETR", "SPY": "XNYS"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data_sources: {}\nquality:\n  calendars: {SPY: NYSEE}\n")
+    with pytest.raises(ConfigError, match=r"quality\.calendars.*NYSEE"):
+        load_settings(str(bad))

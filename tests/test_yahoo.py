@@ -51,9 +51,9 @@ def test_every_captured_payload_parses_to_its_bars(name: str) -> None:
     all_null = [all(quote.get(f, [None] * len(timestamps))[i] is None for f in fields) for i in range(len(timestamps))]
     live = [i == len(timestamps) - 1 and ts == meta.get("regularMarketTime") for i, ts in enumerate(timestamps)]
     assert collected.live_bars_skipped == sum(live)
-    assert collected.dropped_null_bars == sum(n and not lv for n, lv in zip(all_null, live, strict=True))
-    kept = [i for i in range(len(timestamps)) if not all_null[i] and not live[i]]
+    kept = [i for i in range(len(timestamps)) if not live[i]]
     assert len(bars) == len(kept)
+    assert bars["flag_missing"].sum() >= sum(all_null[i] for i in kept)
     for field in fields:
         expected = np.array([quote[field][i] for i in kept], dtype=float)
         np.testing.assert_array_equal(bars[field].to_numpy(), expected)
@@ -84,23 +84,24 @@ def test_daily_bars_are_stamped_at_midnight_utc_of_the_exchange_date() -> None:
     ],
 )
 def test_non_us_daily_bars_take_their_local_trading_date(name: str, symbol: str, zone: str) -> None:
-    timestamps, quote, _ = payload_quote(name)
+    timestamps, _, _ = payload_quote(name)
     bars = parse(name, symbol).bars
     live = yahoo_json(name)["chart"]["result"][0]["meta"].get("regularMarketTime")
     expected = {
         pd.Timestamp(pd.Timestamp(ts, unit="s", tz="UTC").tz_convert(ZoneInfo(zone)).date(), tz="UTC")
-        for ts, close in zip(timestamps, quote["close"], strict=True)
-        if close is not None and ts != live
+        for ts in timestamps
+        if ts != live
     }
     assert set(bars["time"]) == expected
 
 
-def test_all_null_bars_are_dropped_and_counted() -> None:
-    collected = parse("yahoo-finance2_chart_BTC-USD_2020_full_year_1d_with_nulls.json", "BTC-USD")
-    assert collected.dropped_null_bars == 4
-    assert len(collected.bars) == 366
-    assert pd.Timestamp("2020-04-17", tz="UTC") not in set(collected.bars["time"])
-    assert not collected.bars[["open", "high", "low", "close"]].isna().any().any()
+def test_all_null_bars_are_kept_and_flagged_for_the_missing_value_policy() -> None:
+    bars = parse("yahoo-finance2_chart_BTC-USD_2020_full_year_1d_with_nulls.json", "BTC-USD").bars
+    empty = bars[["open", "high", "low", "close", "volume"]].isna().all(axis=1)
+    assert len(bars) == 370
+    assert int(empty.sum()) == 4
+    assert pd.Timestamp("2020-04-17", tz="UTC") in set(bars.loc[empty, "time"])
+    assert bars["flag_missing"].tolist() == empty.astype(float).tolist()
 
 
 @pytest.mark.parametrize(
@@ -113,7 +114,6 @@ def test_all_null_bars_are_dropped_and_counted() -> None:
 def test_a_result_without_timestamps_is_zero_bars(name: str) -> None:
     collected = parse(name, "X", interval="1h")
     assert collected.bars.empty
-    assert collected.dropped_null_bars == 0
 
 
 def test_intraday_bars_keep_their_start_instant() -> None:
@@ -221,7 +221,7 @@ def test_partly_null_bars_are_kept_and_flagged() -> None:
     source = YahooFinance(SETTINGS)
     bars = source.parse(BarQuery("AAPL", "1d", *WIDE), httpx.Response(200, json=body)).bars
     assert len(bars) == 49
-    assert bars["flag_partial_null"].tolist() == [1.0 if i in (3, 5) else 0.0 for i in range(49)]
+    assert bars["flag_missing"].tolist() == [1.0 if i in (3, 5) else 0.0 for i in range(49)]
 
 
 def test_splits_and_dividends_become_corporate_actions() -> None:

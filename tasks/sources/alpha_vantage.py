@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import ConfigError
-from tasks.bars import OHLCV, conform, conform_actions, drop_null_bars, empty_bars, is_daily_or_longer
+from tasks.bars import OHLCV, conform, conform_actions, empty_bars, flag_missing, is_daily_or_longer
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
@@ -109,11 +109,11 @@ class AlphaVantage(HttpSource):
         frame = values.reset_index(drop=True).assign(
             time=times, symbol=query.symbol, interval=query.interval, source=self.name
         )
-        frame = frame.loc[_in_window(frame["time"], query)].sort_values("time", kind="stable").reset_index(drop=True)
-        bars, dropped = drop_null_bars(frame[["time", "symbol", "interval", "source", *OHLCV, "adj_close"]])
+        frame = _split_adjusted(frame.sort_values("time", kind="stable").reset_index(drop=True))
+        frame = frame.loc[_in_window(frame["time"], query)].reset_index(drop=True)
+        bars = flag_missing(frame[["time", "symbol", "interval", "source", *OHLCV, "adj_close"]])
         return Collected(
             conform(bars),
-            dropped_null_bars=dropped,
             actions=_actions(frame, query.symbol, self.name),
             meta=public_meta,
         )
@@ -337,6 +337,23 @@ def _actions(frame: pd.DataFrame, symbol: str, source: str) -> pd.DataFrame:
             rows.append({"time": bar.time, "kind": "split", "ratio": bar.split, "amount": np.nan})
     actions = pd.DataFrame(rows, columns=["time", "kind", "ratio", "amount"])
     return conform_actions(actions.assign(symbol=symbol, source=source))
+
+
+def _split_adjusted(frame: pd.DataFrame) -> pd.DataFrame:
+    """Raw OHLCV restated in today's shares, as Yahoo serves it, from the series' own split coefficients.
+
+    An adjusted series reports raw prices plus a ``split coefficient`` on each split's date; every
+    earlier bar's prices are divided by the product of the later coefficients and its volume
+    multiplied by it. Series without coefficients (TIME_SERIES_DAILY) are left raw: AV gives no way
+    to adjust them. Computed over the whole response, so a window's bars know about later splits.
+    """
+    splits = frame["split"].where(frame["split"] > 0).fillna(1.0).to_numpy()
+    if (splits == 1.0).all():
+        return frame
+    later = np.append(np.cumprod(splits[::-1])[::-1][1:], 1.0)
+    frame[["open", "high", "low", "close"]] = frame[["open", "high", "low", "close"]].div(later, axis=0)
+    frame["volume"] = frame["volume"] * later
+    return frame
 
 
 def _public_meta(meta: dict[str, Any]) -> dict[str, object]:

@@ -60,7 +60,6 @@ class Collected:
     """Bars and corporate actions from one source for one query, plus what was noticed on the way."""
 
     bars: pd.DataFrame
-    dropped_null_bars: int = 0
     actions: pd.DataFrame = field(default_factory=empty_actions)
     live_bars_skipped: int = 0
     requests: int = 0
@@ -86,7 +85,6 @@ class Collected:
             meta.update(part.meta)
         return Collected(
             bars,
-            sum(p.dropped_null_bars for p in parts),
             merged_actions,
             sum(p.live_bars_skipped for p in parts),
             sum(p.requests for p in parts),

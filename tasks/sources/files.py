@@ -38,8 +38,8 @@ from tasks.bars import (
     VALUE_COLUMNS,
     conform,
     conform_actions,
-    drop_null_bars,
     empty_bars,
+    flag_missing,
     is_daily_or_longer,
 )
 from tasks.errors import PermanentSourceError
@@ -152,7 +152,7 @@ def parse_frame(query: BarQuery, frame: pd.DataFrame, source: str) -> Collected:
 
 
 def parse_bars(query: BarQuery, frame: pd.DataFrame, source: str) -> Collected:
-    """Standard bars for the query; all-null bars are dropped and counted, partly null ones flagged."""
+    """Standard bars for the query; bars with missing values are flagged for the missing-value policy."""
     frame = rows_for(query, frame)
     time_column = "time" if "time" in frame.columns else "date"
     bars = pd.DataFrame(
@@ -166,9 +166,9 @@ def parse_bars(query: BarQuery, frame: pd.DataFrame, source: str) -> Collected:
         index=frame.index,
     )
     bars = within(bars, query)
-    bars, dropped = drop_null_bars(bars.sort_values("time", kind="stable"))
+    bars = flag_missing(bars.sort_values("time", kind="stable").reset_index(drop=True))
     refuse_clashes(bars, query.interval)
-    return Collected(conform(bars), dropped_null_bars=dropped)
+    return Collected(conform(bars))
 
 
 def rows_for(query: BarQuery, frame: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tasks.bars import OHLCV, PRICE_COLUMNS, conform, conform_actions, drop_null_bars, empty_bars, is_daily_or_longer
+from tasks.bars import OHLCV, PRICE_COLUMNS, conform, conform_actions, empty_bars, flag_missing, is_daily_or_longer
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
@@ -149,9 +149,10 @@ def _chart_result(source: str, query: BarQuery, response: httpx.Response, payloa
 def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, source: str = "yahoo_finance") -> Collected:
     """One ``chart.result[0]`` object to standard bars and corporate actions.
 
-    No ``timestamp`` key means zero bars. Bars with every value null are dropped and counted;
-    partly null bars are kept and flagged. The live, still-forming last bar (its timestamp is
-    ``meta.regularMarketTime``) is skipped: the next run's overlap collects it once final.
+    No ``timestamp`` key means zero bars. Null rows and partly null bars are kept and flagged
+    (``flag_missing``); the missing-value policy decides what to do with them. The live,
+    still-forming last bar (its timestamp is ``meta.regularMarketTime``) is skipped: the next
+    run's overlap collects it once final.
     """
     meta = result.get("meta") or {}
     zone = _exchange_zone(meta)
@@ -182,10 +183,8 @@ def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, sourc
     live = np.zeros(n, dtype=bool)
     if meta.get("regularMarketTime") is not None:
         live[-1] = raw[-1] == meta["regularMarketTime"]
-    bars, dropped = drop_null_bars(frame.loc[~live])
     return Collected(
-        conform(bars),
-        dropped_null_bars=dropped,
+        conform(flag_missing(frame.loc[~live].reset_index(drop=True))),
         actions=actions,
         live_bars_skipped=int(live.sum()),
         meta=_public_meta(meta),

@@ -1,0 +1,276 @@
+"""Calendar-aware gap detection: which trading sessions have no bar at all.
+
+A bare "no bar for two days" check cries wolf every weekend and holiday, so expected sessions come
+from ``exchange_calendars``: the symbol's exchange (Yahoo's ``meta.exchangeName``) picks the
+calendar, crypto trades on "24/7" and FX on "24/5", and a config override beats both. Holidays are
+never written down here; the calendar library owns them.
+
+Session dates: a daily bar's UTC date is its session (bars are stamped 00:00 UTC of the trading
+date); an intraday bar belongs to the date of its instant in the calendar's time zone, so a
+19:30 New York post-market bar (23:30 UTC) stays on that day's session.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from functools import lru_cache
+from types import MappingProxyType
+from typing import Any
+
+import exchange_calendars as xc
+import numpy as np
+import pandas as pd
+
+from configs.settings import trading_calendar_name
+from tasks.bars import is_daily_or_longer
+from tasks.errors import UsageError
+
+# Bars spanning several sessions can't miss a single one; checking them would only mislead.
+UNCHECKED_INTERVALS: frozenset[str] = frozenset({"5d", "1wk", "1mo", "3mo"})
+
+CRYPTO = "24/7"
+FX = "24/5"
+
+INSTRUMENT_CALENDARS: Mapping[str, str] = MappingProxyType({"CRYPTOCURRENCY": CRYPTO, "CURRENCY": FX})
+
+# Yahoo ``meta.exchangeName`` codes to exchange_calendars names (ISO MICs where one exists).
+# US index feeds (SNP, DJI, NIM, WCB) and OTC venues follow the NYSE holiday schedule.
+YAHOO_EXCHANGES: Mapping[str, str] = MappingProxyType(
+    {
+        **dict.fromkeys(
+            ("NMS", "NGM", "NCM", "NAS", "NIM", "NYQ", "NYS", "PCX", "ASE", "BTS", "PNK", "OQX", "OQB", "OEM"),
+            "XNYS",
+        ),
+        **dict.fromkeys(("SNP", "DJI", "WCB"), "XNYS"),
+        **dict.fromkeys(("CMX", "NYM", "CME", "CBT"), "CMES"),
+        **dict.fromkeys(("TOR", "VAN"), "XTSE"),
+        **dict.fromkeys(("LSE", "IOB", "FGI"), "XLON"),
+        **dict.fromkeys(("KSC", "KOE"), "XKRX"),
+        **dict.fromkeys(("JPX", "TYO"), "XTKS"),
+        "GER": "XETR",  # Xetra, Deutsche Boerse's electronic venue
+        "FRA": "XFRA",
+        "DUS": "XDUS",
+        "HAM": "XHAM",
+        "STU": "XSTU",
+        "PAR": "XPAR",
+        "AMS": "XAMS",
+        "BRU": "XBRU",
+        "LIS": "XLIS",
+        "ISE": "XDUB",
+        "MCE": "XMAD",
+        "MIL": "XMIL",
+        "EBS": "XSWX",
+        "VIE": "XWBO",
+        "STO": "XSTO",
+        "CPH": "XCSE",
+        "HEL": "XHEL",
+        "OSL": "XOSL",
+        "ICE": "XICE",
+        "ATH": "ASEX",
+        "IST": "XIST",
+        "WSE": "XWAR",
+        "PRA": "XPRA",
+        "BUD": "XBUD",
+        "BVB": "XBSE",
+        "TLV": "XTAE",
+        "JNB": "XJSE",
+        "SAO": "BVMF",
+        "MEX": "XMEX",
+        "BUE": "XBUE",
+        "SGO": "XSGO",
+        "HKG": "XHKG",
+        "SHH": "XSHG",
+        "TAI": "XTAI",
+        "SES": "XSES",
+        "KLS": "XKLS",
+        "SET": "XBKK",
+        "PHS": "XPHS",
+        "JKT": "XIDX",
+        "BSE": "XBOM",
+        "ASX": "XASX",
+        "NZE": "XNZE",
+        "SAU": "XSAU",
+        "CCC": CRYPTO,
+        "CCY": FX,
+    }
+)
+
+# Alpha Vantage sends no exchange, only a market suffix on the symbol.
+ALPHA_VANTAGE_SUFFIXES: Mapping[str, str] = MappingProxyType({".LON": "XLON", ".TRT": "XTSE", ".DEX": "XETR"})
+
+# A US ticker: letters only, at most one share-class letter (BRK-B, BRK.B). Yahoo's one-letter
+# market suffixes (London .L, Frankfurt .F, TSX Venture .V, Tokyo .T) look the same and are refused.
+US_TICKER = re.compile(r"^[A-Z]{1,5}(?:[.-][A-Z])?$")
+YAHOO_ONE_LETTER_SUFFIXES: frozenset[str] = frozenset({".L", ".F", ".V", ".T"})
+
+DESCRIBED_RUNS = 10  # a log line listing hundreds of gaps helps nobody
+
+
+def calendar_for(symbol: str, meta: Mapping[str, object], override: str | None = None) -> str | None:
+    """The exchange_calendars name for a symbol, or None when it can't be known (gap detection is then skipped)."""
+    if override is not None:
+        return _checked_override(override)
+    instrument = meta.get("instrumentType")
+    if isinstance(instrument, str) and instrument in INSTRUMENT_CALENDARS:
+        return INSTRUMENT_CALENDARS[instrument]
+    exchange = meta.get("exchangeName")
+    if isinstance(exchange, str) and exchange:
+        return YAHOO_EXCHANGES.get(exchange)
+    return _calendar_from_symbol(symbol.strip().upper())
+
+
+def _checked_override(override: str) -> str:
+    try:
+        return trading_calendar_name(override)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _calendar_from_symbol(symbol: str) -> str | None:
+    """Guess from the symbol's shape when the source named no exchange."""
+    if symbol.endswith("=X"):
+        return FX
+    for suffix, name in ALPHA_VANTAGE_SUFFIXES.items():
+        if symbol.endswith(suffix):
+            return name
+    if US_TICKER.fullmatch(symbol) and symbol[-2:] not in YAHOO_ONE_LETTER_SUFFIXES:
+        return "XNYS"
+    return None
+
+
+@dataclass(frozen=True)
+class SessionGaps:
+    """Missing sessions of one series, as runs so a week-long outage reads as one line."""
+
+    calendar: str
+    expected: int  # sessions the calendar has in the checked span
+    missing: tuple[tuple[date, date], ...]  # runs of consecutive missing sessions, first..last (inclusive)
+    # Sessions in each run; a Fri..Mon run is 2 sessions but 4 calendar days. Derived from the
+    # calendar when not given.
+    run_sessions: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(self.run_sessions) == len(self.missing):
+            return
+        if self.run_sessions:
+            raise ValueError(f"{len(self.run_sessions)} session counts given for {len(self.missing)} runs")
+        object.__setattr__(self, "run_sessions", tuple(_sessions_between(self.calendar, a, b) for a, b in self.missing))
+
+    @property
+    def count(self) -> int:
+        return sum(self.run_sessions)
+
+    def describe(self) -> str:
+        """One log line: how many sessions are missing, and where."""
+        of = f"of {self.expected} {self.calendar} sessions"
+        if not self.missing:
+            return f"none missing {of}"
+        shown = ", ".join(_run_text(first, last) for first, last in self.missing[:DESCRIBED_RUNS])
+        hidden = len(self.missing) - DESCRIBED_RUNS
+        more = f", and {hidden} more runs" if hidden > 0 else ""
+        return f"{self.count} missing {of}: {shown}{more}"
+
+
+def _run_text(first: date, last: date) -> str:
+    return first.isoformat() if first == last else f"{first.isoformat()}..{last.isoformat()}"
+
+
+def missing_sessions(
+    times: pd.Series, interval: str, calendar: str, since: pd.Timestamp | None = None
+) -> SessionGaps | None:
+    """Expected sessions with no bar, from the first bar's session (or ``since``'s, if earlier) to the last's.
+
+    ``since`` is the last stored bar's time: it counts as present, so the seam between stored and
+    new bars is checked too. Returns None for intervals longer than a day, for no bars, and when
+    the span lies outside the years the calendar can provide (e.g. XBOM only records holidays
+    through 2026): an unknowable answer is better skipped than guessed.
+    """
+    if interval in UNCHECKED_INTERVALS:
+        return None
+    stamps = _utc(pd.DatetimeIndex(times.dropna()))
+    if stamps.empty:
+        return None
+    name = str(xc.resolve_alias(calendar))
+    zone = "UTC" if is_daily_or_longer(interval) else _calendar_zone(name)
+    present = _session_dates(stamps, zone)
+    last = present.max()
+    if since is not None:
+        present = pd.DatetimeIndex(present.append(_session_dates(_utc(pd.DatetimeIndex([since])), zone)))
+    first = present.min()
+    cal = _calendar_covering(name, first, last)
+    if cal is None:
+        return None
+    # A bar on a day that is no session (a holiday the source still served) may lie before the
+    # calendar's first session or after its last: clamp, the bar itself is simply not expected.
+    sessions = pd.DatetimeIndex(cal.sessions_in_range(max(first, cal.first_session), min(last, cal.last_session)))
+    runs = _missing_runs(sessions, present)
+    return SessionGaps(
+        calendar=name,
+        expected=len(sessions),
+        missing=tuple((sessions[a].date(), sessions[b].date()) for a, b in runs),
+        run_sessions=tuple(b - a + 1 for a, b in runs),
+    )
+
+
+def _utc(stamps: pd.DatetimeIndex) -> pd.DatetimeIndex:
+    """Bar times are UTC by contract; a naive stamp is read as UTC rather than refused."""
+    return stamps.tz_localize("UTC") if stamps.tz is None else stamps.tz_convert("UTC")
+
+
+def _session_dates(stamps: pd.DatetimeIndex, zone: str) -> pd.DatetimeIndex:
+    """Naive midnights, the form exchange_calendars uses for session labels."""
+    return stamps.tz_convert(zone).tz_localize(None).normalize().unique()
+
+
+def _missing_runs(sessions: pd.DatetimeIndex, present: pd.DatetimeIndex) -> list[tuple[int, int]]:
+    """(first, last) positions in ``sessions`` of each run of consecutive sessions with no bar."""
+    gaps = np.flatnonzero(~sessions.isin(present))
+    if gaps.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(gaps) != 1)
+    starts = np.concatenate(([gaps[0]], gaps[breaks + 1]))
+    ends = np.concatenate((gaps[breaks], [gaps[-1]]))
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def _sessions_between(calendar: str, first: date, last: date) -> int:
+    cal = _calendar_covering(calendar, pd.Timestamp(first), pd.Timestamp(last))
+    if cal is None:
+        raise ValueError(f"calendar {calendar} can't provide sessions for {first}..{last}")
+    return len(cal.sessions_in_range(pd.Timestamp(first), pd.Timestamp(last)))
+
+
+def _calendar_covering(name: str, first: pd.Timestamp, last: pd.Timestamp) -> Any:
+    """A calendar spanning whole years around [first, last], or None if the library can't reach them."""
+    lowest, highest = _bounds(name)
+    if (lowest is not None and first < lowest) or (highest is not None and last > highest):
+        return None
+    return _calendar(name, first.year, last.year)
+
+
+@lru_cache(maxsize=64)
+def _calendar(name: str, first_year: int, last_year: int) -> Any:
+    """Whole years, so runs over the same years share one construction (the slow part)."""
+    lowest, highest = _bounds(name)
+    start = pd.Timestamp(first_year, 1, 1)
+    end = pd.Timestamp(last_year, 12, 31)
+    if lowest is not None:
+        start = max(start, lowest)
+    if highest is not None:
+        end = min(end, highest)
+    return xc.get_calendar(name, start=start, end=end)
+
+
+@lru_cache(maxsize=64)
+def _bounds(name: str) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
+    """The earliest and latest dates the calendar class can be built for (None: unbounded)."""
+    cls = type(xc.get_calendar(name))
+    return cls.bound_min(), cls.bound_max()
+
+
+@lru_cache(maxsize=64)
+def _calendar_zone(name: str) -> str:
+    return str(xc.get_calendar(name).tz)
