@@ -75,6 +75,16 @@ def empty_bars() -> pd.DataFrame:
     return conform(pd.DataFrame({column: [] for column in BAR_COLUMNS})).assign(**{FLAG_MISSING: np.float64()})
 
 
+def is_conformed(frame: pd.DataFrame) -> bool:
+    """Already in the standard column order and dtypes, as :func:`conform` leaves a frame."""
+    return (
+        tuple(frame.columns[: len(BAR_COLUMNS)]) == BAR_COLUMNS
+        and str(frame[TIME].dtype) == "datetime64[ns, UTC]"
+        and all(frame[c].dtype == np.float64 for c in VALUE_COLUMNS)
+        and all(frame[c].dtype == object for c in TAG_COLUMNS)
+    )
+
+
 def conform(frame: pd.DataFrame) -> pd.DataFrame:
     """Cast a frame to the standard dtypes and column order; extra columns keep their place after."""
     missing = [c for c in BAR_COLUMNS if c not in frame.columns]

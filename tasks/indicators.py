@@ -62,10 +62,9 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
     for spec in specs:
         needs = INPUTS.get(type(spec), ("close",))
         if needs not in subsets:
-            complete = bars[list(needs)].notna().all(axis=1).to_numpy()
+            complete = np.logical_and.reduce([bars[c].notna().to_numpy() for c in needs])
             whole = bool(complete.all())
-            usable = bars if whole else bars.loc[complete]
-            subsets[needs] = (usable[list(needs)].reset_index(drop=True), None if whole else complete)
+            subsets[needs] = (bars, None) if whole else (bars.loc[complete, list(needs)], complete)
         usable, mask = subsets[needs]
         for column, values in zip(spec.columns, _COMPUTE[type(spec)](usable, spec), strict=True):
             if mask is None:

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tasks.bars import BAR_COLUMNS, INTERVALS, PRICE_COLUMNS, VALUE_COLUMNS, conform, is_daily_or_longer
+from tasks.bars import BAR_COLUMNS, INTERVALS, PRICE_COLUMNS, VALUE_COLUMNS, conform, is_conformed, is_daily_or_longer
 
 # Sources round prices independently, so allow a relative slack of a few ulps-of-cents.
 OHLC_TOLERANCE = 1e-9
@@ -43,6 +43,8 @@ RULES: dict[str, str] = {
     "non_positive_price": "a price is zero or negative",
     "negative_volume": "volume is negative",
 }
+RULE_NAMES: tuple[str, ...] = tuple(RULES)
+RULE_CODES: dict[str, int] = {name: code for code, name in enumerate(RULE_NAMES, start=1)}
 # The columns a quarantined bar keeps besides its values: why it was set aside.
 QUARANTINE_COLUMNS: tuple[str, ...] = ("rule", "reason")
 
@@ -66,34 +68,43 @@ def validate_bars(bars: pd.DataFrame, now: datetime | None = None) -> Validated:
         raise MissingColumnsError(
             f"bars are missing required columns {', '.join(missing)}: the source must deliver {', '.join(BAR_COLUMNS)}"
         )
-    times = pd.to_datetime(bars["time"], utc=True, errors="coerce")
-    unparseable = _unparseable(bars) | times.isna().to_numpy()
-    frame = conform(bars.assign(time=times))
+    unparseable: npt.NDArray[np.bool_]
+    if is_conformed(bars):  # what every source delivers: no cast, no copy
+        frame, unparseable = bars, bars["time"].isna().to_numpy()
+    else:
+        times = pd.to_datetime(bars["time"], utc=True, errors="coerce")
+        unparseable = _unparseable(bars) | times.isna().to_numpy()
+        frame = conform(bars.assign(time=times))
     nanos = _nanos(frame["time"])
-    order = np.argsort(nanos, kind="stable")
     out_of_order = int((np.diff(nanos) < 0).sum())
-    frame = frame.iloc[order].reset_index(drop=True)
-    unparseable = unparseable[order]
+    if out_of_order:
+        order = np.argsort(nanos, kind="stable")
+        frame, unparseable, nanos = frame.iloc[order].reset_index(drop=True), unparseable[order], nanos[order]
 
-    rule = np.full(len(frame), "", dtype=object)
+    rule = np.zeros(len(frame), dtype=np.int8)  # 0: clean, else 1 + the rule's position in RULES
 
     def check(mask: npt.ArrayLike, name: str) -> None:
-        rule[np.asarray(mask, dtype=bool) & (rule == "")] = name
+        rule[np.asarray(mask, dtype=bool) & (rule == 0)] = RULE_CODES[name]
 
     check(unparseable, "invalid_value")
-    check(frame.duplicated(subset=["time"], keep="last").to_numpy(), "duplicate_time")
+    earlier_duplicate = np.zeros(len(frame), dtype=bool)
+    earlier_duplicate[:-1] = nanos[1:] == nanos[:-1]  # sorted, so the last of equal times is kept
+    check(earlier_duplicate, "duplicate_time")
     interval = str(frame["interval"].iloc[0]) if len(frame) else "1d"
-    check(~_on_grid(frame["time"], interval), "off_grid")
-    check(_in_future(frame["time"], interval, now or datetime.now(UTC)), "future_time")
+    check(~_on_grid(nanos, interval), "off_grid")
+    check(nanos > _future_limit(interval, now or datetime.now(UTC)).value, "future_time")
     o, h, lo, c = (frame[k].to_numpy() for k in ("open", "high", "low", "close"))
     slack = OHLC_TOLERANCE * np.nan_to_num(np.abs(h))
     with np.errstate(invalid="ignore"):
         check((lo > np.fmin(o, c) + slack) | (h < np.fmax(o, c) - slack) | (lo > h + slack), "ohlc_inconsistent")
-        check((frame[list(PRICE_COLUMNS)].to_numpy() <= 0).any(axis=1), "non_positive_price")
+        check(np.logical_or.reduce([frame[p].to_numpy() <= 0 for p in PRICE_COLUMNS]), "non_positive_price")
         check(frame["volume"].to_numpy() < 0, "negative_volume")
 
-    bad = rule != ""
-    quarantined = frame.loc[bad].assign(rule=rule[bad], reason=[RULES[r] for r in rule[bad]])
+    bad = rule != 0
+    if not bad.any():
+        return Validated(frame, frame.iloc[:0].assign(rule="", reason=""), {}, out_of_order)
+    names = np.asarray(RULE_NAMES, dtype=object)[rule[bad] - 1]
+    quarantined = frame.loc[bad].assign(rule=names, reason=[RULES[r] for r in names])
     counts = {str(k): int(v) for k, v in quarantined["rule"].value_counts().items()}
     return Validated(frame.loc[~bad].reset_index(drop=True), quarantined.reset_index(drop=True), counts, out_of_order)
 
@@ -113,19 +124,16 @@ def _nanos(times: pd.Series) -> npt.NDArray[np.int64]:
     return pd.DatetimeIndex(times).tz_convert(None).to_numpy().view(np.int64)
 
 
-def _on_grid(times: pd.Series, interval: str) -> npt.NDArray[np.bool_]:
-    if times.empty:
-        return np.ones(0, dtype=bool)
-    nanos = _nanos(times)
+def _on_grid(nanos: npt.NDArray[np.int64], interval: str) -> npt.NDArray[np.bool_]:
+    """``nanos`` sorted: each day's bars are a contiguous run starting at the day's first bar."""
     day = nanos - nanos % DAY_NS
     if is_daily_or_longer(interval):
         return np.asarray(nanos == day)
-    day_open = pd.Series(nanos).groupby(day).transform("min").to_numpy()
+    starts = np.flatnonzero(np.r_[True, day[1:] != day[:-1]]) if len(nanos) else np.zeros(0, dtype=np.int64)
+    day_open = np.repeat(nanos[starts], np.diff(np.r_[starts, len(nanos)]))
     return np.asarray((nanos - day_open) % INTERVAL_LENGTHS[interval].value == 0)
 
 
-def _in_future(times: pd.Series, interval: str, now: datetime) -> npt.NDArray[np.bool_]:
+def _future_limit(interval: str, now: datetime) -> pd.Timestamp:
     limit = pd.Timestamp(now).tz_convert(UTC) if pd.Timestamp(now).tzinfo else pd.Timestamp(now, tz=UTC)
-    if is_daily_or_longer(interval):
-        limit = limit.floor("D") + pd.Timedelta(days=1)
-    return (times > limit).to_numpy()
+    return limit.floor("D") + pd.Timedelta(days=1) if is_daily_or_longer(interval) else limit

@@ -125,6 +125,10 @@ def test_an_explicit_window_of_five_new_days_stores_what_a_full_run_stores(
         "obv",
     ):
         assert incremental[column].notna().all()
+    values = [c for c in full.columns if c not in ("time", "symbol", "interval", "source")]
+    assert sorted(incremental.columns) == sorted(full.columns)
+    assert {"return_1", "log_return_1", "adj_open", "flag_spike"} <= set(values)
+    for column in values:  # indicators, returns, adjusted prices and flags alike
         np.testing.assert_allclose(incremental[column], full[column], rtol=1e-9, atol=0, err_msg=column)
 
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from blocks.duckdb_store import DuckDBStore
 from configs.settings import QualitySettings, default_indicators
 from tasks.adjust import add_adjusted_prices, add_returns
 from tasks.bars import conform, flag_missing
 from tasks.missing import FLAG_FILLED, apply_missing_policy
-from tasks.processing import Processed, process
+from tasks.processing import Processed, describe_counts, process
 from tasks.sources.base import Collected
 from tasks.sources.yahoo_finance import parse_chart_result
+from tasks.store import quarantine_rows
+from tasks.validation import RULES
 from tests.conftest import yahoo_json
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
@@ -177,3 +181,50 @@ def test_every_stored_column_is_float64_and_times_are_utc() -> None:
     assert set(values.dtypes.astype(str)) == {"float64"}
     for column in ("adj_open", "adj_high", "adj_low", "return_1", "log_return_1", "flag_missing", "flag_filled"):
         assert column in out
+
+
+def with_bad_bar(rule: str) -> tuple[pd.DataFrame, pd.Timestamp]:
+    """A clean series with one bar that breaks ``rule``; returns the frame and the bad bar's time."""
+    frame = bars(30)
+    bad = frame["time"].iloc[12]
+    if rule == "invalid_value":
+        frame = frame.astype({"volume": object})
+        frame.loc[12, "volume"] = "1,000"
+    elif rule == "duplicate_time":
+        frame = pd.concat([frame, frame.iloc[[12]].assign(close=frame["close"].iloc[12] * 1.001)], ignore_index=True)
+    elif rule == "off_grid":
+        frame.loc[12, "time"] = bad = bad + pd.Timedelta(hours=13, minutes=30)
+    elif rule == "future_time":
+        frame.loc[29, "time"] = bad = pd.Timestamp(NOW) + pd.Timedelta(days=3)
+    elif rule == "ohlc_inconsistent":
+        frame.loc[12, "low"] = frame["high"].iloc[12] * 1.1
+    elif rule == "non_positive_price":
+        frame.loc[12, ["open", "low"]] = [0.0, 0.0]
+    elif rule == "negative_volume":
+        frame.loc[12, "volume"] = -100.0
+    return frame, bad
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_each_rule_is_counted_by_name_quarantined_with_its_reason_and_never_stored_as_clean(
+    rule: str, tmp_path: Path
+) -> None:
+    frame, bad = with_bad_bar(rule)
+    processed = run(frame)
+    assert processed.rejected == {rule: 1}
+    assert f"{rule}=1" == describe_counts(processed.rejected)  # the summary's `quarantined` text
+
+    store = DuckDBStore(path=str(tmp_path / "bars.duckdb"))
+    store.write_bars(processed.bars)
+    store.write_quarantine(quarantine_rows(processed.quarantined))
+    stored = store.read_bars("TEST", source="test")
+    quarantined = store.read_quarantine("TEST")
+    assert len(quarantined) == 1
+    assert (quarantined["rule"].iloc[0], quarantined["reason"].iloc[0]) == (rule, RULES[rule])
+    if rule == "duplicate_time":  # the later bar is kept, the earlier one quarantined
+        assert quarantined["close"].iloc[0] == frame["close"].iloc[12]
+        assert stored.loc[stored["time"] == bad, "close"].tolist() == [frame["close"].iloc[30]]
+    else:
+        assert bad not in set(stored["time"])
+        assert quarantined["time"].iloc[0] == bad
+    assert len(stored) == 30 - (rule != "duplicate_time")
