@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.bars import BAR_COLUMNS, conform, empty_bars, validate_symbol, validate_symbols
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING, conform, empty_bars, validate_symbol, validate_symbols
 from tasks.errors import InvalidSymbolError, UsageError
 
 
@@ -52,7 +52,7 @@ def test_conform_sets_the_standard_dtypes_and_order() -> None:
     for column in ("open", "high", "low", "close", "adj_close", "volume"):
         assert out[column].dtype == np.float64
     assert np.isnan(out["adj_close"].iloc[0])
-    assert list(empty_bars().columns) == list(BAR_COLUMNS)
+    assert list(empty_bars().columns) == [*BAR_COLUMNS, FLAG_MISSING]  # as a source delivers them
 
 
 def test_conform_refuses_a_frame_without_required_columns() -> None:
