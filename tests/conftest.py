@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from flows.sandbox import read_request_log
-from tests.servers import prefect_server
+from tests.servers import influxdb_server, prefect_server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 YAHOO = FIXTURES / "yahoo"
@@ -153,3 +153,13 @@ def prefect_env(prefect_api: str, tmp_path: Path) -> Iterator[dict[str, str]]:
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=5)  # send queued logs before the session's server stops
+
+
+@pytest.fixture(scope="session")
+def influxdb_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real InfluxDB 1.x (`influxd` from Debian's package) on free loopback ports, stopped by PID.
+
+    Missing `influxd` is an error, not a skip: .ci/run installs it.
+    """
+    with influxdb_server(tmp_path_factory.mktemp("influxdb")) as url:
+        yield url

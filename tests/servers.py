@@ -55,3 +55,59 @@ def prefect_server(home: Path, timeout: float = 120) -> Iterator[str]:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+INFLUXD_CONFIG = """\
+reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+[meta]
+  dir = "{home}/meta"
+[data]
+  dir = "{home}/data"
+  wal-dir = "{home}/wal"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:{port}"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+"""
+
+
+def influxd_binary() -> str:
+    """The `influxd` of Debian's `influxdb` package (a real 1.x server); .ci/run installs it."""
+    for candidate in ("/usr/bin/influxd", "/usr/local/bin/influxd"):
+        if Path(candidate).exists():
+            return candidate
+    raise RuntimeError("influxd is not installed: `apt-get install influxdb` (Debian's InfluxDB 1.x), or run .ci/run")
+
+
+@contextmanager
+def influxdb_server(home: Path, timeout: float = 60) -> Iterator[str]:
+    """A real InfluxDB 1.x on free loopback ports with its data under ``home``; yields its URL."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = home / "influxdb.conf"
+    config.write_text(INFLUXD_CONFIG.format(home=home, port=port, rpc_port=free_port()))
+    url = f"http://127.0.0.1:{port}"
+    log_path = home / "influxd.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([influxd_binary(), "-config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    if httpx.get(f"{url}/ping", timeout=2).status_code == 204:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"influxd did not start:\n{log_path.read_text()}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
