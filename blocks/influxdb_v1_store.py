@@ -1,0 +1,229 @@
+"""InfluxDB through the v1 HTTP API (InfluxDB 1.x, and 3.x's v1 compatibility): `/write` and `/query`.
+
+Writes are synchronous, gzip-compressed line protocol in batches of 5,000 points, precision
+seconds, retried with backoff on connection errors and 5xx; a batch that still fails raises
+:class:`StoreError`, so no point is dropped silently. Queries are InfluxQL with bound parameters
+(`params`), so no symbol or date is ever interpolated into query text. Credentials travel in the
+Authorization header, never in a URL.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar
+
+import httpx
+import numpy as np
+import pandas as pd
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from blocks.line_protocol import batches, serialize
+from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, StoreError
+
+BARS, ACTIONS, QUARANTINE = "bars", "corporate_actions", "quarantine"
+TEXT_FIELDS = ("reason",)
+
+
+def _retryable(error: BaseException) -> bool:
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code >= 500
+    return isinstance(error, httpx.TransportError)
+
+
+class InfluxDBV1Store(Block):
+    """Bars in InfluxDB over the v1 API: measurement `bars`, tags symbol/interval/source, float fields."""
+
+    _block_type_name: ClassVar[str] = "marketpipe InfluxDB v1 store"
+    _description: ClassVar[str] = "InfluxDB 1.x (or 3.x's v1 API): database, retention policy, user, password."
+
+    url: str = Field(default="http://localhost:8086", description="base URL of the InfluxDB HTTP API")
+    database: str = "market_data"
+    retention_policy: str = Field(default="", description="empty: the database's default policy")
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout: float = Field(default=30.0, gt=0, description="seconds per request")
+    write_attempts: int = Field(default=4, ge=1, description="attempts per batch before the write fails")
+
+    _guard: ClassVar[threading.Lock] = threading.Lock()
+    _ready: ClassVar[set[tuple[str, str]]] = set()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def write_bars(self, bars: pd.DataFrame) -> int:
+        return self._write(BARS, bars, BAR_KEY)
+
+    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
+        return self._write(ACTIONS, actions, ACTION_KEY)
+
+    def write_quarantine(self, bars: pd.DataFrame) -> int:
+        return self._write(QUARANTINE, bars, QUARANTINE_KEY)
+
+    def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> int:
+        """Write every row that has a value; returns the points written (all-NaN rows have none)."""
+        if rows.empty:
+            return 0
+        missing = [c for c in key if c not in rows.columns]
+        if missing:
+            raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
+        rows = rows.drop_duplicates(subset=list(key), keep="last")
+        lines = serialize(rows, measurement, [c for c in key if c != "time"], TEXT_FIELDS)
+        self._ensure_database()
+        params = {
+            "db": self.database,
+            "precision": "s",
+            **({"rp": self.retention_policy} if self.retention_policy else {}),
+        }
+        with self._client() as client:
+            for body in batches(lines):
+                self._post(client, "/write", params, gzip.compress(body, compresslevel=1))
+        return len(lines)
+
+    def _post(self, client: httpx.Client, path: str, params: dict[str, str], body: bytes) -> None:
+        headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception(_retryable),
+                stop=stop_after_attempt(self.write_attempts),
+                wait=wait_exponential_jitter(multiplier=0.5, max=10),
+                reraise=True,
+            ):
+                with attempt:
+                    client.post(path, params=params, content=body, headers=headers).raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise StoreError(
+                f"InfluxDB at {self.url} refused a write ({exc.response.status_code}): {exc.response.text.strip()}"
+            ) from None
+        except httpx.TransportError as exc:
+            raise StoreError(
+                f"InfluxDB at {self.url} is unreachable after {self.write_attempts} attempts ({exc}): "
+                "check that it runs and that storage.influxdb_v1.url points at it"
+            ) from None
+
+    def _ensure_database(self) -> None:
+        """CREATE DATABASE is idempotent in InfluxDB 1.x; done once per process and database."""
+        marker = (self.url, self.database)
+        with self._guard:
+            if marker in self._ready:
+                return
+            self._query(f"CREATE DATABASE {_identifier(self.database)}", {}, method="POST")
+            self._ready.add(marker)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read_bars(
+        self,
+        symbol: str,
+        interval: str = "1d",
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        filters = {"symbol": symbol, "interval": interval, "source": source}
+        return self._select(BARS, BAR_KEY, filters, start, end)
+
+    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        return self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
+
+    def read_quarantine(
+        self,
+        symbol: str,
+        interval: str | None = None,
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        filters = {"symbol": symbol, "interval": interval, "source": source}
+        return self._select(QUARANTINE, QUARANTINE_KEY, filters, start, end)
+
+    def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        filters = {"symbol": symbol, "interval": interval, "source": source}
+        where, params = _where(filters, None, None)
+        rows = self._rows(f"SELECT * FROM {BARS} WHERE {where} ORDER BY time DESC LIMIT 1", params)
+        return None if rows.empty else pd.Timestamp(rows["time"].iloc[0])
+
+    def health(self) -> None:
+        try:
+            with self._client() as client:
+                client.get("/ping").raise_for_status()
+        except httpx.HTTPError as exc:
+            raise StoreError(
+                f"InfluxDB at {self.url} is not answering ({exc}): check storage.influxdb_v1.url and that it runs"
+            ) from None
+
+    def _select(
+        self,
+        measurement: str,
+        key: tuple[str, ...],
+        filters: Mapping[str, str | None],
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        where, params = _where(filters, start, end)
+        rows = self._rows(f"SELECT * FROM {measurement} WHERE {where}", params)
+        if rows.empty:
+            return pd.DataFrame(columns=list(key))
+        values = sorted(c for c in rows.columns if c not in key)
+        rows = rows[[*key, *values]]
+        for column in values:
+            if column not in TEXT_FIELDS:
+                rows[column] = pd.to_numeric(rows[column]).astype(np.float64)
+        order = [c for c in ("source", "time", "kind", "rule") if c in key]
+        return rows.sort_values(order, kind="stable").reset_index(drop=True)
+
+    def _rows(self, query: str, params: dict[str, str]) -> pd.DataFrame:
+        result = self._query(query, params)
+        frames = [pd.DataFrame(s["values"], columns=s["columns"]) for s in result.get("series", [])]
+        if not frames:
+            return pd.DataFrame()
+        rows = pd.concat(frames, ignore_index=True)
+        rows["time"] = pd.to_datetime(rows["time"], unit="s", utc=True).astype("datetime64[ns, UTC]")
+        return rows
+
+    def _query(self, query: str, params: dict[str, str], method: str = "GET") -> dict[str, Any]:
+        request = {"db": self.database, "q": query, "epoch": "s", "params": json.dumps(params)}
+        try:
+            with self._client() as client:
+                response = client.request(method, "/query", params=request)
+            response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise StoreError(f"InfluxDB at {self.url} refused a query ({exc.response.status_code})") from None
+        except httpx.TransportError as exc:
+            raise StoreError(f"InfluxDB at {self.url} is unreachable ({exc}): check that it runs") from None
+        result: dict[str, Any] = response.json()["results"][0]
+        if "error" in result and "database not found" in result["error"]:
+            return {}
+        if "error" in result:
+            raise StoreError(f"InfluxDB query failed: {result['error']}")
+        return result
+
+    def _client(self) -> httpx.Client:
+        auth = (self.username, self.password.get_secret_value()) if self.username and self.password else None
+        return httpx.Client(base_url=self.url, timeout=self.timeout, auth=auth)
+
+
+def _where(
+    filters: Mapping[str, str | None], start: datetime | None, end: datetime | None
+) -> tuple[str, dict[str, str]]:
+    """An InfluxQL condition over bound parameters; values never enter the query text."""
+    conditions = [f"{_identifier(tag)} = ${tag}" for tag, value in filters.items() if value is not None]
+    params = {tag: value for tag, value in filters.items() if value is not None}
+    for name, bound, op in (("start", start, ">="), ("end", end, "<")):
+        if bound is not None:
+            conditions.append(f"time {op} ${name}")
+            stamp = pd.Timestamp(bound)
+            stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+            params[name] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return " AND ".join(conditions), params
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+__all__ = ["InfluxDBV1Store"]

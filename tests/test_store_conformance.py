@@ -1,0 +1,207 @@
+"""One conformance suite for every store backend: a real DuckDB file and a real InfluxDB 1.x server.
+
+Each test gets an empty store: a fresh DuckDB file, or a fresh database on the session's `influxd`.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from blocks.duckdb_store import DuckDBStore
+from blocks.influxdb_v1_store import InfluxDBV1Store
+from blocks.store import BarStore
+from tasks.bars import conform, conform_actions
+
+
+def frame(symbol: str = "BRK-B", n: int = 30, source: str = "yahoo_finance", start: str = "2024-01-01") -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    close = 100 + rng.normal(0, 1, n).cumsum()
+    data = conform(
+        pd.DataFrame(
+            {
+                "time": pd.date_range(start, periods=n, freq="D", tz="UTC"),
+                "symbol": symbol,
+                "interval": "1d",
+                "source": source,
+                "open": close - 0.5,
+                "high": close + 1,
+                "low": close - 1,
+                "close": close,
+                "adj_close": close * 0.99,
+                "volume": rng.integers(1, 10**9, n).astype(float),
+            }
+        )
+    )
+    warmup = min(14, n)
+    data["rsi_14"] = np.r_[np.full(warmup, np.nan), rng.uniform(0, 100, n - warmup)]
+    return data
+
+
+@pytest.fixture(params=["duckdb", "influxdb_v1"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BarStore:
+    if request.param == "duckdb":
+        return DuckDBStore(path=str(tmp_path / "sub" / "bars.duckdb"))
+    url: str = request.getfixturevalue("influxdb_url")
+    return InfluxDBV1Store(url=url, database=f"test_{uuid.uuid4().hex[:12]}")
+
+
+def test_it_is_a_bar_store(store: BarStore) -> None:
+    assert isinstance(store, BarStore)
+
+
+def test_round_trip_keeps_every_column_and_value(store: BarStore) -> None:
+    written = frame()
+    assert store.write_bars(written) == 30
+    read = store.read_bars("BRK-B", "1d")
+    assert sorted(read.columns) == sorted(written.columns)
+    assert list(read.columns[:4]) == ["time", "symbol", "interval", "source"]
+    pd.testing.assert_frame_equal(read[list(written.columns)], written, check_exact=True)
+
+
+def test_nan_is_stored_as_null_not_zero(store: BarStore) -> None:
+    store.write_bars(frame())
+    read = store.read_bars("BRK-B")
+    assert read["rsi_14"].iloc[:14].isna().all()
+    assert (read["rsi_14"].iloc[14:] > 0).all()
+
+
+def test_writing_again_overwrites_instead_of_duplicating(store: BarStore) -> None:
+    first = frame()
+    store.write_bars(first)
+    second = first.copy()
+    second.loc[5:, "close"] += 1.0
+    store.write_bars(second)
+    store.write_bars(second)
+    read = store.read_bars("BRK-B")
+    assert len(read) == 30
+    np.testing.assert_array_equal(read["close"].to_numpy(), second["close"].to_numpy())
+
+
+def test_series_are_kept_apart_by_symbol_interval_and_source(store: BarStore) -> None:
+    store.write_bars(frame("AAPL"))
+    store.write_bars(frame("AAPL", source="files"))
+    store.write_bars(frame("MSFT", n=20))
+    assert len(store.read_bars("AAPL")) == 60
+    assert len(store.read_bars("AAPL", source="files")) == 30
+    assert len(store.read_bars("MSFT")) == 20
+    assert store.read_bars("AAPL", "1h").empty
+
+
+def test_read_range_is_start_inclusive_end_exclusive(store: BarStore) -> None:
+    store.write_bars(frame())
+    read = store.read_bars(
+        "BRK-B", start=pd.Timestamp("2024-01-05", tz="UTC"), end=pd.Timestamp("2024-01-10", tz="UTC")
+    )
+    assert list(read["time"].dt.day) == [5, 6, 7, 8, 9]
+
+
+def test_last_timestamp(store: BarStore) -> None:
+    assert store.last_timestamp("BRK-B", "1d", "yahoo_finance") is None
+    store.write_bars(frame())
+    assert store.last_timestamp("BRK-B", "1d", "yahoo_finance") == pd.Timestamp("2024-01-30", tz="UTC")
+    assert store.last_timestamp("BRK-B", "1d", "files") is None
+
+
+def test_new_indicator_columns_are_added_and_old_rows_read_empty(store: BarStore) -> None:
+    store.write_bars(frame(n=20))
+    later = frame(n=10, start="2024-02-01").assign(sma_5=1.5)
+    store.write_bars(later)
+    read = store.read_bars("BRK-B")
+    assert "sma_5" in read.columns
+    assert read["sma_5"].iloc[:20].isna().all()
+    assert (read["sma_5"].iloc[20:] == 1.5).all()
+
+
+def test_symbol_values_cannot_inject_sql(store: BarStore) -> None:
+    store.write_bars(frame())
+    assert store.read_bars("BRK-B' OR '1'='1").empty
+    assert len(store.read_bars("BRK-B")) == 30
+
+
+def test_corporate_actions_round_trip_and_upsert(store: BarStore) -> None:
+    actions = conform_actions(
+        pd.DataFrame(
+            {
+                "time": pd.to_datetime(["2020-08-31", "2020-08-07"], utc=True),
+                "symbol": "AAPL",
+                "source": "yahoo_finance",
+                "kind": ["split", "dividend"],
+                "ratio": [4.0, np.nan],
+                "amount": [np.nan, 0.82],
+            }
+        )
+    )
+    assert store.write_corporate_actions(actions) == 2
+    assert store.write_corporate_actions(actions) == 2
+    read = store.read_corporate_actions("AAPL")
+    assert list(read["kind"]) == ["dividend", "split"]
+    assert read["amount"].iloc[0] == 0.82 and np.isnan(read["amount"].iloc[1])
+    assert read["ratio"].iloc[1] == 4.0
+    assert store.read_corporate_actions("AAPL", source="files").empty
+
+
+def test_quarantine_keeps_each_rule_apart_with_its_reason_and_upserts(store: BarStore) -> None:
+    bad = frame(n=3).drop(columns=["rsi_14"])
+    rows = pd.concat(
+        [
+            bad.assign(rule="ohlc_inconsistent", reason="low/high do not bracket open and close"),
+            bad.iloc[[0]].assign(rule="negative_volume", reason="volume is negative"),
+        ],
+        ignore_index=True,
+    )
+    assert store.write_quarantine(rows) == 4
+    assert store.write_quarantine(rows) == 4
+    read = store.read_quarantine("BRK-B")
+    assert len(read) == 4
+    assert sorted(read["rule"].unique()) == ["negative_volume", "ohlc_inconsistent"]
+    first = read.loc[read["rule"] == "negative_volume"].iloc[0]
+    assert first["reason"] == "volume is negative"
+    assert first["close"] == bad["close"].iloc[0]
+    assert store.read_bars("BRK-B").empty  # quarantined bars are never bars
+    assert store.read_quarantine("BRK-B", interval="1h").empty
+
+
+def test_health(store: BarStore) -> None:
+    store.health()
+
+
+@pytest.mark.parametrize("symbol", ["BRK-B", "^GSPC", "EURUSD=X", "0700.HK", "A B", "A,B", "A=B", "X' OR '1'='1"])
+def test_awkward_symbols_round_trip_exactly_and_stay_apart(store: BarStore, symbol: str) -> None:
+    store.write_bars(frame(symbol, n=3))
+    store.write_bars(frame("OTHER", n=4))
+    read = store.read_bars(symbol)
+    assert len(read) == 3
+    assert set(read["symbol"]) == {symbol}
+    assert store.last_timestamp(symbol, "1d", "yahoo_finance") == pd.Timestamp("2024-01-03", tz="UTC")
+
+
+def test_every_float_reads_back_bit_for_bit(store: BarStore) -> None:
+    written = frame(n=6)
+    written["close"] = [0.1, 1e20, 1 / 3, 5e-324, 123456789.123456789, 2.0**53 + 2]
+    store.write_bars(written)
+    np.testing.assert_array_equal(store.read_bars("BRK-B")["close"].to_numpy(), written["close"].to_numpy())
+
+
+def test_two_writers_at_once_lose_nothing(store: BarStore) -> None:
+    errors: list[BaseException] = []
+
+    def write(symbol: str) -> None:
+        try:
+            for month in range(1, 7):
+                store.write_bars(frame(symbol, n=28, start=f"2024-{month:02d}-01"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(s,)) for s in ("AAPL", "MSFT")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert errors == []
+    assert len(store.read_bars("AAPL")) == len(store.read_bars("MSFT")) == 6 * 28
