@@ -13,6 +13,7 @@ import gzip
 import json
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -28,6 +29,8 @@ from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, StoreError
 
 BARS, ACTIONS, QUARANTINE = "bars", "corporate_actions", "quarantine"
 TEXT_FIELDS = ("reason",)
+ROWS_PER_CHUNK = 50_000
+WRITERS = 2
 
 
 def _retryable(error: BaseException) -> bool:
@@ -72,17 +75,24 @@ class InfluxDBV1Store(Block):
         if missing:
             raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
         rows = rows.drop_duplicates(subset=list(key), keep="last")
-        lines = serialize(rows, measurement, [c for c in key if c != "time"], TEXT_FIELDS)
+        tags = [c for c in key if c != "time"]
         self._ensure_database()
         params = {
             "db": self.database,
             "precision": "s",
             **({"rp": self.retention_policy} if self.retention_policy else {}),
         }
-        with self._client() as client:
-            for body in batches(lines):
-                self._post(client, "/write", params, gzip.compress(body, compresslevel=1))
-        return len(lines)
+        chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
+        with self._client() as client, ThreadPoolExecutor(WRITERS) as pool:
+
+            def write_chunk(chunk: pd.DataFrame) -> int:
+                lines = serialize(chunk, measurement, tags, TEXT_FIELDS)
+                for body in batches(lines):
+                    self._post(client, "/write", params, gzip.compress(body, compresslevel=1))
+                return len(lines)
+
+            # Serializing one chunk overlaps sending another; any failed chunk fails the write.
+            return sum(pool.map(write_chunk, chunks))
 
     def _post(self, client: httpx.Client, path: str, params: dict[str, str], body: bytes) -> None:
         headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
