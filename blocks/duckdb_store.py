@@ -15,7 +15,7 @@ import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, SERIES_TAGS, StoreError
+from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, SERIES_TAGS, StoreError, duration_to_timedelta
 
 # Value columns become SQL identifiers, so they must be plain snake_case names.
 COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -193,6 +193,21 @@ class DuckDBStore(Block):
                 [symbol, interval, source],
             ).fetchone()
         return None if row is None or row[0] is None else pd.Timestamp(row[0]).tz_convert("UTC")
+
+    def apply_retention(self, duration: str | None) -> str:
+        """Delete bars and quarantined bars older than ``duration`` now; corporate actions are kept."""
+        if duration is None:
+            return "unchanged: no retention.duration, everything is kept"
+        cutoff = pd.Timestamp.now(tz="UTC") - pd.Timedelta(duration_to_timedelta(duration))
+        deleted = 0
+        with _connections.write_lock(Path(self.path)), self._connect() as con:
+            for table in (TABLE, QUARANTINE_TABLE):
+                if self._has_table(con, table):
+                    row = con.execute(f"DELETE FROM {table} WHERE time < ? RETURNING 1", [cutoff]).fetchall()
+                    deleted += len(row)
+        if deleted:
+            return f"updated: deleted {deleted} row(s) older than {duration} from {self.path}"
+        return f"unchanged: nothing older than {duration} in {self.path}"
 
     def health(self) -> None:
         with self._connect() as con:

@@ -25,7 +25,7 @@ from pydantic import Field, SecretStr
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from blocks.line_protocol import batches, serialize
-from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, StoreError
+from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, StoreError, duration_to_timedelta
 
 BARS, ACTIONS, QUARANTINE = "bars", "corporate_actions", "quarantine"
 TEXT_FIELDS = ("reason",)
@@ -154,8 +154,35 @@ class InfluxDBV1Store(Block):
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
         filters = {"symbol": symbol, "interval": interval, "source": source}
         where, params = _where(filters, None, None)
-        rows = self._rows(f"SELECT * FROM {BARS} WHERE {where} ORDER BY time DESC LIMIT 1", params)
+        rows = self._rows(f"SELECT * FROM {self._source(BARS)} WHERE {where} ORDER BY time DESC LIMIT 1", params)
         return None if rows.empty else pd.Timestamp(rows["time"].iloc[0])
+
+    def apply_retention(self, duration: str | None) -> str:
+        """The configured retention policy (autogen unless set) gets ``duration`` and stays the default.
+
+        ALTER when it exists, CREATE when not: running it again changes nothing. Without a
+        duration the policy is left as it is.
+        """
+        if duration is None:
+            return "unchanged: no retention.duration, the retention policy is left as it is"
+        duration_to_timedelta(duration)  # the grammar is checked before it goes into DDL text
+        policy = self.retention_policy or "autogen"
+        self._ensure_database()
+        result = self._query(f"SHOW RETENTION POLICIES ON {_identifier(self.database)}", {})
+        current = {row[0]: row for s in result.get("series", []) for row in s["values"]}
+        target = f"{policy!s} on {self.database} = {duration}"
+        hours = duration_to_timedelta(duration).total_seconds() / 3600
+        if policy in current and current[policy][1] == _influx_duration(hours) and current[policy][-1] is True:
+            return f"unchanged: retention policy {target}"
+        verb = "ALTER" if policy in current else "CREATE"
+        replication = "" if policy in current else " REPLICATION 1"
+        self._query(
+            f"{verb} RETENTION POLICY {_identifier(policy)} ON {_identifier(self.database)} "
+            f"DURATION {duration}{replication} DEFAULT",
+            {},
+            method="POST",
+        )
+        return f"{'updated' if verb == 'ALTER' else 'created'}: retention policy {target}"
 
     def health(self) -> None:
         try:
@@ -175,7 +202,7 @@ class InfluxDBV1Store(Block):
         end: datetime | None = None,
     ) -> pd.DataFrame:
         where, params = _where(filters, start, end)
-        rows = self._rows(f"SELECT * FROM {measurement} WHERE {where}", params)
+        rows = self._rows(f"SELECT * FROM {self._source(measurement)} WHERE {where}", params)
         if rows.empty:
             return pd.DataFrame(columns=list(key))
         values = sorted(c for c in rows.columns if c not in key)
@@ -212,6 +239,12 @@ class InfluxDBV1Store(Block):
             raise StoreError(f"InfluxDB query failed: {result['error']}")
         return result
 
+    def _source(self, measurement: str) -> str:
+        """The measurement, qualified by the configured retention policy when one is set."""
+        if not self.retention_policy:
+            return _identifier(measurement)
+        return f"{_identifier(self.retention_policy)}.{_identifier(measurement)}"
+
     def _client(self) -> httpx.Client:
         auth = (self.username, self.password.get_secret_value()) if self.username and self.password else None
         return httpx.Client(base_url=self.url, timeout=self.timeout, auth=auth)
@@ -230,6 +263,11 @@ def _where(
             stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
             params[name] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
     return " AND ".join(conditions), params
+
+
+def _influx_duration(hours: float) -> str:
+    """How SHOW RETENTION POLICIES prints a duration: ``8760h0m0s``."""
+    return f"{int(hours)}h0m0s"
 
 
 def _identifier(name: str) -> str:

@@ -7,7 +7,8 @@ are kept apart, in quarantine, with the rule they broke.
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 import pandas as pd
@@ -23,6 +24,15 @@ QUARANTINE_KEY: tuple[str, ...] = (*BAR_KEY, "rule")
 
 class StoreError(Exception):
     """The store refused or failed an operation; the message says what to check."""
+
+
+def duration_to_timedelta(duration: str) -> timedelta:
+    """``365d``, ``52w`` or ``720h`` (the retention.duration grammar) as a timedelta."""
+    match = re.fullmatch(r"([1-9][0-9]*)([hdw])", duration)
+    if not match:
+        raise StoreError(f"retention duration {duration!r} is not like 365d, 52w or 720h")
+    unit = {"h": "hours", "d": "days", "w": "weeks"}[match[2]]
+    return timedelta(**{unit: int(match[1])})
 
 
 @runtime_checkable
@@ -67,6 +77,10 @@ class BarStore(Protocol):
 
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
         """The newest stored bar's time, or None for an empty series."""
+        ...
+
+    def apply_retention(self, duration: str | None) -> str:
+        """Keep bars for ``duration`` (``365d``, ``52w``, ``720h``; None: forever); idempotent. Says what it did."""
         ...
 
     def health(self) -> None:

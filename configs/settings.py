@@ -114,6 +114,14 @@ class QualitySettings(_Section):
         return {symbol.strip().upper(): trading_calendar_name(name) for symbol, name in calendars.items()}
 
 
+class RetentionSettings(_Section):
+    """How long bars are kept; `marketpipe setup` applies it to the configured store, idempotently."""
+
+    duration: str | None = Field(
+        None, pattern=r"^[1-9][0-9]*[hdw]$", description="e.g. 365d, 52w or 720h; unset keeps everything"
+    )
+
+
 class DuckDBSettings(_Section):
     path: str = "data/marketpipe.duckdb"
 
@@ -249,6 +257,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     collection: CollectionSettings = CollectionSettings()
     quality: QualitySettings = QualitySettings()
+    retention: RetentionSettings = RetentionSettings()
     symbols: list[str] = Field(default_factory=list)
     indicators: list[IndicatorSpec] = Field(default_factory=default_indicators)
 

@@ -9,6 +9,8 @@ from prefect.exceptions import ObjectNotFound
 
 from blocks.credentials import SourceCredentials
 from blocks.duckdb_store import DuckDBStore
+from blocks.influxdb_v1_store import InfluxDBV1Store
+from blocks.stores import store_from_settings
 from configs.settings import Settings
 from flows.market_data import collect_tag
 
@@ -38,10 +40,17 @@ def ensure_concurrency_limits(settings: Settings) -> list[Change]:
 
 def register_blocks() -> list[Change]:
     """Make marketpipe's block types known to the server, so the UI can create and edit them."""
-    for block in (SourceCredentials, DuckDBStore):
+    for block in (SourceCredentials, DuckDBStore, InfluxDBV1Store):
         block.register_type_and_schema()
-    return [Change("block types SourceCredentials, DuckDBStore", "registered")]
+    return [Change("block types SourceCredentials, DuckDBStore, InfluxDBV1Store", "registered")]
+
+
+def apply_retention(settings: Settings) -> list[Change]:
+    """``retention.duration`` on the configured store: a retention policy, or deleting older rows."""
+    report = store_from_settings(settings.storage).apply_retention(settings.retention.duration)
+    outcome, _, detail = report.partition(": ")
+    return [Change(f"retention ({settings.storage.backend}): {detail}", outcome)]
 
 
 def setup(settings: Settings) -> list[Change]:
-    return [*ensure_concurrency_limits(settings), *register_blocks()]
+    return [*ensure_concurrency_limits(settings), *register_blocks(), *apply_retention(settings)]

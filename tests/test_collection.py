@@ -244,14 +244,18 @@ def test_a_used_up_daily_quota_defers_symbols(env: dict[str, str], tmp_path: Pat
 
 
 def test_setup_creates_concurrency_limits_idempotently(env: dict[str, str]) -> None:
-    env = {**env, "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__CONCURRENCY": "3"}
+    env = {
+        **env,
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__CONCURRENCY": "3",
+        "MARKETPIPE__RETENTION__DURATION": "365d",
+    }
     first = run("setup", env=env)
     assert first.returncode == 0, first.stderr
     assert "concurrency limit collect:yahoo_finance = 3" in first.stdout
     second = run("setup", env=env)
     assert second.returncode == 0, second.stderr
-    lines = [line for line in second.stdout.splitlines() if "concurrency limit" in line]
-    assert lines and all(line.strip().startswith("unchanged") for line in lines)
+    lines = [line for line in second.stdout.splitlines() if "concurrency limit" in line or "retention" in line]
+    assert len(lines) == 4 and all(line.strip().startswith("unchanged") for line in lines), second.stdout
 
     from prefect.client.orchestration import get_client
 

@@ -6,7 +6,9 @@ import os
 import time
 import uuid
 
+import httpx
 import numpy as np
+import pandas as pd
 import pytest
 
 from blocks.influxdb_v1_store import InfluxDBV1Store
@@ -41,3 +43,24 @@ def test_marketpipe_query_reads_from_influxdb_v1(influxdb_url: str) -> None:
     assert list(rows["time"]) == [t.strftime("%Y-%m-%dT%H:%M:%SZ") for t in written["time"]]
     # CSV text and pandas' fast float parser may differ in the last ulp; exactness is the conformance suite's.
     np.testing.assert_allclose(rows["close"], written["close"], rtol=1e-15, atol=0)
+
+
+def test_retention_sets_the_default_policy_and_a_second_run_changes_nothing(influxdb_url: str) -> None:
+    database = f"rp_{uuid.uuid4().hex[:12]}"
+    store = InfluxDBV1Store(url=influxdb_url, database=database)
+    assert store.apply_retention("52w").startswith("updated: retention policy autogen")
+    assert store.apply_retention("52w").startswith("unchanged")
+    assert store.apply_retention("365d").startswith("updated")
+    policies = httpx.get(f"{influxdb_url}/query", params={"q": f'SHOW RETENTION POLICIES ON "{database}"'}).json()[
+        "results"
+    ][0]["series"][0]
+    autogen = dict(zip(policies["columns"], policies["values"][0], strict=True))
+    assert (autogen["name"], autogen["duration"], autogen["default"]) == ("autogen", "8760h0m0s", True)
+
+
+def test_retention_creates_a_named_policy_when_missing(influxdb_url: str) -> None:
+    database = f"rp_{uuid.uuid4().hex[:12]}"
+    store = InfluxDBV1Store(url=influxdb_url, database=database, retention_policy="bars_1y")
+    assert store.apply_retention("365d").startswith("created: retention policy bars_1y")
+    store.write_bars(frame(n=3, start=(pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=3)).strftime("%Y-%m-%d")))
+    assert len(store.read_bars("BRK-B")) == 3

@@ -15,7 +15,7 @@ import pytest
 
 from blocks.duckdb_store import DuckDBStore
 from blocks.influxdb_v1_store import InfluxDBV1Store
-from blocks.store import BarStore
+from blocks.store import BarStore, StoreError
 from tasks.bars import conform, conform_actions
 
 
@@ -205,3 +205,18 @@ def test_two_writers_at_once_lose_nothing(store: BarStore) -> None:
         w.join()
     assert errors == []
     assert len(store.read_bars("AAPL")) == len(store.read_bars("MSFT")) == 6 * 28
+
+
+def test_retention_is_applied_once_and_then_changes_nothing(store: BarStore) -> None:
+    recent = (pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=40)).strftime("%Y-%m-%d")
+    store.write_bars(frame(n=5, start="2020-01-01"))
+    store.write_bars(frame(n=30, start=recent))
+    assert store.apply_retention(None).startswith("unchanged")
+    assert store.apply_retention("365d").startswith("updated")  # deletes old rows, or sets the policy
+    assert store.apply_retention("365d").startswith("unchanged")
+    assert len(store.read_bars("BRK-B", start=pd.Timestamp(recent, tz="UTC"))) == 30  # nothing recent is touched
+
+
+def test_a_retention_duration_outside_the_grammar_is_refused(store: BarStore) -> None:
+    with pytest.raises(StoreError, match="365d"):
+        store.apply_retention("1y; DROP DATABASE x")
