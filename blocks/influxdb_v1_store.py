@@ -25,7 +25,7 @@ from pydantic import Field, SecretStr
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from blocks.line_protocol import batches, serialize
-from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, StoreError, duration_to_timedelta
+from blocks.store import ACTION_FIELDS, ACTION_KEY, BAR_KEY, QUARANTINE_KEY, StoreError, duration_to_timedelta
 
 BARS, ACTIONS, QUARANTINE = "bars", "corporate_actions", "quarantine"
 TEXT_FIELDS = ("reason",)
@@ -138,7 +138,9 @@ class InfluxDBV1Store(Block):
         return self._select(BARS, BAR_KEY, filters, start, end)
 
     def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        return self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
+        actions = self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
+        # A field never written (no dividend yet, say) is no column in InfluxDB; every reader expects both.
+        return actions.reindex(columns=[*ACTION_KEY, *ACTION_FIELDS])
 
     def read_quarantine(
         self,

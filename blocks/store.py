@@ -18,6 +18,7 @@ SERIES_TAGS: tuple[str, ...] = ("symbol", "interval", "source")
 BAR_KEY: tuple[str, ...] = ("time", *SERIES_TAGS)
 # Corporate actions are their own series: one per symbol, source and kind (split, dividend, capital_gain).
 ACTION_KEY: tuple[str, ...] = ("time", "symbol", "source", "kind")
+ACTION_FIELDS: tuple[str, ...] = ("ratio", "amount")
 # Quarantined bars: the bar's series and time plus the rule it broke; ``reason`` is the one text field.
 QUARANTINE_KEY: tuple[str, ...] = (*BAR_KEY, "rule")
 

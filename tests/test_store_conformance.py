@@ -220,3 +220,15 @@ def test_retention_is_applied_once_and_then_changes_nothing(store: BarStore) -> 
 def test_a_retention_duration_outside_the_grammar_is_refused(store: BarStore) -> None:
     with pytest.raises(StoreError, match="365d"):
         store.apply_retention("1y; DROP DATABASE x")
+
+
+def test_corporate_actions_read_with_both_fields_even_when_one_was_never_written(store: BarStore) -> None:
+    split = pd.DataFrame(
+        {"time": pd.to_datetime(["2020-08-31"], utc=True), "symbol": "AAPL", "source": "yahoo_finance",
+         "kind": ["split"], "ratio": [4.0], "amount": [np.nan]}
+    )  # fmt: skip
+    store.write_corporate_actions(conform_actions(split))
+    read = store.read_corporate_actions("AAPL")
+    assert list(read.columns) == ["time", "symbol", "source", "kind", "ratio", "amount"]
+    assert read["ratio"].tolist() == [4.0]
+    assert read["amount"].isna().all()
