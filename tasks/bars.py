@@ -109,7 +109,6 @@ ACTION_COLUMNS: tuple[str, ...] = ("time", "symbol", "source", "kind", "ratio", 
 FLAG_MISSING = "flag_missing"
 # Split- and dividend-adjusted prices, all from one factor: adj_close / close.
 ADJUSTED_COLUMNS: tuple[str, ...] = ("adj_open", "adj_high", "adj_low")
-RETURN_COLUMNS: tuple[str, ...] = ("return_1", "log_return_1")
 
 
 def empty_actions() -> pd.DataFrame:

@@ -10,6 +10,7 @@ from blocks.stores import store_from_settings
 from configs.settings import Settings
 from tasks.bars import BAR_COLUMNS
 from tasks.processing import Processed
+from tasks.validation import QUARANTINE_COLUMNS
 
 
 @task(name="store", task_run_name="store-{symbol}", cache_policy=NO_CACHE, persist_result=False)
@@ -22,5 +23,5 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> tuple[i
 
 def quarantine_rows(quarantined: pd.DataFrame) -> pd.DataFrame:
     """The bar's key and values, the rule and the reason: flags and indicators are not computed for them."""
-    rows = quarantined[[*BAR_COLUMNS, "rule", "reason"]]
+    rows = quarantined[[*BAR_COLUMNS, *QUARANTINE_COLUMNS]]
     return rows.loc[rows["time"].notna()]  # a bar without a valid time has no key; the summary counts it

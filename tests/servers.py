@@ -23,38 +23,42 @@ def free_port() -> int:
 
 
 @contextmanager
-def prefect_server(home: Path, timeout: float = 120) -> Iterator[str]:
-    """`prefect server start` (SQLite under ``home``); yields its API URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log_path = home / "server.log"
+def _serving(
+    name: str, command: list[str], log_path: Path, ready: str, status: int, timeout: float, env: dict[str, str] | None
+) -> Iterator[None]:
+    """Run ``command`` logging to ``log_path``; return once GET ``ready`` answers ``status``, stop it by PID after."""
     with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    if httpx.get(ready, timeout=2).status_code == status:
                         break
                 except httpx.TransportError:
                     pass
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Prefect server did not start:\n{log_path.read_text()}")
-                time.sleep(0.25)
-            yield url
+                    raise RuntimeError(f"{name} did not start:\n{log_path.read_text()}")
+                time.sleep(0.1)
+            yield
         finally:
             process.terminate()
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@contextmanager
+def prefect_server(home: Path, timeout: float = 120) -> Iterator[str]:
+    """`prefect server start` (SQLite under ``home``); yields its API URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"]
+    with _serving("Prefect server", command, home / "server.log", f"{url}/health", 200, timeout, env):
+        yield url
 
 
 INFLUXD_CONFIG = """\
@@ -90,24 +94,6 @@ def influxdb_server(home: Path, timeout: float = 60) -> Iterator[str]:
     config = home / "influxdb.conf"
     config.write_text(INFLUXD_CONFIG.format(home=home, port=port, rpc_port=free_port()))
     url = f"http://127.0.0.1:{port}"
-    log_path = home / "influxd.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen([influxd_binary(), "-config", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    if httpx.get(f"{url}/ping", timeout=2).status_code == 204:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"influxd did not start:\n{log_path.read_text()}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    command = [influxd_binary(), "-config", str(config)]
+    with _serving("influxd", command, home / "influxd.log", f"{url}/ping", 204, timeout, None):
+        yield url
