@@ -15,7 +15,15 @@ import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from blocks.store import ACTION_KEY, BAR_KEY, QUARANTINE_KEY, SERIES_TAGS, StoreError, duration_to_timedelta
+from blocks.store import (
+    ACTION_KEY,
+    BAR_KEY,
+    QUARANTINE_KEY,
+    SERIES_TAGS,
+    StoreError,
+    StoreUnavailableError,
+    duration_to_timedelta,
+)
 
 # Value columns become SQL identifiers, so they must be plain snake_case names.
 COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -49,10 +57,12 @@ class _SharedConnections:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     connection, users = duckdb.connect(key), 0
-                except duckdb.Error as exc:
-                    raise StoreError(
+                except duckdb.IOException as exc:  # the file is locked by another process, most likely
+                    raise StoreUnavailableError(
                         f"cannot open DuckDB store {path}: {exc} (another process may be writing to it)"
                     ) from None
+                except duckdb.Error as exc:
+                    raise StoreError(f"cannot open DuckDB store {path}: {exc}") from None
             self._open[key] = (connection, users + 1)
         cursor = connection.cursor()
         try:

@@ -25,7 +25,15 @@ from pydantic import Field, SecretStr
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from blocks.line_protocol import batches, serialize
-from blocks.store import ACTION_FIELDS, ACTION_KEY, BAR_KEY, QUARANTINE_KEY, StoreError, duration_to_timedelta
+from blocks.store import (
+    ACTION_FIELDS,
+    ACTION_KEY,
+    BAR_KEY,
+    QUARANTINE_KEY,
+    StoreError,
+    StoreUnavailableError,
+    duration_to_timedelta,
+)
 
 BARS, ACTIONS, QUARANTINE = "bars", "corporate_actions", "quarantine"
 TEXT_FIELDS = ("reason",)
@@ -106,11 +114,12 @@ class InfluxDBV1Store(Block):
                 with attempt:
                     client.post(path, params=params, content=body, headers=headers).raise_for_status()
         except httpx.HTTPStatusError as exc:
-            raise StoreError(
-                f"InfluxDB at {self.url} refused a write ({exc.response.status_code}): {exc.response.text.strip()}"
-            ) from None
+            status = exc.response.status_code
+            # 5xx passes, and a fixed credential makes a replay succeed; a 4xx about the data never would.
+            error = StoreUnavailableError if status >= 500 or status in (401, 403) else StoreError
+            raise error(f"InfluxDB at {self.url} refused a write ({status}): {exc.response.text.strip()}") from None
         except httpx.TransportError as exc:
-            raise StoreError(
+            raise StoreUnavailableError(
                 f"InfluxDB at {self.url} is unreachable after {self.write_attempts} attempts ({exc}): "
                 "check that it runs and that storage.influxdb_v1.url points at it"
             ) from None
@@ -231,9 +240,11 @@ class InfluxDBV1Store(Block):
                 response = client.request(method, "/query", params=request)
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            raise StoreError(f"InfluxDB at {self.url} refused a query ({exc.response.status_code})") from None
+            status = exc.response.status_code
+            error = StoreUnavailableError if status >= 500 or status in (401, 403) else StoreError
+            raise error(f"InfluxDB at {self.url} refused a query ({status})") from None
         except httpx.TransportError as exc:
-            raise StoreError(f"InfluxDB at {self.url} is unreachable ({exc}): check that it runs") from None
+            raise StoreUnavailableError(f"InfluxDB at {self.url} is unreachable ({exc}): check that it runs") from None
         result: dict[str, Any] = response.json()["results"][0]
         if "error" in result and "database not found" in result["error"]:
             return {}

@@ -27,6 +27,14 @@ class StoreError(Exception):
     """The store refused or failed an operation; the message says what to check."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store could not take the operation for a reason that passes: down, timed out, 5xx, locked.
+
+    A write that fails this way is spooled and replayed later; any other StoreError would fail
+    again on replay, so it fails the task instead.
+    """
+
+
 def duration_to_timedelta(duration: str) -> timedelta:
     """``365d``, ``52w`` or ``720h`` (the retention.duration grammar) as a timedelta."""
     match = re.fullmatch(r"([1-9][0-9]*)([hdw])", duration)
