@@ -7,7 +7,7 @@ Starts a real InfluxDB 1.x (`influxd`) on a free loopback port and, side by side
   pre-serialized line protocol (same batches, same gzip) with a plain httpx client into a fresh
   database, and prints the ratio of the two rates;
 - times `serialize` against influxdb-client's `DataframeSerializer` on the same frame;
-- writes the bars into a fresh DuckDB file and prints bars/s.
+- writes the bars into a fresh DuckDB file, best of 3, and prints bars/s.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import gzip
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -100,9 +101,9 @@ def main() -> None:
         print(f"ratio store / plain       {plain_time / store_time:>12.2f}")
 
     with tempfile.TemporaryDirectory() as folder:
-        duck = DuckDBStore(path=str(Path(folder) / "bench.duckdb"))
-        duck_time = timed(lambda: duck.write_bars(bars))
-        print(f"DuckDB                    {n / duck_time:>12,.0f} bars/s")
+        ducks = [DuckDBStore(path=str(Path(folder) / f"bench{i}.duckdb")) for i in range(3)]
+        duck_time = min(timed(partial(duck.write_bars, bars)) for duck in ducks)
+        print(f"DuckDB, best of 3         {n / duck_time:>12,.0f} bars/s (a fresh file each)")
 
 
 if __name__ == "__main__":
