@@ -9,6 +9,7 @@ from prefect.exceptions import ObjectNotFound
 
 from blocks.credentials import SourceCredentials
 from blocks.duckdb_store import DuckDBStore
+from blocks.influxdb_store import InfluxDBStore
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.stores import store_from_settings
 from configs.settings import Settings
@@ -40,9 +41,9 @@ def ensure_concurrency_limits(settings: Settings) -> list[Change]:
 
 def register_blocks() -> list[Change]:
     """Make marketpipe's block types known to the server, so the UI can create and edit them."""
-    for block in (SourceCredentials, DuckDBStore, InfluxDBV1Store):
+    for block in (SourceCredentials, DuckDBStore, InfluxDBStore, InfluxDBV1Store):
         block.register_type_and_schema()
-    return [Change("block types SourceCredentials, DuckDBStore, InfluxDBV1Store", "registered")]
+    return [Change("block types SourceCredentials, DuckDBStore, InfluxDBStore, InfluxDBV1Store", "registered")]
 
 
 def apply_retention(settings: Settings) -> list[Change]:

@@ -1,0 +1,468 @@
+"""InfluxDB 2.x and InfluxDB Cloud through influxdb-client: an org, a bucket, a token, Flux.
+
+Writes are synchronous (the client's default background batching would turn a failed batch into a
+log line), gzip-compressed line protocol from the shared serializer, 5,000 lines per request,
+precision seconds. tenacity is the one retry policy: the client's own urllib3 retries are off, so
+attempts and waits are counted once and a failure surfaces as :class:`StoreUnavailableError` (it
+passes: down, timed out, 5xx, 429, a token to fix) or :class:`StoreError` (the request itself is
+wrong). Queries are Flux whose text is assembled from fixed pieces only: every symbol, date and
+name travels as a Flux parameter. The token travels in the Authorization header and is never part
+of an error message.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import pandas as pd
+from influxdb_client.client.bucket_api import BucketsApi
+from influxdb_client.client.exceptions import InfluxDBError
+from influxdb_client.client.flux_csv_parser import FluxQueryException
+from influxdb_client.client.flux_table import TableList
+from influxdb_client.client.influxdb_client import InfluxDBClient
+from influxdb_client.client.query_api import QueryApi
+from influxdb_client.client.write_api import SYNCHRONOUS, WriteApi
+from influxdb_client.domain.bucket_retention_rules import BucketRetentionRules
+from influxdb_client.domain.write_precision import WritePrecision
+from influxdb_client.rest import ApiException
+from influxdb_client.service.ping_service import PingService
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from urllib3.exceptions import LocationValueError, MaxRetryError, ProtocolError
+from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
+
+from blocks.line_protocol import batches, serialize
+from blocks.store import (
+    ACTION_FIELDS,
+    ACTION_KEY,
+    BAR_KEY,
+    QUARANTINE_KEY,
+    StoreError,
+    StoreUnavailableError,
+    duration_to_timedelta,
+)
+
+BARS, ACTIONS, QUARANTINE = "bars", "corporate_actions", "quarantine"
+TEXT_FIELDS = ("reason",)
+ROWS_PER_CHUNK = 50_000
+WRITERS = 2
+# Seconds before the first retry; the wait doubles (plus as much jitter) up to MAX_WAIT.
+FIRST_WAIT = 0.5
+MAX_WAIT = 10.0
+# InfluxDB's whole time range (MinNanoTime, MaxNanoTime): an open range must reach bars before 1970.
+EARLIEST = pd.Timestamp("1677-09-21T00:12:43.145224194Z")
+LATEST = pd.Timestamp("2262-04-11T23:47:16.854775806Z")
+# Connection refused or reset, DNS failure, connect or read timeout: all of them pass.
+TRANSIENT: tuple[type[BaseException], ...] = (Urllib3TimeoutError, ProtocolError, MaxRetryError, ConnectionError)
+_NAME = re.compile(r"[a-z_]+")
+_ORG_ID = re.compile(r"[0-9a-f]{16}")  # how InfluxDB tells an org ID from an org name
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FluxQuery:
+    """Flux text made of fixed pieces, and the values it refers to as parameters."""
+
+    text: str
+    params: dict[str, str]
+
+
+class InfluxDBStore(Block):
+    """Bars in an InfluxDB 2.x / Cloud bucket: measurement `bars`, tags symbol/interval/source, float fields."""
+
+    _block_type_name: ClassVar[str] = "marketpipe InfluxDB store"
+    _description: ClassVar[str] = "InfluxDB 2.x or InfluxDB Cloud: URL, organization, bucket and API token."
+
+    url: str = Field(default="http://localhost:8086", description="base URL of the InfluxDB API")
+    org: str = Field(default="marketpipe", description="organization name (or ID) owning the bucket")
+    bucket: str = Field(default="market_data", description="created on the first write when missing")
+    token: SecretStr = Field(description="API token that may read and write the bucket (and create it)")
+    timeout: float = Field(default=30.0, gt=0, description="seconds per request")
+    write_attempts: int = Field(default=4, ge=1, description="attempts per batch before the write fails")
+
+    _guard: ClassVar[threading.Lock] = threading.Lock()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def write_bars(self, bars: pd.DataFrame) -> int:
+        return self._write(BARS, bars, BAR_KEY)
+
+    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
+        return self._write(ACTIONS, actions, ACTION_KEY)
+
+    def write_quarantine(self, bars: pd.DataFrame) -> int:
+        return self._write(QUARANTINE, bars, QUARANTINE_KEY)
+
+    def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> int:
+        """Write every row that has a value; returns the points written (all-NaN rows have none)."""
+        if rows.empty:
+            return 0
+        missing = [c for c in key if c not in rows.columns]
+        if missing:
+            raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
+        rows = rows.drop_duplicates(subset=list(key), keep="last")
+        tags = [c for c in key if c != "time"]
+        chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
+        with self._client() as client, ThreadPoolExecutor(WRITERS) as pool:
+            writer = client.write_api(write_options=SYNCHRONOUS)
+
+            def write_chunk(chunk: pd.DataFrame) -> int:
+                lines = serialize(chunk, measurement, tags, TEXT_FIELDS)
+                for body in batches(lines):
+                    self._send(client, writer, body)
+                return len(lines)
+
+            # Serializing one chunk overlaps sending another; any failed chunk fails the write.
+            return sum(pool.map(write_chunk, chunks))
+
+    def _send(self, client: InfluxDBClient, writer: WriteApi, body: bytes) -> None:
+        """One batch, retried; a bucket that does not exist yet (404) is created once and the batch sent again."""
+
+        def post() -> None:
+            # WritePrecision's members are annotated as plain str, its own parameter as WritePrecision.
+            precision: Any = WritePrecision.S
+            writer.write(bucket=self.bucket, org=self.org, record=body, write_precision=precision)
+
+        try:
+            self._retrying(post)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise self._failure("write", exc, self.write_attempts) from None
+            self._ensure_bucket(client)
+            self._call("write", lambda: self._retrying(post), self.write_attempts)
+        except Exception as exc:
+            raise self._failure("write", exc, self.write_attempts) from None
+
+    def _retrying(self, operation: Callable[[], T]) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop_after_attempt(self.write_attempts),
+            wait=wait_exponential_jitter(multiplier=FIRST_WAIT, max=MAX_WAIT, jitter=FIRST_WAIT),
+            reraise=True,
+        )
+        return retrying(operation)
+
+    def _ensure_bucket(self, client: InfluxDBClient) -> None:
+        """Create the bucket (no expiry) unless it exists; serialized, so concurrent writers create it once."""
+        with self._guard:
+            buckets = client.buckets_api()
+            if self._call("look up the bucket", lambda: self._find_bucket(buckets)) is None:
+                self._call("create the bucket", lambda: self._create_bucket(buckets, None))
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read_bars(
+        self,
+        symbol: str,
+        interval: str = "1d",
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        filters = {"symbol": symbol, "interval": interval, "source": source}
+        return self._select(BARS, BAR_KEY, filters, start, end)
+
+    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        actions = self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
+        # A field never written (no dividend yet, say) is no column in the pivot; every reader expects both.
+        return actions.reindex(columns=[*ACTION_KEY, *ACTION_FIELDS])
+
+    def read_quarantine(
+        self,
+        symbol: str,
+        interval: str | None = None,
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        filters = {"symbol": symbol, "interval": interval, "source": source}
+        return self._select(QUARANTINE, QUARANTINE_KEY, filters, start, end)
+
+    def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        query = last_time_query(self.bucket, {"symbol": symbol, "interval": interval, "source": source})
+        found = self._ask(lambda api: api.query(query.text, org=self.org, params=query.params), TableList())
+        times = [row[0] for row in found.to_values(columns=["_time"])]
+        return pd.Timestamp(pd.to_datetime(pd.Series(times), utc=True).max()) if times else None
+
+    def _select(
+        self,
+        measurement: str,
+        key: tuple[str, ...],
+        filters: Mapping[str, str | None],
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        query = select_query(self.bucket, measurement, key, filters, start, end)
+        result: pd.DataFrame | list[pd.DataFrame] = self._ask(
+            lambda api: api.query_data_frame(query.text, org=self.org, params=query.params), []
+        )
+        # One frame per table schema; the query's group() leaves one table, an empty result none.
+        frames: list[pd.DataFrame] = [f for f in (result if isinstance(result, list) else [result]) if not f.empty]
+        if not frames:
+            return pd.DataFrame(columns=list(key))
+        rows = pd.concat(frames, ignore_index=True).drop(columns=["result", "table"], errors="ignore")
+        return _shape(rows.rename(columns={"_time": "time"}), key)
+
+    def _ask(self, read: Callable[[QueryApi], T], empty: T) -> T:
+        """Run one query (not retried, like every read); a bucket nothing was written to yet reads as ``empty``."""
+        try:
+            with self._client() as client:
+                return read(client.query_api())
+        except (ApiException, FluxQueryException) as exc:
+            if _missing_bucket(exc):
+                return empty
+            raise self._failure("query", exc) from None
+        except Exception as exc:
+            raise self._failure("query", exc) from None
+
+    # --- administration ------------------------------------------------------------------------
+
+    def apply_retention(self, duration: str | None) -> str:
+        """The bucket's expiry rule becomes ``duration``; a missing bucket is created with it.
+
+        Running it again changes nothing. Without a duration an existing bucket is left as it is.
+        """
+        every = None if duration is None else int(duration_to_timedelta(duration).total_seconds())
+        target = f"bucket {self.bucket} in org {self.org}"
+        with self._client() as client:
+            buckets = client.buckets_api()
+            with self._guard:
+                bucket = self._call("look up the bucket", lambda: self._find_bucket(buckets))
+                if bucket is None:
+                    self._call("create the bucket", lambda: self._create_bucket(buckets, every))
+                    return f"created: {target} = {duration or 'no expiry'}"
+            if every is None:
+                return f"unchanged: no retention.duration, {target} is left as it is"
+            if _expiry(bucket) == every:
+                return f"unchanged: {target} = {duration}"
+            bucket.retention_rules = [_expire_after(every)]
+            self._call("update the bucket's retention", lambda: buckets.update_bucket(bucket))
+            return f"updated: {target} = {duration}"
+
+    def health(self) -> None:
+        try:
+            with self._client() as client:
+                PingService(client.api_client).get_ping()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            raise StoreError(
+                f"InfluxDB at {self.url} is not answering ({self._redact(exc)}): "
+                "check storage.influxdb.url (INFLUXDB_URL) and that the server runs"
+            ) from None
+
+    def _find_bucket(self, buckets: BucketsApi) -> Any:
+        org = {"org_id" if _ORG_ID.fullmatch(self.org) else "org": self.org}
+        found = buckets.find_buckets(name=self.bucket, **org).buckets or []  # type: ignore[no-untyped-call]
+        return next((b for b in found if b.name == self.bucket), None)
+
+    def _create_bucket(self, buckets: BucketsApi, every: int | None) -> None:
+        rules = [] if every is None else [_expire_after(every)]
+        try:
+            buckets.create_bucket(bucket_name=self.bucket, org=self.org, retention_rules=rules)
+        except ApiException as exc:
+            if exc.status not in (409, 422):  # another writer created it meanwhile
+                raise
+
+    # --- errors and the client -----------------------------------------------------------------
+
+    def _call(self, action: str, operation: Callable[[], T], attempts: int = 1) -> T:
+        """Run ``operation``, turning whatever it raises into a StoreError that says what to check."""
+        try:
+            return operation()
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._failure(action, exc, attempts) from None
+
+    def _failure(self, action: str, error: Exception, attempts: int = 1) -> StoreError:
+        """The StoreError for ``error``: unavailable when it passes, plain when the request itself is wrong."""
+        where = f"InfluxDB at {self.url}"
+        tried = f" after {attempts} attempts" if attempts > 1 else ""
+        if isinstance(error, ApiException):
+            status = int(error.status or 0)
+            # A response's message is in its body; a request that got none (TLS) says why in its reason.
+            detail = f"{status}: {self._redact((error.message if status else None) or error.reason)}"
+            if status in (401, 403):
+                return StoreUnavailableError(
+                    f"{where} refused to {action} ({detail}): check that the token (storage.influxdb.token or "
+                    f"INFLUXDB_TOKEN) is valid and may read and write bucket {self.bucket} in org {self.org} "
+                    "(and create it, unless it exists)"
+                )
+            if status >= 500 or status == 429:
+                return StoreUnavailableError(
+                    f"{where} could not {action}{tried} ({detail}): it is overloaded or failing, check its logs"
+                )
+            if status == 404:
+                return StoreError(
+                    f"{where} could not {action} ({detail}): check storage.influxdb.org ({self.org}) "
+                    f"and storage.influxdb.bucket ({self.bucket})"
+                )
+            if status == 0:  # raised by the client itself, for a TLS failure
+                return StoreError(f"{where} could not {action} ({detail}): check the URL's scheme and certificate")
+            return StoreError(f"{where} refused to {action} ({detail})")
+        if isinstance(error, TRANSIENT):
+            return StoreUnavailableError(
+                f"{where} is unreachable or timed out{tried} ({self._redact(error)}): "
+                "check that it runs and that storage.influxdb.url (INFLUXDB_URL) points at it"
+            )
+        if isinstance(error, LocationValueError):
+            return StoreError(f"{where}: the URL is not valid ({self._redact(error)}): fix storage.influxdb.url")
+        if isinstance(error, FluxQueryException):
+            return StoreError(f"{where}: the query failed: {self._redact(error.message)}")
+        if isinstance(error, InfluxDBError):  # e.g. the org could not be resolved to its ID
+            return StoreError(
+                f"{where} could not {action} ({self._redact(error.message)}): check storage.influxdb.org "
+                f"({self.org}) and that the token may read it"
+            )
+        return StoreError(f"{where} could not {action} ({type(error).__name__}: {self._redact(error)})")
+
+    def _redact(self, text: object) -> str:
+        """``text`` with the token blanked out, should a server or library ever echo it."""
+        secret = self.token.get_secret_value()
+        return str(text).replace(secret, "***") if secret else str(text)
+
+    def _client(self) -> InfluxDBClient:
+        # retries=False: urllib3 raises the first error itself and tenacity decides about another attempt.
+        return InfluxDBClient(
+            url=self.url,
+            token=self.token.get_secret_value(),
+            org=self.org,
+            timeout=int(self.timeout * 1000),
+            enable_gzip=True,
+            retries=False,
+        )
+
+
+# --- Flux --------------------------------------------------------------------------------------
+
+
+def select_query(
+    bucket: str,
+    measurement: str,
+    key: tuple[str, ...],
+    filters: Mapping[str, str | None],
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> FluxQuery:
+    """Rows of ``measurement`` with one column per field; ``end`` is exclusive, like Flux's ``stop``."""
+    head = _head(bucket, measurement, filters, start, end)
+    row_key = ", ".join(f'"{_name(c)}"' for c in ("_time", *key) if c != "time")
+    text = (
+        f"{head.text}\n"
+        f'  |> pivot(rowKey: [{row_key}], columnKey: ["_field"], valueColumn: "_value")\n'
+        '  |> drop(columns: ["_start", "_stop", "_measurement"])\n'
+        "  |> group()"
+    )
+    return FluxQuery(text, head.params)
+
+
+def last_time_query(bucket: str, filters: Mapping[str, str | None]) -> FluxQuery:
+    """The newest ``_time`` of a bars series: the last point of each field, then the latest of those."""
+    head = _head(bucket, BARS, filters, None, None)
+    text = (
+        f"{head.text}\n"
+        "  |> last()\n"
+        "  |> group()\n"
+        '  |> sort(columns: ["_time"], desc: true)\n'
+        "  |> limit(n: 1)\n"
+        '  |> keep(columns: ["_time"])'
+    )
+    return FluxQuery(text, head.params)
+
+
+def _head(
+    bucket: str,
+    measurement: str,
+    filters: Mapping[str, str | None],
+    start: datetime | None,
+    end: datetime | None,
+) -> FluxQuery:
+    """``from |> range |> filter`` over parameters; a filter whose value is None is left out."""
+    params = {
+        "p_bucket": bucket,
+        "p_start": _flux_time(start, EARLIEST),
+        "p_stop": _flux_time(end, LATEST),
+        "p_measurement": measurement,
+    }
+    conditions = ["r._measurement == p_measurement"]
+    for tag, value in filters.items():
+        if value is not None:
+            conditions.append(f'r["{_name(tag)}"] == p_{_name(tag)}')
+            params[f"p_{tag}"] = value
+    text = (
+        "from(bucket: p_bucket)\n"
+        "  |> range(start: time(v: p_start), stop: time(v: p_stop))\n"
+        f"  |> filter(fn: (r) => {' and '.join(conditions)})"
+    )
+    return FluxQuery(text, params)
+
+
+def _flux_time(bound: datetime | None, default: pd.Timestamp) -> str:
+    """RFC 3339 in UTC, kept inside InfluxDB's time range; naive datetimes are taken as UTC."""
+    stamp = default if bound is None else pd.Timestamp(bound)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    stamp = min(max(stamp, EARLIEST), LATEST)
+    return stamp.tz_localize(None).isoformat() + "Z"
+
+
+def _name(name: str) -> str:
+    """Column and tag names enter the query text; they are marketpipe's own constants, checked anyway."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a plain column name")
+    return name
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def _shape(rows: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
+    """Like every backend's read: key columns first, then the fields sorted; float64 fields; oldest first."""
+    values = sorted(c for c in rows.columns if c not in key)
+    rows["time"] = pd.to_datetime(rows["time"], utc=True).astype("datetime64[ns, UTC]")
+    for tag in key[1:]:
+        rows[tag] = rows[tag].astype(str)
+    for column in values:
+        if column not in TEXT_FIELDS:
+            rows[column] = pd.to_numeric(rows[column]).astype(np.float64)
+    rows = rows[[*key, *values]]
+    order: list[str] = [c for c in ("source", "time", "kind", "rule") if c in key]
+    order += [c for c in key if c not in order]  # a total order: rows from one pivot come in no fixed order
+    return rows.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def _expire_after(seconds: int) -> Any:
+    """A retention rule deleting data older than ``seconds``; the server derives the shard duration from it."""
+    return BucketRetentionRules(type="expire", every_seconds=seconds)  # type: ignore[no-untyped-call]
+
+
+def _expiry(bucket: Any) -> int | None:
+    """The bucket's expiry in seconds; None when it keeps data forever (no rule, or 0)."""
+    for rule in bucket.retention_rules or []:
+        if rule.type == "expire" and rule.every_seconds:
+            return int(rule.every_seconds)
+    return None
+
+
+def _retryable(error: BaseException) -> bool:
+    if isinstance(error, ApiException):
+        return int(error.status or 0) >= 500 or error.status == 429
+    return isinstance(error, TRANSIENT)
+
+
+def _missing_bucket(error: InfluxDBError | FluxQueryException) -> bool:
+    """A query of a bucket that does not exist yet: nothing was written, so nothing is there."""
+    if isinstance(error, ApiException) and error.status != 404:
+        return False
+    text = str(error.message).lower()
+    return "bucket" in text and ("not found" in text or "could not find" in text)
+
+
+__all__ = ["FluxQuery", "InfluxDBStore", "last_time_query", "select_query"]
