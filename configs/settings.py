@@ -143,6 +143,9 @@ class InfluxDBV1Settings(_Section):
 
 class StorageSettings(_Section):
     backend: Literal["duckdb", "influxdb", "influxdb_v1"] = "duckdb"
+    spool_dir: str = Field(
+        "data/spool", description="writes the store could not take wait here for `marketpipe replay` or the next run"
+    )
     duckdb: DuckDBSettings = DuckDBSettings()
     influxdb: InfluxDBSettings = InfluxDBSettings()
     influxdb_v1: InfluxDBV1Settings = InfluxDBV1Settings()

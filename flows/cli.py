@@ -100,33 +100,33 @@ def run(
     )
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, SymbolsFailedError):
-        _print_summary([r.__dict__ for r in outcome.results])
+        _print_summary([r.__dict__ for r in outcome.results], settings.storage.spool_dir)
         raise typer.Exit(EXIT_FAILED)
     if isinstance(outcome, BaseException):
         _error(f"the flow failed: {outcome}")
         raise typer.Exit(EXIT_FAILED)
-    _print_summary(outcome)
+    _print_summary(outcome, settings.storage.spool_dir)
 
 
 def _raise(error: Exception) -> None:
     raise error
 
 
-def _print_summary(rows: list[dict[str, Any]]) -> None:
+def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
     from tasks.processing import describe_counts
 
     table = Table(title="market-data run")
-    columns = ("symbol", "status", "rows written", "collected", "quarantined", "repaired", "flagged", "dropped",
-               "missing sessions", "actions", "requests", "window")  # fmt: skip
+    columns = ("symbol", "status", "rows written", "spooled", "collected", "quarantined", "repaired", "flagged",
+               "dropped", "missing sessions", "actions", "requests", "window")  # fmt: skip
     for column in columns:
         table.add_column(column)
-    colours = {"ok": "green", "deferred": "yellow"}
+    colours = {"ok": "green", "deferred": "yellow", "spooled": "yellow"}
     for r in rows:
         status = f"[{colours.get(r['status'], 'red')}]{r['status']}[/]"
         counts = [describe_counts(r[k]) or "0" for k in ("quarantined", "repaired", "flagged", "dropped")]
         sessions = "n/a" if r["missing_sessions"] is None else str(r["missing_sessions"])
         table.add_row(
-            r["symbol"], status, str(r["rows_written"]), str(r["bars_collected"]), *counts, sessions,
+            r["symbol"], status, str(r["rows_written"]), str(r["spooled"]), str(r["bars_collected"]), *counts, sessions,
             str(r["actions_written"]), str(r["requests"]), r["window"],
         )  # fmt: skip
     console.print(table)
@@ -136,6 +136,14 @@ def _print_summary(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["status"] != "ok":
             console.print(f"[red]{r['symbol']} {r['status']}:[/] {r['error']}", highlight=False, soft_wrap=True)
+    spooled = sum(r["spooled"] for r in rows)
+    if spooled:
+        console.print(
+            f"[yellow]{spooled} points are spooled in {spool_dir}:[/] run `marketpipe replay` once the store is "
+            "back; the next run replays them too",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -274,6 +282,31 @@ def sandbox(
             time.sleep(3600)
     except KeyboardInterrupt:
         server.shutdown()
+
+
+@app.command()
+def replay(config: ConfigOption = None) -> None:
+    """Write the batches the store could not take, oldest first; exits 1 if any are left."""
+    from blocks.store import StoreError
+    from blocks.stores import store_from_settings
+    from tasks.store import open_spool
+
+    settings = _or_exit(lambda: load_settings(config))
+    store = _or_exit(lambda: store_from_settings(settings.storage))
+    spool = open_spool(settings)
+    if not spool.pending():
+        console.print(f"nothing spooled in {spool.directory}", highlight=False)
+        return
+    try:
+        done = spool.replay(store)
+    except StoreError as exc:
+        _error(f"{exc}; {spool.points()} points stay spooled in {spool.directory}")
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(
+        f"replayed {done.points} points in {done.batches} batch(es) from {spool.directory} "
+        f"into {settings.storage.backend}",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -3,8 +3,9 @@
 Without ``start`` each symbol resumes from its last stored bar (minus an overlap); with it, the
 range is an explicit backfill. One symbol's failure never stops the others. A symbol whose source
 quota ran out is deferred, not failed: the next run picks it up. The run ends Failed when any
-symbol failed, so schedules and the UI show it; the per-symbol summary is published as a table
-artifact either way.
+symbol failed, or when the store could not take a symbol's bars: those wait in the local spool
+for `marketpipe replay` or the next run, which writes them before anything new. The per-symbol
+summary is published as a table artifact either way.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from tasks.collect import collect_bars
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.processing import Processed, describe_counts, process_bars
 from tasks.sources.base import Collected, load_source
-from tasks.store import store_bars
+from tasks.store import Stored, replay_spool, store_bars
 
-OK, FAILED, DEFERRED = "ok", "failed", "deferred"
+OK, FAILED, DEFERRED, SPOOLED = "ok", "failed", "deferred", "spooled"
 
 
 @dataclass
 class SymbolResult:
     symbol: str
-    status: str  # ok, failed or deferred
+    status: str  # ok, failed, deferred, or spooled (kept locally until the store takes it)
     rows_written: int = 0
+    spooled: int = 0
     bars_collected: int = 0
     live_bars_skipped: int = 0
     actions_written: int = 0
@@ -50,13 +52,20 @@ class SymbolResult:
 
 
 class SymbolsFailedError(Exception):
-    """Some symbols failed; the others were stored. Carries the whole summary."""
+    """Some symbols failed or were spooled; the others were stored. Carries the whole summary."""
 
-    def __init__(self, results: list[SymbolResult]) -> None:
+    def __init__(self, results: list[SymbolResult], spool_dir: str = "") -> None:
         self.results = results
         failed = [r for r in results if r.status == FAILED]
-        detail = "; ".join(f"{r.symbol}: {r.error}" for r in failed)
-        super().__init__(f"{len(failed)} of {len(results)} symbol(s) failed: {detail}")
+        spooled = sum(r.spooled for r in results)
+        parts = [f"{len(failed)} of {len(results)} symbol(s) failed"] if failed else []
+        parts += [f"{r.symbol}: {r.error}" for r in failed]
+        if spooled:
+            parts.append(
+                f"{spooled} points the store could not take are spooled in {spool_dir}: "
+                "run `marketpipe replay` once it is back (the next run replays them too)"
+            )
+        super().__init__("; ".join(parts))
 
 
 def collect_tag(source: str) -> str:
@@ -82,6 +91,7 @@ def market_data(
         raise UsageError(f"start {start} is after end {end}: swap them or widen the range")
     mode = f"{start} to {end or 'today'}" if start else "incremental"
     get_run_logger().info("%d symbol(s) from %s, %s bars, %s", len(checked), source, interval, mode)
+    replay_spool(settings)
 
     stages: dict[str, tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]] = {}
     for symbol in checked:
@@ -94,8 +104,8 @@ def market_data(
 
     results = [_summarise(symbol, *futures) for symbol, futures in stages.items()]
     _publish(results, source, interval)
-    if any(r.status == FAILED for r in results):
-        raise SymbolsFailedError(results)
+    if any(r.status in (FAILED, SPOOLED) for r in results):
+        raise SymbolsFailedError(results, settings.storage.spool_dir)
     return [asdict(r) for r in results]
 
 
@@ -111,15 +121,16 @@ def _summarise(
             return SymbolResult(symbol, status, error=message or f"{stage.state.name}")
     raw: Collected = collected.result()
     outcome: Processed = processed.result()
-    rows, actions, _ = stored.result()
+    written: Stored = stored.result()
     window = f"{raw.window.start} to {raw.window.end} ({raw.window.mode})" if raw.window else ""
     return SymbolResult(
         symbol,
-        OK,
-        rows_written=rows,
+        SPOOLED if written.spooled else OK,
+        rows_written=written.bars,
+        spooled=written.spooled,
         bars_collected=outcome.collected,
         live_bars_skipped=outcome.live_bars_skipped,
-        actions_written=actions,
+        actions_written=written.actions,
         requests=raw.requests,
         quarantined=outcome.rejected,
         repaired=outcome.repaired,
@@ -129,6 +140,7 @@ def _summarise(
         missing_sessions=outcome.gaps.count if outcome.gaps else None,
         gaps=outcome.gaps.describe() if outcome.gaps else "",
         window=window,
+        error="the store was unavailable, so its points wait in the spool" if written.spooled else "",
     )
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.store import BarStore
+from blocks.store import BarStore, StoreUnavailableError
 from blocks.stores import store_from_settings
 from configs.settings import IndicatorSpec, QualitySettings, Settings
 from tasks.adjust import add_adjusted_prices, add_returns
@@ -48,6 +48,21 @@ class Processed:
     dropped: dict[str, int] = field(default_factory=dict)  # missing_dropped
     currency: str | None = None
     gaps: SessionGaps | None = None
+    # Set when the store could not give the history the indicators need: the collected bars are
+    # spooled as they are and processed on replay, so no value is computed from a partial past.
+    unprocessed: Collected | None = None
+
+    @staticmethod
+    def postponed(collected: Collected) -> Processed:
+        nothing = collected.bars.iloc[:0]
+        return Processed(
+            bars=nothing,
+            actions=collected.actions,
+            quarantined=nothing,
+            collected=len(collected.bars),
+            live_bars_skipped=collected.live_bars_skipped,
+            unprocessed=collected,
+        )
 
 
 def process(
@@ -122,9 +137,13 @@ def read_history(
 @task(name="process", task_run_name="process-{source}-{symbol}", cache_policy=NO_CACHE, persist_result=False)
 def process_bars(collected: Collected, settings: Settings, source: str, symbol: str, interval: str) -> Processed:
     store = store_from_settings(settings.storage)
-    history = read_history(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
-    processed = process(collected, symbol, interval, settings.quality, settings.indicators, history)
     logger = get_run_logger()
+    try:
+        history = read_history(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
+    except StoreUnavailableError as exc:
+        logger.warning("%s: %s; its collected bars are spooled and processed on replay", symbol, exc)
+        return Processed.postponed(collected)
+    processed = process(collected, symbol, interval, settings.quality, settings.indicators, history)
     if processed.rejected:
         logger.warning("%s: quarantined %s", symbol, describe_counts(processed.rejected))
     for what, counts in (("repaired", processed.repaired), ("flagged", processed.flagged)):

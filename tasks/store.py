@@ -1,27 +1,89 @@
-"""Store: the task that writes one symbol's processed bars, corporate actions and quarantined bars."""
+"""Store: the tasks that write one symbol's results, and replay what earlier runs had to spool."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.spool import Replayed, Spool
+from blocks.store import BarStore, StoreUnavailableError
 from blocks.stores import store_from_settings
 from configs.settings import Settings
-from tasks.bars import BAR_COLUMNS
-from tasks.processing import Processed
+from tasks.bars import BAR_COLUMNS, conform
+from tasks.indicators import lookback_bars
+from tasks.processing import Processed, process, read_history
+from tasks.sources.base import Collected
 from tasks.validation import QUARANTINE_COLUMNS
+
+COLLECTED = "collected"  # raw bars whose history the store could not give; processed on replay
+
+
+@dataclass(frozen=True)
+class Stored:
+    bars: int
+    actions: int
+    quarantined: int
+    spooled: int  # points the store could not take, kept in the spool for replay
+
+
+def open_spool(settings: Settings) -> Spool:
+    """The spool of ``storage.spool_dir``, able to replay collected bars that still need processing."""
+    return Spool(settings.storage.spool_dir, handlers={COLLECTED: partial(_process_and_write, settings)})
 
 
 @task(name="store", task_run_name="store-{symbol}", cache_policy=NO_CACHE, persist_result=False)
-def store_bars(processed: Processed, settings: Settings, symbol: str) -> tuple[int, int, int]:
-    """Write bars, corporate actions and quarantined bars; returns how many of each were written."""
+def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
+    """Write quarantined bars, bars and corporate actions; what the store can't take is spooled."""
     store = store_from_settings(settings.storage)
-    quarantined = store.write_quarantine(quarantine_rows(processed.quarantined))
-    return store.write_bars(processed.bars), store.write_corporate_actions(processed.actions), quarantined
+    spool = open_spool(settings)
+    postponed = 0
+    if processed.unprocessed is not None and not processed.unprocessed.bars.empty:
+        raw = processed.unprocessed
+        meta = {"symbol": symbol, "meta": raw.meta}
+        postponed = spool.keep(COLLECTED, raw.bars, "the store could not give the history to process them", meta)
+    outcomes = (
+        spool.write(store, "quarantine", quarantine_rows(processed.quarantined)),
+        spool.write(store, "bars", processed.bars),
+        spool.write(store, "corporate_actions", processed.actions),
+    )
+    quarantined, bars, actions = (o.written for o in outcomes)
+    return Stored(bars, actions, quarantined, spooled=postponed + sum(o.spooled for o in outcomes))
+
+
+@task(name="replay-spool", cache_policy=NO_CACHE, persist_result=False)
+def replay_spool(settings: Settings) -> Replayed:
+    """Write what earlier runs spooled before anything new; a store still down leaves it spooled."""
+    spool = open_spool(settings)
+    if not spool.pending():
+        return Replayed(0, 0)
+    try:
+        replayed = spool.replay(store_from_settings(settings.storage))
+    except StoreUnavailableError as exc:
+        get_run_logger().warning("%d spooled points stay in %s: %s", spool.points(), spool.directory, exc)
+        return Replayed(0, 0)
+    get_run_logger().info("replayed %d spooled points from %s", replayed.points, spool.directory)
+    return replayed
+
+
+def _process_and_write(settings: Settings, store: BarStore, rows: pd.DataFrame, meta: dict[str, Any]) -> int:
+    """Process spooled collected bars against the history now in the store, and write the result."""
+    collected = Collected(conform(rows), meta=meta.get("meta", {}))
+    symbol = meta["symbol"]
+    interval, source = (str(collected.bars[c].iloc[0]) for c in ("interval", "source"))
+    history = read_history(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
+    processed = process(collected, symbol, interval, settings.quality, settings.indicators, history)
+    store.write_quarantine(quarantine_rows(processed.quarantined))
+    return store.write_bars(processed.bars)
 
 
 def quarantine_rows(quarantined: pd.DataFrame) -> pd.DataFrame:
     """The bar's key and values, the rule and the reason: flags and indicators are not computed for them."""
+    if quarantined.empty:
+        return quarantined
     rows = quarantined[[*BAR_COLUMNS, *QUARANTINE_COLUMNS]]
     return rows.loc[rows["time"].notna()]  # a bar without a valid time has no key; the summary counts it

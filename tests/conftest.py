@@ -147,6 +147,7 @@ def prefect_env(prefect_api: str, tmp_path: Path) -> Iterator[dict[str, str]]:
         "PREFECT_API_URL": prefect_api,
         "PREFECT_HOME": str(tmp_path / "prefect-client"),
         "MARKETPIPE__STORAGE__DUCKDB__PATH": str(tmp_path / "store.duckdb"),
+        "MARKETPIPE__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
     }
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         yield env

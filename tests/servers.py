@@ -25,9 +25,9 @@ def free_port() -> int:
 @contextmanager
 def _serving(
     name: str, command: list[str], log_path: Path, ready: str, status: int, timeout: float, env: dict[str, str] | None
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``command`` logging to ``log_path``; return once GET ``ready`` answers ``status``, stop it by PID after."""
-    with log_path.open("w") as log:
+    with log_path.open("a") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + timeout
@@ -40,7 +40,7 @@ def _serving(
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{log_path.read_text()}")
                 time.sleep(0.1)
-            yield
+            yield process
         finally:
             process.terminate()
             try:
@@ -87,13 +87,21 @@ def influxd_binary() -> str:
 
 
 @contextmanager
-def influxdb_server(home: Path, timeout: float = 60) -> Iterator[str]:
-    """A real InfluxDB 1.x on free loopback ports with its data under ``home``; yields its URL."""
+def influxdb_process(home: Path, port: int | None = None, timeout: float = 60) -> Iterator[subprocess.Popen[bytes]]:
+    """A real InfluxDB 1.x on loopback with its data under ``home``; the same ``home`` and ``port``
+    make a restart of the same server."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     config = home / "influxdb.conf"
     config.write_text(INFLUXD_CONFIG.format(home=home, port=port, rpc_port=free_port()))
-    url = f"http://127.0.0.1:{port}"
     command = [influxd_binary(), "-config", str(config)]
-    with _serving("influxd", command, home / "influxd.log", f"{url}/ping", 204, timeout, None):
-        yield url
+    with _serving("influxd", command, home / "influxd.log", f"http://127.0.0.1:{port}/ping", 204, timeout, None) as p:
+        yield p
+
+
+@contextmanager
+def influxdb_server(home: Path, timeout: float = 60) -> Iterator[str]:
+    """A real InfluxDB 1.x on free loopback ports with its data under ``home``; yields its URL."""
+    port = free_port()
+    with influxdb_process(home, port, timeout):
+        yield f"http://127.0.0.1:{port}"

@@ -1,10 +1,13 @@
-"""What only the InfluxDB v1 backend does: a server that is down, and the CLI reading from it."""
+"""What only the InfluxDB v1 backend does: a server that is down or stops mid-run, and the CLI reading from it."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -12,9 +15,10 @@ import pandas as pd
 import pytest
 
 from blocks.influxdb_v1_store import InfluxDBV1Store
+from blocks.spool import Spool
 from blocks.store import StoreError
-from tests.conftest import query_csv
-from tests.servers import free_port
+from tests.conftest import Sandbox, marketpipe, query_csv
+from tests.servers import free_port, influxdb_process
 from tests.test_store_conformance import frame
 
 
@@ -64,3 +68,68 @@ def test_retention_creates_a_named_policy_when_missing(influxdb_url: str) -> Non
     assert store.apply_retention("365d").startswith("created: retention policy bars_1y")
     store.write_bars(frame(n=3, start=(pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=3)).strftime("%Y-%m-%d")))
     assert len(store.read_bars("BRK-B")) == 3
+
+
+FAULT_SYMBOLS = ("AAPL", "MSFT", "GOOGL", "AMZN", "NVDA")
+
+
+def test_influxd_stopped_mid_run_spools_and_replay_matches_a_run_without_the_fault(
+    prefect_env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **prefect_env,
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url,
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RATE_LIMIT": "3600",  # one request a second: symbols land apart
+        "MARKETPIPE__COLLECTION__RATE_LIMIT_DIR": str(tmp_path / "pacing"),
+        "MARKETPIPE__STORAGE__BACKEND": "influxdb_v1",
+        "MARKETPIPE__STORAGE__INFLUXDB_V1__URL": url,
+    }
+    run = ("run", "--symbols", ",".join(FAULT_SYMBOLS), "--start", "2024-01-01", "--end", "2024-06-28")
+    faulted = {**env, "MARKETPIPE__STORAGE__INFLUXDB_V1__DATABASE": "faulted"}
+    home = tmp_path / "influxd"
+
+    with influxdb_process(home, port) as influxd:
+        stopped = threading.Event()
+        watcher = threading.Thread(target=_stop_once_bars_land, args=(influxd, url, "faulted", stopped))
+        watcher.start()
+        result = marketpipe(*run, env=faulted)
+        watcher.join()
+    assert stopped.is_set(), "influxd was never stopped: no bars landed"
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "points are spooled in" in result.stdout and "marketpipe replay" in result.stdout
+    spooled = Spool(env["MARKETPIPE__STORAGE__SPOOL_DIR"])
+    pending = spooled.points()
+    assert pending > 0
+
+    with influxdb_process(home, port):
+        replayed = marketpipe("replay", env=faulted)
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        assert f"replayed {pending} points" in replayed.stdout
+        assert spooled.pending() == []
+        assert marketpipe("replay", env=faulted).stdout.startswith("nothing spooled")
+
+        clean = marketpipe(*run, env={**env, "MARKETPIPE__STORAGE__INFLUXDB_V1__DATABASE": "clean"})
+        assert clean.returncode == 0, clean.stdout + clean.stderr
+        for symbol in FAULT_SYMBOLS:
+            after_fault = InfluxDBV1Store(url=url, database="faulted").read_bars(symbol)
+            without_fault = InfluxDBV1Store(url=url, database="clean").read_bars(symbol)
+            assert len(without_fault) == 130
+            pd.testing.assert_frame_equal(after_fault, without_fault, check_exact=True)
+
+
+def _stop_once_bars_land(influxd: subprocess.Popen[bytes], url: str, database: str, stopped: threading.Event) -> None:
+    """Stop the server as soon as the first symbol's bars are stored: the rest of the run finds it gone."""
+    query = {"db": database, "q": "SELECT count(close) FROM bars"}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/query", params=query, timeout=2).json()["results"][0].get("series"):
+                influxd.terminate()
+                influxd.wait(timeout=20)
+                stopped.set()
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)

@@ -1,22 +1,33 @@
-"""One conformance suite for every store backend: a real DuckDB file and a real InfluxDB 1.x server.
+"""One conformance suite for every store backend: a real DuckDB file and real InfluxDB 1.x and 2.x servers.
 
-Each test gets an empty store: a fresh DuckDB file, or a fresh database on the session's `influxd`.
+Each test gets an empty store: a fresh DuckDB file, a fresh database on the session's `influxd`, or a
+fresh bucket on the InfluxDB 2.x server that INFLUXDB_URL and INFLUXDB_TOKEN name (skipped without them).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import pytest
+from influxdb_client.client.influxdb_client import InfluxDBClient
 
 from blocks.duckdb_store import DuckDBStore
+from blocks.influxdb_store import InfluxDBStore
 from blocks.influxdb_v1_store import InfluxDBV1Store
+from blocks.spool import Replayed, Spool, Written
 from blocks.store import BarStore, StoreError
 from tasks.bars import conform, conform_actions
+from tests.servers import free_port
 
 
 def frame(symbol: str = "BRK-B", n: int = 30, source: str = "yahoo_finance", start: str = "2024-01-01") -> pd.DataFrame:
@@ -43,12 +54,38 @@ def frame(symbol: str = "BRK-B", n: int = 30, source: str = "yahoo_finance", sta
     return data
 
 
-@pytest.fixture(params=["duckdb", "influxdb_v1"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> BarStore:
+@pytest.fixture(params=["duckdb", "influxdb_v1", "influxdb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BarStore]:
     if request.param == "duckdb":
-        return DuckDBStore(path=str(tmp_path / "sub" / "bars.duckdb"))
-    url: str = request.getfixturevalue("influxdb_url")
-    return InfluxDBV1Store(url=url, database=f"test_{uuid.uuid4().hex[:12]}")
+        yield DuckDBStore(path=str(tmp_path / "sub" / "bars.duckdb"))
+    elif request.param == "influxdb_v1":
+        url: str = request.getfixturevalue("influxdb_url")
+        yield InfluxDBV1Store(url=url, database=f"test_{uuid.uuid4().hex[:12]}")
+    else:
+        v2 = influxdb_v2_store()
+        yield v2
+        bucket = influxdb_v2_bucket(v2)
+        if bucket is not None:
+            with influxdb_v2_client(v2) as client:
+                client.buckets_api().delete_bucket(bucket)
+
+
+def influxdb_v2_store() -> InfluxDBStore:
+    url, token = os.environ.get("INFLUXDB_URL"), os.environ.get("INFLUXDB_TOKEN")
+    if not (url and token):
+        pytest.skip("InfluxDB 2.x conformance needs INFLUXDB_URL and INFLUXDB_TOKEN of a real server")
+    org = os.environ.get("INFLUXDB_ORG", "marketpipe")
+    return InfluxDBStore(url=url, token=token, org=org, bucket=f"test_{uuid.uuid4().hex[:12]}")
+
+
+def influxdb_v2_client(store: InfluxDBStore) -> InfluxDBClient:
+    return InfluxDBClient(url=store.url, token=store.token.get_secret_value(), org=store.org)
+
+
+def influxdb_v2_bucket(store: InfluxDBStore) -> Any:
+    """The store's bucket as the server describes it; None until something created it."""
+    with influxdb_v2_client(store) as client:
+        return client.buckets_api().find_bucket_by_name(store.bucket)
 
 
 def test_it_is_a_bar_store(store: BarStore) -> None:
@@ -215,6 +252,9 @@ def test_retention_is_applied_once_and_then_changes_nothing(store: BarStore) -> 
     assert store.apply_retention("365d").startswith("updated")  # deletes old rows, or sets the policy
     assert store.apply_retention("365d").startswith("unchanged")
     assert len(store.read_bars("BRK-B", start=pd.Timestamp(recent, tz="UTC"))) == 30  # nothing recent is touched
+    if isinstance(store, InfluxDBStore):
+        rules = influxdb_v2_bucket(store).retention_rules
+        assert [(r.type, r.every_seconds) for r in rules] == [("expire", 365 * 86400)]
 
 
 def test_a_retention_duration_outside_the_grammar_is_refused(store: BarStore) -> None:
@@ -232,3 +272,70 @@ def test_corporate_actions_read_with_both_fields_even_when_one_was_never_written
     assert list(read.columns) == ["time", "symbol", "source", "kind", "ratio", "amount"]
     assert read["ratio"].tolist() == [4.0]
     assert read["amount"].isna().all()
+
+
+@contextmanager
+def unavailable(store: BarStore) -> Iterator[BarStore]:
+    """The same store, unreachable for real: a server store at a port nobody listens on, or a
+    DuckDB file another process holds the lock of."""
+    if isinstance(store, DuckDBStore):
+        Path(store.path).parent.mkdir(parents=True, exist_ok=True)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import duckdb, sys; c = duckdb.connect({store.path!r}); print(1, flush=True); sys.stdin.read()",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "1"
+            yield store
+        finally:
+            holder.kill()
+            holder.wait()
+        return
+    yield cast(BarStore, store.model_copy(update={"url": f"http://127.0.0.1:{free_port()}", "write_attempts": 1}))  # type: ignore[attr-defined]
+
+
+def test_writes_the_store_cannot_take_are_spooled_and_replayed_exactly(store: BarStore, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    bars, actions = frame(n=40), split_action()
+    with unavailable(store) as down:
+        assert spool.write(down, "bars", bars) == Written(0, 40)
+        assert spool.write(down, "corporate_actions", actions) == Written(0, 1)
+    assert store.read_bars("BRK-B").empty
+    assert [(b.kind, b.points) for b in spool.pending()] == [("bars", 40), ("corporate_actions", 1)]
+
+    assert spool.replay(store) == Replayed(batches=2, points=41)
+    assert spool.pending() == []
+    pd.testing.assert_frame_equal(store.read_bars("BRK-B")[list(bars.columns)], bars, check_exact=True)
+    assert store.read_corporate_actions("AAPL")["ratio"].tolist() == [4.0]
+
+
+def test_a_write_queues_behind_what_is_spooled_so_an_older_value_never_wins(store: BarStore, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    older = frame(n=10)
+    newer = older.assign(close=older["close"] + 1.0)
+    with unavailable(store) as down:
+        spool.write(down, "bars", older)
+    assert spool.write(store, "bars", newer) == Written(10, 0)  # replays `older` first, then writes this
+    assert spool.pending() == []
+    np.testing.assert_array_equal(store.read_bars("BRK-B")["close"].to_numpy(), newer["close"].to_numpy())
+
+
+def split_action() -> pd.DataFrame:
+    return conform_actions(
+        pd.DataFrame(
+            {
+                "time": pd.to_datetime(["2020-08-31"], utc=True),
+                "symbol": "AAPL",
+                "source": "yahoo_finance",
+                "kind": ["split"],
+                "ratio": [4.0],
+                "amount": [np.nan],
+            }
+        )
+    )
