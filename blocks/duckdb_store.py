@@ -19,6 +19,7 @@ from pydantic import Field
 from blocks.store import (
     ACTION_KEY,
     BAR_KEY,
+    METRICS_KEY,
     QUARANTINE_KEY,
     SERIES_TAGS,
     StoreError,
@@ -31,6 +32,7 @@ COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 TABLE = "bars"
 ACTIONS_TABLE = "corporate_actions"
 QUARANTINE_TABLE = "quarantine"
+METRICS_TABLE = "pipeline_metrics"
 # The only text value columns; every other value is a DOUBLE.
 TEXT_COLUMNS = frozenset({"reason"})
 
@@ -181,6 +183,13 @@ class DuckDBStore(Block):
     ) -> pd.DataFrame:
         filters: dict[str, object] = {"symbol": symbol, "interval": interval, "source": source}
         return self._select(QUARANTINE_TABLE, QUARANTINE_KEY, filters, "time, source, rule", start, end)
+
+    def write_metrics(self, rows: pd.DataFrame) -> int:
+        return self._upsert(METRICS_TABLE, METRICS_KEY, rows)
+
+    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        filters: dict[str, object] = {"symbol": symbol, "source": source}
+        return self._select(METRICS_TABLE, METRICS_KEY, filters, order="source, time, interval")
 
     def read_bars(
         self,

@@ -29,13 +29,14 @@ from blocks.store import (
     ACTION_FIELDS,
     ACTION_KEY,
     BAR_KEY,
+    METRICS_KEY,
     QUARANTINE_KEY,
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
 )
 
-BARS, ACTIONS, QUARANTINE = "bars", "corporate_actions", "quarantine"
+BARS, ACTIONS, QUARANTINE, METRICS = "bars", "corporate_actions", "quarantine", "pipeline_metrics"
 TEXT_FIELDS = ("reason",)
 ROWS_PER_CHUNK = 50_000
 WRITERS = 2
@@ -74,6 +75,9 @@ class InfluxDBV1Store(Block):
 
     def write_quarantine(self, bars: pd.DataFrame) -> int:
         return self._write(QUARANTINE, bars, QUARANTINE_KEY)
+
+    def write_metrics(self, rows: pd.DataFrame) -> int:
+        return self._write(METRICS, rows, METRICS_KEY)
 
     def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> int:
         """Write every row that has a value; returns the points written (all-NaN rows have none)."""
@@ -150,6 +154,9 @@ class InfluxDBV1Store(Block):
         actions = self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
         # A field never written (no dividend yet, say) is no column in InfluxDB; every reader expects both.
         return actions.reindex(columns=[*ACTION_KEY, *ACTION_FIELDS])
+
+    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        return self._select(METRICS, METRICS_KEY, {"symbol": symbol, "source": source})
 
     def read_quarantine(
         self,

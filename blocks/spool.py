@@ -34,6 +34,7 @@ WRITERS: dict[str, str] = {
     "bars": "write_bars",
     "corporate_actions": "write_corporate_actions",
     "quarantine": "write_quarantine",
+    "pipeline_metrics": "write_metrics",
 }
 SUFFIX = ".parquet"
 META_KEY = b"marketpipe"

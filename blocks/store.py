@@ -21,6 +21,8 @@ ACTION_KEY: tuple[str, ...] = ("time", "symbol", "source", "kind")
 ACTION_FIELDS: tuple[str, ...] = ("ratio", "amount")
 # Quarantined bars: the bar's series and time plus the rule it broke; ``reason`` is the one text field.
 QUARANTINE_KEY: tuple[str, ...] = (*BAR_KEY, "rule")
+# Run metrics (`pipeline_metrics`): one row per run and series, at the run's start; float fields only.
+METRICS_KEY: tuple[str, ...] = BAR_KEY
 
 
 class StoreError(Exception):
@@ -82,6 +84,14 @@ class BarStore(Protocol):
         end: datetime | None = None,
     ) -> pd.DataFrame:
         """Stored bars oldest first, every stored column; ``end`` is exclusive."""
+        ...
+
+    def write_metrics(self, rows: pd.DataFrame) -> int:
+        """Upsert run metrics on (symbol, interval, source, time): counts per run, as float fields."""
+        ...
+
+    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        """A symbol's run metrics, oldest run first."""
         ...
 
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:

@@ -11,9 +11,10 @@ summary is published as a table artifact either way.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
+import pandas as pd
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
@@ -25,7 +26,7 @@ from tasks.collect import collect_bars
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.processing import Processed, describe_counts, process_bars
 from tasks.sources.base import Collected, load_source
-from tasks.store import Stored, replay_spool, store_bars
+from tasks.store import Stored, record_metrics, replay_spool, store_bars
 
 OK, FAILED, DEFERRED, SPOOLED = "ok", "failed", "deferred", "spooled"
 
@@ -83,6 +84,7 @@ def market_data(
     config: str | None = None,
 ) -> list[dict[str, object]]:
     """Collect, validate, enrich and store bars for each symbol; returns one summary row per symbol."""
+    started = datetime.now(UTC).replace(microsecond=0)
     settings = load_settings(config)
     checked = validate_symbols(symbols or settings.symbols)
     validate_interval(interval)
@@ -104,6 +106,7 @@ def market_data(
 
     results = [_summarise(symbol, *futures) for symbol, futures in stages.items()]
     _publish(results, source, interval)
+    record_metrics(run_metrics(results, source, interval, started), settings)
     if any(r.status in (FAILED, SPOOLED) for r in results):
         raise SymbolsFailedError(results, settings.storage.spool_dir)
     return [asdict(r) for r in results]
@@ -142,6 +145,35 @@ def _summarise(
         window=window,
         error="the store was unavailable, so its points wait in the spool" if written.spooled else "",
     )
+
+
+def run_metrics(results: list[SymbolResult], source: str, interval: str, started: datetime) -> pd.DataFrame:
+    """One `pipeline_metrics` row per symbol at the run's start: its outcome and counts, as floats."""
+    rows = [
+        {
+            "time": started,
+            "symbol": r.symbol,
+            "interval": interval,
+            "source": source,
+            **{status: float(r.status == status) for status in (OK, FAILED, DEFERRED, SPOOLED)},
+            "spooled_points": float(r.spooled),
+            "rows_written": float(r.rows_written),
+            "bars_collected": float(r.bars_collected),
+            "live_bars_skipped": float(r.live_bars_skipped),
+            "actions_written": float(r.actions_written),
+            "requests": float(r.requests),
+            **{
+                kind: float(sum(getattr(r, kind).values()))
+                for kind in ("quarantined", "repaired", "flagged", "dropped")
+            },
+            "missing_sessions": float("nan") if r.missing_sessions is None else float(r.missing_sessions),
+        }
+        for r in results
+    ]
+    metrics = pd.DataFrame(rows)
+    if not metrics.empty:
+        metrics["time"] = pd.to_datetime(metrics["time"], utc=True).astype("datetime64[ns, UTC]")
+    return metrics
 
 
 def _publish(results: list[SymbolResult], source: str, interval: str) -> None:

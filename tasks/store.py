@@ -10,7 +10,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.spool import Replayed, Spool
+from blocks.spool import Replayed, Spool, Written
 from blocks.store import BarStore, StoreUnavailableError
 from blocks.stores import store_from_settings
 from configs.settings import Settings
@@ -53,6 +53,12 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
     )
     quarantined, bars, actions = (o.written for o in outcomes)
     return Stored(bars, actions, quarantined, spooled=postponed + sum(o.spooled for o in outcomes))
+
+
+@task(name="record-metrics", cache_policy=NO_CACHE, persist_result=False)
+def record_metrics(metrics: pd.DataFrame, settings: Settings) -> Written:
+    """The run's per-symbol counts into `pipeline_metrics`, spooled like bars when the store is away."""
+    return open_spool(settings).write(store_from_settings(settings.storage), "pipeline_metrics", metrics)
 
 
 @task(name="replay-spool", cache_policy=NO_CACHE, persist_result=False)

@@ -50,6 +50,10 @@ def test_one_failing_symbol_does_not_stop_the_others(configured: DuckDBStore) ->
     for symbol in ("AAPL", "MSFT"):
         assert by_symbol[symbol].status == "ok"
         assert len(configured.read_bars(symbol)) == by_symbol[symbol].rows_written == 65
+    # Each symbol's outcome is also a `pipeline_metrics` row, stored like bars.
+    metrics = {s: configured.read_metrics(s).iloc[-1] for s in ("AAPL", "DELISTED", "MSFT")}
+    assert (metrics["DELISTED"]["failed"], metrics["DELISTED"]["ok"], metrics["DELISTED"]["rows_written"]) == (1, 0, 0)
+    assert (metrics["AAPL"]["ok"], metrics["AAPL"]["rows_written"], metrics["AAPL"]["requests"]) == (1, 65, 1)
 
 
 def test_summary_is_published_as_a_table_artifact(configured: DuckDBStore) -> None:

@@ -339,3 +339,26 @@ def split_action() -> pd.DataFrame:
             }
         )
     )
+
+
+def test_run_metrics_round_trip_and_upsert(store: BarStore) -> None:
+    runs = pd.to_datetime(["2024-03-01T21:30:00Z", "2024-03-04T21:30:00Z"], utc=True).astype("datetime64[ns, UTC]")
+    metrics = pd.DataFrame(
+        {
+            "time": runs,
+            "symbol": "^GSPC",
+            "interval": "1d",
+            "source": "yahoo_finance",
+            "ok": [1.0, 0.0],
+            "rows_written": [5.0, 0.0],
+            "missing_sessions": [np.nan, 2.0],
+        }
+    )
+    assert store.write_metrics(metrics) == 2
+    store.write_metrics(metrics.iloc[[1]].assign(ok=1.0))
+    read = store.read_metrics("^GSPC")
+    assert list(read.columns[:4]) == ["time", "symbol", "interval", "source"]
+    assert read["time"].tolist() == list(runs)
+    assert read["ok"].tolist() == [1.0, 1.0] and read["rows_written"].tolist() == [5.0, 0.0]
+    assert np.isnan(read["missing_sessions"].iloc[0]) and read["missing_sessions"].iloc[1] == 2.0
+    assert store.read_metrics("AAPL").empty
