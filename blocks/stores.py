@@ -1,6 +1,12 @@
-"""Which block serves ``storage.backend``."""
+"""Which block serves ``storage.backend``: a saved block when ``storage.block`` names one, else one
+built from the backend's section of the settings (and the environment)."""
 
 from __future__ import annotations
+
+from functools import lru_cache
+from typing import cast
+
+from prefect.blocks.core import Block
 
 from blocks.duckdb_store import DuckDBStore
 from blocks.influxdb_store import InfluxDBStore
@@ -8,8 +14,17 @@ from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.store import BarStore
 from configs.settings import ConfigError, InfluxDBSettings, StorageSettings
 
+BLOCK_TYPES: dict[str, type[Block]] = {"duckdb": DuckDBStore, "influxdb": InfluxDBStore, "influxdb_v1": InfluxDBV1Store}
+
 
 def store_from_settings(storage: StorageSettings) -> BarStore:
+    """The store for ``storage.backend``: the saved block ``storage.block``, or one built from the settings."""
+    if storage.block:
+        return saved_store(storage.backend, storage.block)
+    return store_block(storage)
+
+
+def store_block(storage: StorageSettings) -> BarStore:
     """The block for ``storage.backend``, configured from its section of the settings."""
     if storage.backend == "duckdb":
         return DuckDBStore(path=storage.duckdb.path)
@@ -25,6 +40,20 @@ def store_from_settings(storage: StorageSettings) -> BarStore:
             password=v1.password,
         )
     raise ConfigError(f"storage.backend {storage.backend!r} is not available: use duckdb, influxdb or influxdb_v1")
+
+
+@lru_cache(maxsize=8)
+def saved_store(backend: str, name: str) -> BarStore:
+    """A store block saved in Prefect, loaded once per process (every task asks for it)."""
+    kind = BLOCK_TYPES[backend]
+    try:
+        block = kind.load(name)
+    except ValueError:
+        raise ConfigError(
+            f"storage.block {name!r}: no saved {kind.get_block_type_slug()} block of that name; run `marketpipe "
+            "setup` to save it from the settings and environment, or unset storage.block"
+        ) from None
+    return cast(BarStore, block)
 
 
 def _influxdb(v2: InfluxDBSettings) -> InfluxDBStore:

@@ -80,6 +80,10 @@ class CollectionSettings(_Section):
         default_factory=lambda: str(Path(tempfile.gettempdir()) / "marketpipe-rate-limits"),
         description="pacing state shared by every process on this host",
     )
+    task_retries: int = Field(
+        0, ge=0, description="collect-task retries once its requests' own retries are spent; transient errors only"
+    )
+    task_retry_delay: float = Field(60, ge=0, description="seconds before a collect task is retried")
 
 
 def trading_calendar_name(name: str) -> str:
@@ -145,6 +149,11 @@ class StorageSettings(_Section):
     backend: Literal["duckdb", "influxdb", "influxdb_v1"] = "duckdb"
     spool_dir: str = Field(
         "data/spool", description="writes the store could not take wait here for `marketpipe replay` or the next run"
+    )
+    block: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="a saved store block of the backend's type to use; `marketpipe setup` saves it from this section",
     )
     duckdb: DuckDBSettings = DuckDBSettings()
     influxdb: InfluxDBSettings = InfluxDBSettings()

@@ -1,19 +1,31 @@
-"""Setup that every deployment needs once, and that is safe to repeat: `marketpipe setup`."""
+"""What deployments need once (`marketpipe setup`) and every day (the `maintenance` flow).
+
+Setup is safe to repeat: each step compares what the server has with what it should have and
+says `created`, `updated` or `unchanged`, so a second run reports nothing but `unchanged`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, cast
 
-from prefect.client.orchestration import get_client
+from prefect import flow, get_run_logger
+from prefect.blocks.core import Block
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
+from pydantic import SecretStr
 
 from blocks.credentials import SourceCredentials
 from blocks.duckdb_store import DuckDBStore
 from blocks.influxdb_store import InfluxDBStore
 from blocks.influxdb_v1_store import InfluxDBV1Store
-from blocks.stores import store_from_settings
-from configs.settings import Settings
+from blocks.store import StoreError
+from blocks.stores import BLOCK_TYPES, store_block, store_from_settings
+from configs.settings import ConfigError, Settings, load_settings
 from flows.market_data import collect_tag
+from tasks.store import open_spool, replay_spool
+
+BLOCK_CLASSES: tuple[type[Block], ...] = (SourceCredentials, DuckDBStore, InfluxDBStore, InfluxDBV1Store)
 
 
 @dataclass(frozen=True)
@@ -41,17 +53,96 @@ def ensure_concurrency_limits(settings: Settings) -> list[Change]:
 
 def register_blocks() -> list[Change]:
     """Make marketpipe's block types known to the server, so the UI can create and edit them."""
-    for block in (SourceCredentials, DuckDBStore, InfluxDBStore, InfluxDBV1Store):
-        block.register_type_and_schema()
-    return [Change("block types SourceCredentials, DuckDBStore, InfluxDBStore, InfluxDBV1Store", "registered")]
+    changes = []
+    with get_client(sync_client=True) as client:
+        for kind in BLOCK_CLASSES:
+            outcome = _registration(client, kind)
+            if outcome != "unchanged":
+                kind.register_type_and_schema()
+            changes.append(Change(f"block type {kind.get_block_type_slug()}", outcome))
+    return changes
+
+
+def _registration(client: SyncPrefectClient, kind: type[Block]) -> str:
+    """What registering ``kind`` would do: create its type, update its schema, or nothing."""
+    try:
+        client.read_block_type_by_slug(kind.get_block_type_slug())
+    except ObjectNotFound:
+        return "created"
+    try:
+        client.read_block_schema_by_checksum(kind._calculate_schema_checksum(), kind.get_block_schema_version())
+    except ObjectNotFound:
+        return "updated"
+    return "unchanged"
+
+
+def save_blocks(settings: Settings) -> list[Change]:
+    """Save the blocks the config names, from the settings and environment: the store, source API keys."""
+    changes = []
+    if settings.storage.block:
+        kind = BLOCK_TYPES[settings.storage.backend]
+        try:
+            built: Block | None = cast(Block, store_block(settings.storage))
+        except ConfigError:
+            built = None  # e.g. no token in this environment: an existing block is kept as it is
+        changes.append(_save(kind, settings.storage.block, built))
+    for name, source in sorted(settings.data_sources.items()):
+        if source.api_key_block:
+            key = SourceCredentials(api_key=source.api_key) if source.api_key else None
+            changes.append(_save(SourceCredentials, source.api_key_block, key, f"data_sources.{name}.api_key"))
+    return changes
+
+
+def _save(kind: type[Block], name: str, block: Block | None, needs: str = "storage") -> Change:
+    what = f"block {kind.get_block_type_slug()}/{name}"
+    try:
+        saved: Block | None = cast(Block, kind.load(name))
+    except ValueError:
+        saved = None
+    if block is None:
+        if saved is None:
+            raise ConfigError(f"cannot save {what}: {needs} is not complete in this environment (a secret missing?)")
+        return Change(f"{what} (kept: nothing to save it from here)", "unchanged")
+    if saved is not None and _values(saved) == _values(block):
+        return Change(what, "unchanged")
+    block.save(name, overwrite=True)
+    return Change(what, "created" if saved is None else "updated")
+
+
+def _values(block: Block) -> dict[str, Any]:
+    """A block's field values with secrets revealed, to compare a saved block with a fresh one."""
+    values = {name: getattr(block, name) for name in type(block).model_fields}
+    return {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in values.items()}
 
 
 def apply_retention(settings: Settings) -> list[Change]:
-    """``retention.duration`` on the configured store: a retention policy, or deleting older rows."""
+    """``retention.duration`` on the configured store: a bucket rule, a retention policy, or deleting older rows."""
     report = store_from_settings(settings.storage).apply_retention(settings.retention.duration)
     outcome, _, detail = report.partition(": ")
     return [Change(f"retention ({settings.storage.backend}): {detail}", outcome)]
 
 
 def setup(settings: Settings) -> list[Change]:
-    return [*ensure_concurrency_limits(settings), *register_blocks(), *apply_retention(settings)]
+    return [
+        *ensure_concurrency_limits(settings),
+        *register_blocks(),
+        *save_blocks(settings),
+        *apply_retention(settings),
+    ]
+
+
+@flow(name="maintenance", log_prints=True, retries=1, retry_delay_seconds=300)
+def maintenance(config: str | None = None) -> list[dict[str, str]]:
+    """Daily: the store answers, retention holds, and nothing waits in the spool."""
+    settings = load_settings(config)
+    logger = get_run_logger()
+    store_from_settings(settings.storage).health()
+    changes = apply_retention(settings)
+    replayed = replay_spool(settings)
+    changes.append(Change(f"spool: replayed {replayed.points} points", "updated" if replayed.points else "unchanged"))
+    for change in changes:
+        logger.info("%s: %s", change.outcome, change.what)
+    left = open_spool(settings).points()
+    if left:
+        raise StoreError(f"{left} points are still spooled in {settings.storage.spool_dir}: the store refuses them")
+    return [asdict(c) for c in changes]

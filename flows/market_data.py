@@ -96,9 +96,11 @@ def market_data(
     replay_spool(settings)
 
     stages: dict[str, tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]] = {}
+    retries = settings.collection
+    collect = collect_bars.with_options(retries=retries.task_retries, retry_delay_seconds=retries.task_retry_delay)
     for symbol in checked:
         with tags(collect_tag(source)):
-            collected = collect_bars.submit(settings, source, symbol, interval, start, end)
+            collected = collect.submit(settings, source, symbol, interval, start, end)
         # Prefect resolves a future passed as an argument into its result, which mypy can't see.
         processed = process_bars.submit(collected, settings, source, symbol, interval)  # type: ignore[call-overload]
         stored = store_bars.submit(processed, settings, symbol)

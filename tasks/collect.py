@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 import pandas as pd
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
 
 from blocks.credentials import SourceCredentials
 from blocks.store import BarStore
 from blocks.stores import store_from_settings
 from configs.settings import CollectionSettings, Settings, SourceSettings
+from tasks.errors import TransientSourceError
 from tasks.sources.base import BarQuery, Collected, Window, load_source, pacer_for
 
 
@@ -67,11 +69,17 @@ def collect(
     return collected
 
 
+def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a collect task only when another try could succeed: not for an unknown symbol or a spent quota."""
+    return isinstance(state.result(raise_on_failure=False), TransientSourceError)
+
+
 @task(
     name="collect",
     task_run_name="collect-{source}-{symbol}-{interval}",
     cache_policy=NO_CACHE,
     persist_result=False,
+    retry_condition_fn=transient_only,
 )
 def collect_bars(
     settings: Settings, source: str, symbol: str, interval: str, start: date | None, end: date | None

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pytest
@@ -243,26 +244,53 @@ def test_a_used_up_daily_quota_defers_symbols(env: dict[str, str], tmp_path: Pat
     assert len(sandbox.requests()) == 2
 
 
-def test_setup_creates_concurrency_limits_idempotently(env: dict[str, str]) -> None:
+def test_setup_twice_changes_nothing_the_second_time(env: dict[str, str], tmp_path: Path) -> None:
+    """Concurrency limits, block types, blocks saved from the environment, retention: all idempotent."""
+    store_path = str(tmp_path / "from-block.duckdb")
     env = {
         **env,
         "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__CONCURRENCY": "3",
         "MARKETPIPE__RETENTION__DURATION": "365d",
+        "MARKETPIPE__STORAGE__BLOCK": "setup-test-store",
+        "MARKETPIPE__STORAGE__DUCKDB__PATH": store_path,
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__API_KEY_BLOCK": "setup-test-av",
+        "ALPHA_VANTAGE_API_KEY": "first-key",
     }
     first = run("setup", env=env)
     assert first.returncode == 0, first.stderr
     assert "concurrency limit collect:yahoo_finance = 3" in first.stdout
+    assert "created  block marketpipe-duckdb-store/setup-test-store" in first.stdout
+    assert "created  block marketpipe-source-credentials/setup-test-av" in first.stdout
+    assert "first-key" not in first.stdout + first.stderr
+
     second = run("setup", env=env)
     assert second.returncode == 0, second.stderr
-    lines = [line for line in second.stdout.splitlines() if "concurrency limit" in line or "retention" in line]
-    assert len(lines) == 4 and all(line.strip().startswith("unchanged") for line in lines), second.stdout
+    lines = second.stdout.splitlines()
+    assert len(lines) >= 10 and all(line.strip().startswith("unchanged") for line in lines), second.stdout
+
+    rotated = run("setup", env={**env, "ALPHA_VANTAGE_API_KEY": "second-key"})
+    assert "updated  block marketpipe-source-credentials/setup-test-av" in rotated.stdout
+    unset = run("setup", env={**env, "ALPHA_VANTAGE_API_KEY": ""})  # nothing to save it from: the saved one stays
+    assert "unchanged  block marketpipe-source-credentials/setup-test-av (kept" in unset.stdout, unset.stdout
 
     from prefect.client.orchestration import get_client
 
+    from blocks.credentials import SourceCredentials
+    from blocks.stores import saved_store
+
+    assert cast(SourceCredentials, SourceCredentials.load("setup-test-av")).api_key.get_secret_value() == "second-key"
+    # With storage.block set, the flow's store is the saved block, not the settings' path.
+    assert cast(DuckDBStore, saved_store("duckdb", "setup-test-store")).path == store_path
     with get_client(sync_client=True) as client:
         assert client.read_concurrency_limit_by_tag("collect:yahoo_finance").concurrency_limit == 3
         for source in ("yahoo_finance", "alpha_vantage"):  # leave the session's server as it was
             client.delete_concurrency_limit_by_tag(f"collect:{source}")
+
+
+def test_a_store_block_that_was_never_saved_is_a_config_error(env: dict[str, str]) -> None:
+    result = run("query", "--symbol", "AAPL", env={**env, "MARKETPIPE__STORAGE__BLOCK": "never-saved"})
+    assert result.returncode == 2
+    assert "storage.block 'never-saved'" in result.stderr and "marketpipe setup" in result.stderr
 
 
 def test_the_api_key_can_come_from_a_saved_block(prefect_env: dict[str, str]) -> None:
@@ -275,3 +303,21 @@ def test_the_api_key_can_come_from_a_saved_block(prefect_env: dict[str, str]) ->
     assert resolved.api_key is not None and resolved.api_key.get_secret_value() == "key-from-block"
     from_env = SourceSettings(base_url="http://x/query", api_key="from-env", api_key_block="alpha-vantage-test")
     assert resolve_credentials(from_env).api_key.get_secret_value() == "from-env"  # type: ignore[union-attr]
+
+
+def test_a_collect_task_is_retried_on_transient_errors_only(
+    env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]
+) -> None:
+    sandbox = sandbox_with(tmp_path, "--fault", "FLAKY=5xx", "--not-found", "GONE")
+    stopper.append(sandbox)
+    env = {
+        **env,
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url,
+        "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RETRY__MAX_ATTEMPTS": "2",
+        "MARKETPIPE__COLLECTION__TASK_RETRIES": "2",
+        "MARKETPIPE__COLLECTION__TASK_RETRY_DELAY": "0",
+    }
+    result = run("run", "--symbols", "AAPL,FLAKY,GONE", "--start", "2024-01-01", "--end", "2024-01-31", env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    requests = Counter(e["symbol"] for e in sandbox.requests())
+    assert requests == {"AAPL": 1, "FLAKY": 2 * 3, "GONE": 1}  # 2 attempts a try, 3 tries; a 404 is tried once
