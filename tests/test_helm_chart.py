@@ -1,0 +1,705 @@
+"""The Helm chart at helm/marketpipe, offline: lint, render, strict Kubernetes schemas, security, and
+the work pool's base job template resolved by Prefect itself.
+
+Helm runs in-process (helm-python-sdk bundles Helm's Go SDK) and kubernetes-validate bundles the
+Kubernetes OpenAPI schemas, so nothing here needs a cluster, a helm binary or the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+from unittest.mock import AsyncMock
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import FlowRun
+from prefect_kubernetes.settings import KubernetesSettings
+from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "marketpipe"
+TEMPLATE_FILE = CHART / "files" / "base-job-template.json"
+FIXTURES = Path(__file__).parent / "fixtures" / "helm"
+
+RELEASE = "mp"
+NAMESPACE = "marketpipe"
+# The Kubernetes versions the manifests are checked against: 1.31 and the newest the package bundles.
+KUBE_VERSION = "1.31.0"
+KUBE_VERSIONS = sorted({KUBE_VERSION, str(kubernetes_validate.latest_version())})
+API_URL = "http://prefect-server.prefect.svc:4200/api"
+# prefect.apiUrl has no default (a wrong one would send the worker nowhere): the one value to pass.
+MINIMAL = {"prefect": {"apiUrl": API_URL}}
+WORKLOADS = {"Deployment", "StatefulSet", "Job"}
+CLIENT_COMPONENTS = {"worker", "flow-run", "setup"}
+
+# The work pool's variables, which deployments set through job_variables in prefect.yaml.
+TEMPLATE_VARIABLES = {
+    "annotations",
+    "backoff_limit",
+    "cluster_config",
+    "command",
+    "cpu_limit",
+    "cpu_request",
+    "env",
+    "env_secret",
+    "finished_job_ttl",
+    "image",
+    "image_pull_policy",
+    "job_watch_timeout_seconds",
+    "labels",
+    "memory_limit",
+    "memory_request",
+    "name",
+    "namespace",
+    "pod_watch_timeout_seconds",
+    "service_account_name",
+    "stream_output",
+}
+
+Doc = dict[str, Any]
+
+
+def fixture_values(name: str) -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((FIXTURES / name).read_text())
+    return values
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "default": MINIMAL,
+    "production": fixture_values("production-values.yaml"),
+    "external-influxdb": fixture_values("external-influxdb-values.yaml"),
+}
+
+
+def render_files(values: dict[str, Any]) -> dict[str, str]:
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(values: dict[str, Any]) -> list[Doc]:
+    docs: list[Doc] = []
+    for path, text in sorted(render_files(values).items()):
+        if path.endswith(".yaml"):
+            docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def render_error(values: dict[str, Any]) -> str:
+    with pytest.raises(helm.HelmError) as caught:
+        render_files(values)
+    return str(caught.value)
+
+
+def merged(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge values layers, later ones winning (as repeated -f/--set do)."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = merged(result[key], value)
+            else:
+                result[key] = copy.deepcopy(value)
+    return result
+
+
+def one(docs: list[Doc], kind: str, suffix: str = "") -> Doc:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"{kind} *{suffix}: {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def containers(pod_spec: Doc) -> list[Doc]:
+    return [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
+
+
+def env_of(container: Doc) -> dict[str, Any]:
+    """name -> value, or the valueFrom mapping for references."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes LabelSelector matches the labels (In/NotIn/Exists/DoesNotExist)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
+    name = cast(str, request.param)
+    return name, render(CASES[name])
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[Doc]:
+    return render(MINIMAL)
+
+
+@pytest.fixture(scope="module")
+def production_docs() -> list[Doc]:
+    return render(CASES["production"])
+
+
+# --- lint and render -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [None, MINIMAL, CASES["production"], CASES["external-influxdb"]],
+    ids=["chart-defaults", "default", "production", "external-influxdb"],
+)
+def test_helm_lint_strict_finds_no_warning_or_error(values: dict[str, Any] | None) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error; 1 is info
+    assert problems == []
+
+
+def test_every_rendered_manifest_validates_strictly(case: tuple[str, list[Doc]]) -> None:
+    name, docs = case
+    assert len(docs) >= 9, name
+    for doc in docs:
+        # strict: the schemas forbid unknown fields, so a misspelt or misplaced key fails here
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+        assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
+        assert len(doc["metadata"]["name"]) <= 63
+
+
+def test_strict_validation_rejects_an_unknown_field(default_docs: list[Doc]) -> None:
+    deployment = copy.deepcopy(one(default_docs, "Deployment", "-worker"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonRot"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+
+
+def test_the_chart_renders_what_each_case_needs(case: tuple[str, list[Doc]]) -> None:
+    name, docs = case
+    kinds = sorted(d["kind"] for d in docs)
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    assert kinds.count("Deployment") == 1 and kinds.count("ConfigMap") == 1 and kinds.count("Job") == 1
+    assert kinds.count("Role") == 1 and kinds.count("RoleBinding") == 1 and kinds.count("ServiceAccount") == 2
+    in_chart_influxdb = name != "external-influxdb"
+    assert kinds.count("StatefulSet") == int(in_chart_influxdb)
+    assert kinds.count("Service") == 2 * int(in_chart_influxdb)
+    assert kinds.count("NetworkPolicy") == 2 + int(in_chart_influxdb)
+    # secrets are generated only when nothing names an existing one
+    assert kinds.count("Secret") == (2 if name == "default" else 0)
+
+
+# --- security ---------------------------------------------------------------------------------
+
+
+def test_every_pod_runs_hardened(case: tuple[str, list[Doc]]) -> None:
+    _, docs = case
+    workloads = [d for d in docs if d["kind"] in WORKLOADS]
+    assert {d["kind"] for d in workloads} >= {"Deployment", "Job"}
+    for doc in workloads:
+        assert_hardened_pod(doc["spec"]["template"]["spec"], doc["metadata"]["name"])
+
+
+def assert_hardened_pod(pod: Doc, where: str) -> None:
+    assert pod["securityContext"].get("runAsNonRoot") is True, where
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    assert pod.get("hostNetwork") is not True and pod.get("hostPID") is not True, where
+    for container in containers(pod):
+        at = f"{where}/{container['name']}"
+        context = container["securityContext"]
+        assert context.get("allowPrivilegeEscalation") is False, at
+        assert context.get("capabilities") == {"drop": ["ALL"]}, at
+        assert context.get("privileged") is not True, at
+        assert context.get("runAsNonRoot", True) is True, at
+        # the worker, the setup Job, the flow runs and InfluxDB alike: writable paths are volumes
+        assert context.get("readOnlyRootFilesystem") is True, at
+        for bound in ("requests", "limits"):
+            assert set(container["resources"][bound]) >= {"cpu", "memory"}, f"{at} {bound}"
+
+
+def test_the_worker_role_is_namespaced_and_minimal(case: tuple[str, list[Doc]]) -> None:
+    _, docs = case
+    role = one(docs, "Role")
+    grants = {
+        (g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert grants[("batch", "jobs")] == {"create", "get", "list", "watch", "delete"}
+    assert grants[("", "pods")] == {"get", "list", "watch"}
+    assert grants[("", "pods/log")] == {"get"}
+    assert grants[("", "events")] <= {"get", "list", "watch"}
+    assert set(grants) == {("batch", "jobs"), ("", "pods"), ("", "pods/log"), ("", "events")}
+    assert all("*" not in verbs for verbs in grants.values())
+    binding = one(docs, "RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    worker = one(docs, "Deployment", "-worker")["spec"]["template"]["spec"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": worker["serviceAccountName"], "namespace": NAMESPACE}
+    ]
+    # the observer must stay in this namespace, or it would need cluster-wide list/watch
+    assert env_of(worker["containers"][0])["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"] == NAMESPACE
+
+
+def test_only_the_worker_gets_a_service_account_token(case: tuple[str, list[Doc]]) -> None:
+    _, docs = case
+    for doc in docs:
+        if doc["kind"] in WORKLOADS and not doc["metadata"]["name"].endswith("-worker"):
+            assert doc["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    flow_run_account = one(docs, "ServiceAccount", "-flow-run")
+    assert flow_run_account["automountServiceAccountToken"] is False
+
+
+def test_network_policies_confine_clients_and_influxdb(case: tuple[str, list[Doc]]) -> None:
+    name, docs = case
+    clients = one(docs, "NetworkPolicy", "-clients")["spec"]
+    assert set(clients["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in clients  # default-deny ingress
+    component_rule = next(
+        e for e in clients["podSelector"]["matchExpressions"] if e["key"] == "app.kubernetes.io/component"
+    )
+    assert set(component_rule["values"]) == CLIENT_COMPONENTS
+    for rule in clients["egress"]:
+        ports = {p["port"] for p in rule["ports"]}
+        # a rule without `to` allows every destination: only DNS may be that open
+        assert "to" in rule or ports == {53}, rule
+    egress_ports = {p["port"] for rule in clients["egress"] for p in rule["ports"]}
+    assert {53, 443} <= egress_ports
+
+    # the pods the policies are for carry the labels it selects
+    worker = one(docs, "Deployment", "-worker")["spec"]["template"]["metadata"]["labels"]
+    setup = one(docs, "Job", "-setup")["spec"]["template"]["metadata"]["labels"]
+    flow_run = base_job_template(docs)["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"]["labels"]
+    for labels in (worker, setup, flow_run):
+        assert selects(clients["podSelector"], labels), labels
+
+    worker_policy = one(docs, "NetworkPolicy", "-worker")["spec"]
+    assert "Egress" in worker_policy["policyTypes"] and "Ingress" in worker_policy["policyTypes"]
+    assert "ingress" not in worker_policy
+    assert selects(worker_policy["podSelector"], worker)
+    assert not selects(worker_policy["podSelector"], flow_run)
+
+    if name == "external-influxdb":
+        influx_rule = next(r for r in clients["egress"] if any(p["port"] == 8086 for p in r["ports"]))
+        assert influx_rule["to"] == [{"ipBlock": {"cidr": "10.20.30.0/24"}}]
+        return
+    influxdb = one(docs, "NetworkPolicy", "-influxdb")["spec"]
+    pod_labels = one(docs, "StatefulSet", "-influxdb")["spec"]["template"]["metadata"]["labels"]
+    assert selects(influxdb["podSelector"], pod_labels)
+    assert set(influxdb["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = influxdb["ingress"]
+    assert ingress["ports"] == [{"port": 8086, "protocol": "TCP"}]
+    assert selects(ingress["from"][0]["podSelector"], flow_run)
+    assert not selects(ingress["from"][0]["podSelector"], pod_labels)
+
+
+def test_source_apis_are_reachable_only_when_allowed(default_docs: list[Doc]) -> None:
+    def https_rules(docs: list[Doc]) -> list[Doc]:
+        egress = one(docs, "NetworkPolicy", "-clients")["spec"]["egress"]
+        return [r for r in egress if any("ipBlock" in peer for peer in r.get("to", []))]
+
+    (public,) = https_rules(default_docs)
+    assert public["ports"] == [{"port": 443, "protocol": "TCP"}]
+    block = public["to"][0]["ipBlock"]
+    assert block["cidr"] == "0.0.0.0/0"
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(block["except"])
+    assert https_rules(render(merged(MINIMAL, {"networkPolicy": {"allowSourceApis": False}}))) == []
+    off = render(merged(MINIMAL, {"networkPolicy": {"enabled": False}}))
+    assert [d for d in off if d["kind"] == "NetworkPolicy"] == []
+
+
+def test_dns_egress_is_open_to_any_destination_only_on_request(default_docs: list[Doc]) -> None:
+    def dns_rule(docs: list[Doc]) -> Doc:
+        egress = one(docs, "NetworkPolicy", "-clients")["spec"]["egress"]
+        (rule,) = [r for r in egress if {p["port"] for p in r["ports"]} == {53}]
+        return cast(Doc, rule)
+
+    assert dns_rule(default_docs)["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    anywhere = merged(MINIMAL, {"networkPolicy": {"dns": {"namespaceSelector": None, "podSelector": None}}})
+    assert "to" not in dns_rule(render(anywhere))
+
+
+def test_values_yaml_holds_no_secret() -> None:
+    """Under keys named like a credential, values.yaml may only hold empty values or references
+    (the `name`/`key` of an existing Secret, or `<password|token>Key`: a key inside one)."""
+    sensitive = re.compile(r"token|password|secret|api_?key|credential", re.IGNORECASE)
+    reference = re.compile(r"^(name|key|(.*(password|token))Key)$", re.IGNORECASE)
+
+    def walk(node: Any, path: str, inside: bool) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                key_path = f"{path}.{key}" if path else key
+                flagged = (inside or bool(sensitive.search(key))) and not reference.match(key)
+                yield from walk(value, key_path, flagged or (inside and isinstance(value, dict)))
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                yield from walk(item, f"{path}[{index}]", inside)
+        elif inside and node not in (None, "", False):
+            yield f"{path}={node!r}"
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert list(walk(values, "", False)) == []
+    # the walk does catch one
+    planted = {"influxdb": {"auth": {"adminToken": "s3cr3t"}}, "prefect": {"apiKeySecret": {"value": "pnu_x"}}}
+    assert list(walk(planted, "", False)) == ["influxdb.auth.adminToken='s3cr3t'", "prefect.apiKeySecret.value='pnu_x'"]
+
+
+def test_generated_influxdb_credentials_are_random_and_shared(default_docs: list[Doc]) -> None:
+    auth = one(default_docs, "Secret", "-influxdb-auth")
+    env = one(default_docs, "Secret", "-flow-run-env")
+    for secret in (auth, env):
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    token = base64.b64decode(auth["data"]["admin-token"]).decode()
+    password = base64.b64decode(auth["data"]["admin-password"]).decode()
+    assert len(token) == 64 and len(password) == 32 and token.isalnum()
+    # flow runs get the same token under the name envFrom needs
+    assert env["data"] == {"INFLUXDB_TOKEN": auth["data"]["admin-token"]}
+    again = one(render(MINIMAL), "Secret", "-influxdb-auth")
+    assert again["data"]["admin-token"] != auth["data"]["admin-token"]  # no cluster to look up: fresh
+
+
+# --- workloads --------------------------------------------------------------------------------
+
+
+def test_worker_runs_the_pool_with_the_mounted_template(case: tuple[str, list[Doc]]) -> None:
+    name, docs = case
+    worker = one(docs, "Deployment", "-worker")
+    pod = worker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pool = CASES[name].get("workPool", {}).get("name", "marketpipe-k8s")
+    assert container["args"][:9] == [
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        "/etc/marketpipe/base-job-template.json",
+    ]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/etc/marketpipe"]]["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    env = env_of(container)
+    assert env["PREFECT_HOME"].startswith("/tmp/")
+    assert env["PREFECT_API_URL"] == CASES[name]["prefect"]["apiUrl"]
+    if name == "production":
+        assert env["PREFECT_API_KEY"] == {"secretKeyRef": {"name": "prefect-cloud", "key": "PREFECT_API_KEY"}}
+        assert env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_KEY_SECRET_NAME"] == "prefect-cloud"
+        assert worker["spec"]["replicas"] == 2
+    else:
+        assert "PREFECT_API_KEY" not in env
+
+
+def test_prefect_kubernetes_reads_the_workers_settings(
+    case: tuple[str, list[Doc]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, docs = case
+    (container,) = one(docs, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"]
+    for key, value in env_of(container).items():
+        if isinstance(value, str):
+            monkeypatch.setenv(key, value)
+    settings = KubernetesSettings()
+    assert settings.observer.namespaces == {NAMESPACE}
+    if name == "production":
+        assert (settings.worker.api_key_secret_name, settings.worker.api_key_secret_key) == (
+            "prefect-cloud",
+            "PREFECT_API_KEY",
+        )
+    else:
+        assert settings.worker.api_key_secret_name is None
+
+
+def test_setup_job_is_a_hook_with_the_flow_run_environment(case: tuple[str, list[Doc]]) -> None:
+    name, docs = case
+    job = one(docs, "Job", "-setup")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    assert job["spec"]["backoffLimit"] >= 1 and job["spec"]["ttlSecondsAfterFinished"] > 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    setup = next(c for c in pod["containers"] if c["name"] == "setup")
+    assert setup["args"] == ["marketpipe", "setup"]
+    env = env_of(setup)
+    template = base_job_template(docs)
+    defaults = template["variables"]["properties"]
+    flow_env = defaults["env"]["default"]
+    for key in ("INFLUXDB_URL", "INFLUXDB_ORG", "INFLUXDB_BUCKET", "MARKETPIPE_ENV"):
+        assert env[key] == flow_env[key], key
+    assert env["MARKETPIPE_ENV"] == "production"
+    assert env["PREFECT_API_URL"] == CASES[name]["prefect"]["apiUrl"]
+    # INFLUXDB_TOKEN comes from the same Secret the flow runs use
+    assert setup["envFrom"] == [{"secretRef": {"name": defaults["env_secret"]["default"]}}]
+    if name == "production":
+        assert env["ALPHA_VANTAGE_API_KEY"] == {"secretKeyRef": {"name": "alpha-vantage", "key": "api-key"}}
+        assert "PREFECT_API_KEY" in env
+    (sync,) = pod["initContainers"]
+    assert "prefect work-pool create" in sync["args"][-1] and "--base-job-template" in sync["args"][-1]
+
+
+def test_influxdb_statefulset(default_docs: list[Doc], production_docs: list[Doc]) -> None:
+    for docs, secret, storage_class in (
+        (default_docs, "mp-marketpipe-influxdb-auth", None),
+        (production_docs, "influxdb-admin", "fast-ssd"),
+    ):
+        sts = one(docs, "StatefulSet", "-influxdb")
+        assert sts["spec"]["replicas"] == 1
+        pod = sts["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == 1000 and pod["securityContext"]["fsGroup"] == 1000
+        (container,) = pod["containers"]
+        assert container["image"] == "influxdb:2.7"
+        env = env_of(container)
+        assert env["DOCKER_INFLUXDB_INIT_MODE"] == "setup"
+        assert env["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"]["secretKeyRef"]["name"] == secret
+        assert env["DOCKER_INFLUXDB_INIT_PASSWORD"]["secretKeyRef"]["name"] == secret
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/health"
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts == {"/var/lib/influxdb2", "/etc/influxdb2", "/tmp"}
+        (claim,) = sts["spec"]["volumeClaimTemplates"]
+        assert claim["spec"].get("storageClassName") == storage_class
+        service = one(docs, "Service", "-influxdb")
+        assert service["spec"]["ports"][0]["port"] == 8086
+        assert selects({"matchLabels": service["spec"]["selector"]}, sts["spec"]["template"]["metadata"]["labels"])
+    influxdb = one(production_docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(influxdb)["DOCKER_INFLUXDB_INIT_RETENTION"] == "104w"
+
+
+# --- values checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"bogus": 1},
+        {"worker": {"bogus": 1}},
+        {"influxdb": {"persistance": {"size": "1Gi"}}},
+        {"workPool": {"jobDefaults": {"cpuLimit": 2}}},
+    ],
+    ids=["top-level", "worker", "influxdb-typo", "number-for-quantity"],
+)
+def test_values_outside_the_schema_fail(extra: dict[str, Any]) -> None:
+    message = render_error(merged(MINIMAL, extra))
+    assert "schema" in message
+
+
+def test_missing_prefect_api_url_fails_with_a_clear_message() -> None:
+    assert "prefect.apiUrl is required" in render_error({})
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"prefect": {"cloud": {"enabled": True}}}, "prefect.cloud.apiKeySecret.name is required"),
+        ({"influxdb": {"enabled": False}}, "influxdb.external.url is required"),
+        ({"influxdb": {"external": {"url": "http://influx:8086"}}}, "influxdb.enabled is true"),
+        ({"influxdb": {"auth": {"existingSecret": "influx"}}}, "workPool.jobDefaults.envSecret is required"),
+        (
+            {
+                "influxdb": {"enabled": False, "external": {"url": "http://influx:8086"}},
+                "workPool": {"jobDefaults": {"envSecret": "e"}},
+            },
+            "influxdb.external.cidrs is required",
+        ),
+        # null removes a default map (an empty one would merge into it)
+        (
+            {"networkPolicy": {"prefectApi": {"namespaceSelector": None, "podSelector": None}}},
+            "networkPolicy.prefectApi needs",
+        ),
+    ],
+    ids=[
+        "cloud-without-key",
+        "external-without-url",
+        "both-influxdbs",
+        "no-env-secret",
+        "external-without-cidrs",
+        "no-prefect-peer",
+    ],
+)
+def test_inconsistent_values_fail_with_a_message(extra: dict[str, Any], expected: str) -> None:
+    assert expected in render_error(merged(MINIMAL, extra))
+
+
+def test_notes_name_the_next_steps() -> None:
+    notes = render_files(MINIMAL)["marketpipe/templates/NOTES.txt"]
+    assert "prefect deploy --all" in notes
+    backfill = "prefect deployment run 'market-data/market-data-backfill' -p symbols='[\"AAPL\"]' -p start=2024-01-01"
+    assert backfill in notes
+    assert "spool.existingClaim" in notes
+    assert "spool.existingClaim" not in render_files(CASES["production"])["marketpipe/templates/NOTES.txt"]
+
+
+# --- the base job template ----------------------------------------------------------------------
+
+
+def base_job_template(docs: list[Doc]) -> Doc:
+    template: Doc = json.loads(one(docs, "ConfigMap", "-base-job-template")["data"]["base-job-template.json"])
+    return template
+
+
+def resolve(template: Doc, values: dict[str, Any]) -> KubernetesWorkerJobConfiguration:
+    """What the worker does with a flow run: template + job variables -> a Job manifest."""
+    client = AsyncMock(spec=PrefectClient)
+    configuration = asyncio.run(
+        KubernetesWorkerJobConfiguration.from_template_and_values(template, values, client=cast(PrefectClient, client))
+    )
+    assert client.method_calls == []  # no block or variable reference needed the API
+    configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="calm-otter"))
+    return configuration
+
+
+def test_the_template_file_is_a_kubernetes_base_job_template() -> None:
+    template = json.loads(TEMPLATE_FILE.read_text())
+    assert set(template) == {"job_configuration", "variables"}
+    assert set(template["variables"]["properties"]) == TEMPLATE_VARIABLES
+    default = KubernetesWorker.get_default_base_job_template()
+    # everything Prefect's default has stays, with the same placeholders
+    assert set(default["variables"]["properties"]) < TEMPLATE_VARIABLES
+    assert {k: v for k, v in template["job_configuration"].items() if k != "job_manifest"} == {
+        k: v for k, v in default["job_configuration"].items() if k != "job_manifest"
+    }
+    WorkPoolCreate(name="marketpipe-k8s", type="kubernetes", base_job_template=template)
+
+
+def test_rendered_template_keeps_prefects_placeholders(case: tuple[str, list[Doc]]) -> None:
+    _, docs = case
+    text = one(docs, "ConfigMap", "-base-job-template")["data"]["base-job-template.json"]
+    for placeholder in ("{{ image }}", "{{ env_secret }}", "{{ cpu_limit }}", "{{ command }}", "{{ namespace }}"):
+        assert placeholder in text
+    template = json.loads(text)
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "{{ image }}"
+    assert container["envFrom"] == [{"secretRef": {"name": "{{ env_secret }}"}}]
+    # Helm changed defaults only: the job configuration is the file's, but for the per-release patches
+    original = json.loads(TEMPLATE_FILE.read_text())
+    assert set(template["variables"]["properties"]) == set(original["variables"]["properties"]) == TEMPLATE_VARIABLES
+    WorkPoolCreate(name="marketpipe-k8s", type="kubernetes", base_job_template=template)
+
+
+def test_template_defaults_come_from_the_values(default_docs: list[Doc], production_docs: list[Doc]) -> None:
+    defaults = {k: v.get("default") for k, v in base_job_template(default_docs)["variables"]["properties"].items()}
+    assert defaults["namespace"] == NAMESPACE
+    assert defaults["image"] == "marketpipe:0.1.0"
+    assert defaults["service_account_name"] == "mp-marketpipe-flow-run"
+    assert defaults["env_secret"] == "mp-marketpipe-flow-run-env"
+    assert (defaults["cpu_request"], defaults["cpu_limit"], defaults["memory_request"], defaults["memory_limit"]) == (
+        "250m",
+        "1",
+        "512Mi",
+        "2Gi",
+    )
+    assert defaults["finished_job_ttl"] == 86400 and defaults["backoff_limit"] == 0
+    assert defaults["env"] == {
+        "MARKETPIPE_ENV": "production",
+        "INFLUXDB_URL": "http://mp-marketpipe-influxdb.marketpipe.svc:8086",
+        "INFLUXDB_ORG": "marketpipe",
+        "INFLUXDB_BUCKET": "market_data",
+        "MARKETPIPE__RETENTION__DURATION": "365d",
+        "MARKETPIPE__STORAGE__SPOOL_DIR": "/var/spool/marketpipe",
+        "PREFECT_HOME": "/tmp/prefect",
+        "NUMBA_CACHE_DIR": "/tmp/numba-cache",
+    }
+    prod = {k: v.get("default") for k, v in base_job_template(production_docs)["variables"]["properties"].items()}
+    assert prod["image"] == "registry.example.com/marketpipe:0.1.0" and prod["image_pull_policy"] == "Always"
+    assert prod["env_secret"] == "marketpipe-flow-run-env"
+    assert (prod["cpu_request"], prod["cpu_limit"], prod["memory_request"], prod["memory_limit"]) == (
+        "500m",
+        "2",
+        "1Gi",
+        "4Gi",
+    )
+    assert prod["env"]["INFLUXDB_ORG"] == "markets" and prod["env"]["INFLUXDB_BUCKET"] == "bars"
+
+
+def test_prefect_resolves_the_template_into_a_valid_hardened_job(case: tuple[str, list[Doc]]) -> None:
+    name, docs = case
+    template = base_job_template(docs)
+    configuration = resolve(template, {"image": "registry.example.com/marketpipe:1.2.3"})
+    job = copy.deepcopy(configuration.job_manifest)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example.com/marketpipe:1.2.3"
+    assert container["args"] == ["prefect", "flow-run", "execute"]
+    env = env_of(container)
+    defaults = template["variables"]["properties"]
+    for key, value in defaults["env"]["default"].items():
+        assert env[key] == value, key
+    assert env["MARKETPIPE__STORAGE__SPOOL_DIR"] == "/var/spool/marketpipe"
+    assert container["envFrom"] == [{"secretRef": {"name": defaults["env_secret"]["default"]}}]
+    assert container["resources"] == {
+        "requests": {"cpu": defaults["cpu_request"]["default"], "memory": defaults["memory_request"]["default"]},
+        "limits": {"cpu": defaults["cpu_limit"]["default"], "memory": defaults["memory_limit"]["default"]},
+    }
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    spool = volumes[mounts["/var/spool/marketpipe"]]
+    if name == "default":
+        assert "emptyDir" in spool
+    else:
+        assert spool == {"name": "spool", "persistentVolumeClaim": {"claimName": "marketpipe-spool"}}
+    if name == "production":
+        assert env["ALPHA_VANTAGE_API_KEY"] == {"secretKeyRef": {"name": "alpha-vantage", "key": "api-key"}}
+        assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert job["metadata"]["namespace"] == NAMESPACE
+    assert pod["serviceAccountName"].endswith("-flow-run") and pod["automountServiceAccountToken"] is False
+    assert_hardened_pod(pod, "flow-run")
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["fsGroup"] == 10001
+    # Prefect's validator requires parallelism/completions inside the pod spec, where Kubernetes
+    # ignores them (with a warning); everything else must be a valid Job.
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+
+
+def test_deployments_override_job_variables() -> None:
+    template = base_job_template(render(MINIMAL))
+    configuration = resolve(
+        template,
+        {
+            "image": "marketpipe:2",
+            "cpu_limit": "4",
+            "memory_limit": "8Gi",
+            "env_secret": "other-env",
+            "env": {"MARKETPIPE__COLLECTION__OVERLAP_DAYS": "10"},
+        },
+    )
+    (container,) = configuration.job_manifest["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
+    assert container["resources"]["requests"] == {"cpu": "250m", "memory": "512Mi"}
+    assert container["envFrom"] == [{"secretRef": {"name": "other-env"}}]
+    env = env_of(container)
+    # a deployment's env adds to the pool's, it does not replace it
+    assert env["MARKETPIPE__COLLECTION__OVERLAP_DAYS"] == "10"
+    assert env["INFLUXDB_URL"] == "http://mp-marketpipe-influxdb.marketpipe.svc:8086"
