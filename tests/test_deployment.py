@@ -3,6 +3,7 @@ run cycle on a process work pool, including a retry of a failed run the way the 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -126,3 +127,14 @@ def wait_until_final(run_id: UUID, timeout: float = 240) -> FlowRun:
                 return run
             time.sleep(0.5)
     raise AssertionError(f"flow run {run_id} did not finish within {timeout} s: {run.state}")
+
+
+def test_the_kubernetes_deployments_use_the_charts_work_pool_and_its_job_variables() -> None:
+    chart = REPO / "helm" / "marketpipe"
+    template = json.loads((chart / "files" / "base-job-template.json").read_text())
+    pool = yaml.safe_load((chart / "values.yaml").read_text())["workPool"]["name"]
+    for name, deployment in deployments("prefect.yaml").items():
+        work_pool = deployment["work_pool"]
+        assert work_pool["name"] == pool, name
+        unknown = set(work_pool["job_variables"]) - set(template["variables"]["properties"])
+        assert unknown == set(), f"{name}: job variables the chart's template does not define: {unknown}"
