@@ -31,7 +31,7 @@ BLOCK_CLASSES: tuple[type[Block], ...] = (SourceCredentials, DuckDBStore, Influx
 @dataclass(frozen=True)
 class Change:
     what: str
-    outcome: str  # "created", "updated" or "unchanged"
+    outcome: str  # "created", "updated", "unchanged" or "skipped"
 
 
 def ensure_concurrency_limits(settings: Settings) -> list[Change]:
@@ -85,7 +85,7 @@ def save_blocks(settings: Settings) -> list[Change]:
             built: Block | None = cast(Block, store_block(settings.storage))
         except ConfigError:
             built = None  # e.g. no token in this environment: an existing block is kept as it is
-        changes.append(_save(kind, settings.storage.block, built))
+        changes.append(_save(kind, settings.storage.block, built, f"storage.{settings.storage.backend} (its secret?)"))
     for name, source in sorted(settings.data_sources.items()):
         if source.api_key_block:
             key = SourceCredentials(api_key=source.api_key) if source.api_key else None
@@ -93,7 +93,7 @@ def save_blocks(settings: Settings) -> list[Change]:
     return changes
 
 
-def _save(kind: type[Block], name: str, block: Block | None, needs: str = "storage") -> Change:
+def _save(kind: type[Block], name: str, block: Block | None, needs: str) -> Change:
     what = f"block {kind.get_block_type_slug()}/{name}"
     try:
         saved: Block | None = cast(Block, kind.load(name))
@@ -101,7 +101,7 @@ def _save(kind: type[Block], name: str, block: Block | None, needs: str = "stora
         saved = None
     if block is None:
         if saved is None:
-            raise ConfigError(f"cannot save {what}: {needs} is not complete in this environment (a secret missing?)")
+            return Change(f"{what}: {needs} is not set in this environment, so there is nothing to save", "skipped")
         return Change(f"{what} (kept: nothing to save it from here)", "unchanged")
     if saved is not None and _values(saved) == _values(block):
         return Change(what, "unchanged")

@@ -244,6 +244,9 @@ def test_a_used_up_daily_quota_defers_symbols(env: dict[str, str], tmp_path: Pat
     assert len(sandbox.requests()) == 2
 
 
+AV_BLOCK = "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__API_KEY_BLOCK"
+
+
 def test_setup_twice_changes_nothing_the_second_time(env: dict[str, str], tmp_path: Path) -> None:
     """Concurrency limits, block types, blocks saved from the environment, retention: all idempotent."""
     store_path = str(tmp_path / "from-block.duckdb")
@@ -253,7 +256,7 @@ def test_setup_twice_changes_nothing_the_second_time(env: dict[str, str], tmp_pa
         "MARKETPIPE__RETENTION__DURATION": "365d",
         "MARKETPIPE__STORAGE__BLOCK": "setup-test-store",
         "MARKETPIPE__STORAGE__DUCKDB__PATH": store_path,
-        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__API_KEY_BLOCK": "setup-test-av",
+        AV_BLOCK: "setup-test-av",
         "ALPHA_VANTAGE_API_KEY": "first-key",
     }
     first = run("setup", env=env)
@@ -272,6 +275,8 @@ def test_setup_twice_changes_nothing_the_second_time(env: dict[str, str], tmp_pa
     assert "updated  block marketpipe-source-credentials/setup-test-av" in rotated.stdout
     unset = run("setup", env={**env, "ALPHA_VANTAGE_API_KEY": ""})  # nothing to save it from: the saved one stays
     assert "unchanged  block marketpipe-source-credentials/setup-test-av (kept" in unset.stdout, unset.stdout
+    never = run("setup", env={**env, "ALPHA_VANTAGE_API_KEY": "", AV_BLOCK: "never-saved-av"})
+    assert never.returncode == 0 and "skipped  block marketpipe-source-credentials/never-saved-av" in never.stdout
 
     from prefect.client.orchestration import get_client
 
