@@ -138,3 +138,40 @@ def test_the_kubernetes_deployments_use_the_charts_work_pool_and_its_job_variabl
         assert work_pool["name"] == pool, name
         unknown = set(work_pool["job_variables"]) - set(template["variables"]["properties"])
         assert unknown == set(), f"{name}: job variables the chart's template does not define: {unknown}"
+
+
+def test_prefect_deploy_all_registers_the_kubernetes_deployments_with_their_build_and_push(
+    prefect_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`prefect deploy --all` on prefect.yaml against a real server, whose kubernetes pool has the chart's
+    template: the server checks the job variables against it. Docker is a stand-in that logs its calls."""
+    calls = tmp_path / "docker-calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "docker").chmod(0o755)
+    image = "registry.example.com/marketpipe:test"
+    env = {**prefect_env, "PATH": f"{bin_dir}:{prefect_env['PATH']}", "MARKETPIPE_IMAGE": image}
+    template = REPO / "helm" / "marketpipe" / "files" / "base-job-template.json"
+    pool = prefect(
+        "work-pool", "create", "marketpipe-k8s", "--type", "kubernetes", "--base-job-template", str(template),
+        "--overwrite", env=env,
+    )  # fmt: skip
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    deployed = prefect("--no-prompt", "deploy", "--all", env=env)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert calls.read_text().splitlines() == [f"build --tag {image} .", f"push {image}"] * len(DEPLOYMENTS)
+
+    with get_client(sync_client=True) as client:
+        for name in DEPLOYMENTS:
+            flow = "maintenance" if name == "maintenance" else "market-data"
+            deployment = client.read_deployment_by_name(f"{flow}/{name}")
+            assert deployment.work_pool_name == "marketpipe-k8s"
+            assert deployment.job_variables["image"] == image
+            assert deployment.job_variables["env"]["MARKETPIPE_ENV"] == "production"
+            assert deployment.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/marketpipe"}}
+            ]
+        daily = client.read_deployment_by_name("market-data/market-data-daily")
+        (schedule,) = daily.schedules
+        assert (schedule.schedule.cron, schedule.schedule.timezone) == ("30 17 * * 1-5", "America/New_York")  # type: ignore[union-attr]
