@@ -96,8 +96,8 @@ def market_data(
     replay_spool(settings)
 
     stages: dict[str, tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]] = {}
-    retries = settings.collection
-    collect = collect_bars.with_options(retries=retries.task_retries, retry_delay_seconds=retries.task_retry_delay)
+    policy = settings.collection  # collect tasks retry transient source errors this often
+    collect = collect_bars.with_options(retries=policy.task_retries, retry_delay_seconds=policy.task_retry_delay)
     for symbol in checked:
         with tags(collect_tag(source)):
             collected = collect.submit(settings, source, symbol, interval, start, end)
