@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -39,22 +39,13 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from urllib3.exceptions import LocationValueError, MaxRetryError, ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
-from blocks.line_protocol import batches, serialize
+from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send
 from blocks.store import (
-    ACTION_FIELDS,
-    ACTION_KEY,
-    BAR_KEY,
-    METRICS_KEY,
-    QUARANTINE_KEY,
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
 )
 
-BARS, ACTIONS, QUARANTINE, METRICS = "bars", "corporate_actions", "quarantine", "pipeline_metrics"
-TEXT_FIELDS = ("reason",)
-ROWS_PER_CHUNK = 50_000
-WRITERS = 2
 # Seconds before the first retry; the wait doubles (plus as much jitter) up to MAX_WAIT.
 FIRST_WAIT = 0.5
 MAX_WAIT = 10.0
@@ -77,7 +68,7 @@ class FluxQuery:
     params: dict[str, str]
 
 
-class InfluxDBStore(Block):
+class InfluxDBStore(InfluxMeasurements, Block):
     """Bars in an InfluxDB 2.x / Cloud bucket: measurement `bars`, tags symbol/interval/source, float fields."""
 
     _block_type_name: ClassVar[str] = "marketpipe InfluxDB store"
@@ -94,39 +85,11 @@ class InfluxDBStore(Block):
 
     # --- writing -------------------------------------------------------------------------------
 
-    def write_bars(self, bars: pd.DataFrame) -> int:
-        return self._write(BARS, bars, BAR_KEY)
-
-    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
-        return self._write(ACTIONS, actions, ACTION_KEY)
-
-    def write_quarantine(self, bars: pd.DataFrame) -> int:
-        return self._write(QUARANTINE, bars, QUARANTINE_KEY)
-
-    def write_metrics(self, rows: pd.DataFrame) -> int:
-        return self._write(METRICS, rows, METRICS_KEY)
-
-    def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> int:
-        """Write every row that has a value; returns the points written (all-NaN rows have none)."""
-        if rows.empty:
-            return 0
-        missing = [c for c in key if c not in rows.columns]
-        if missing:
-            raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
-        rows = rows.drop_duplicates(subset=list(key), keep="last")
-        tags = [c for c in key if c != "time"]
-        chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
-        with self._client() as client, ThreadPoolExecutor(WRITERS) as pool:
+    @contextmanager
+    def _sender(self) -> Iterator[Send]:
+        with self._client() as client:
             writer = client.write_api(write_options=SYNCHRONOUS)
-
-            def write_chunk(chunk: pd.DataFrame) -> int:
-                lines = serialize(chunk, measurement, tags, TEXT_FIELDS)
-                for body in batches(lines):
-                    self._send(client, writer, body)
-                return len(lines)
-
-            # Serializing one chunk overlaps sending another; any failed chunk fails the write.
-            return sum(pool.map(write_chunk, chunks))
+            yield lambda body: self._send(client, writer, body)
 
     def _send(self, client: InfluxDBClient, writer: WriteApi, body: bytes) -> None:
         """One batch, retried; a bucket that does not exist yet (404) is created once and the batch sent again."""
@@ -163,36 +126,6 @@ class InfluxDBStore(Block):
                 self._call("create the bucket", lambda: self._create_bucket(buckets, None))
 
     # --- reading -------------------------------------------------------------------------------
-
-    def read_bars(
-        self,
-        symbol: str,
-        interval: str = "1d",
-        source: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> pd.DataFrame:
-        filters = {"symbol": symbol, "interval": interval, "source": source}
-        return self._select(BARS, BAR_KEY, filters, start, end)
-
-    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        actions = self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
-        # A field never written (no dividend yet, say) is no column in the pivot; every reader expects both.
-        return actions.reindex(columns=[*ACTION_KEY, *ACTION_FIELDS])
-
-    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        return self._select(METRICS, METRICS_KEY, {"symbol": symbol, "source": source})
-
-    def read_quarantine(
-        self,
-        symbol: str,
-        interval: str | None = None,
-        source: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> pd.DataFrame:
-        filters = {"symbol": symbol, "interval": interval, "source": source}
-        return self._select(QUARANTINE, QUARANTINE_KEY, filters, start, end)
 
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
         query = last_time_query(self.bucket, {"symbol": symbol, "interval": interval, "source": source})

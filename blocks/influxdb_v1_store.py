@@ -12,8 +12,8 @@ from __future__ import annotations
 import gzip
 import json
 import threading
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -24,22 +24,12 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from blocks.line_protocol import batches, serialize
+from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send
 from blocks.store import (
-    ACTION_FIELDS,
-    ACTION_KEY,
-    BAR_KEY,
-    METRICS_KEY,
-    QUARANTINE_KEY,
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
 )
-
-BARS, ACTIONS, QUARANTINE, METRICS = "bars", "corporate_actions", "quarantine", "pipeline_metrics"
-TEXT_FIELDS = ("reason",)
-ROWS_PER_CHUNK = 50_000
-WRITERS = 2
 
 
 def _retryable(error: BaseException) -> bool:
@@ -48,7 +38,7 @@ def _retryable(error: BaseException) -> bool:
     return isinstance(error, httpx.TransportError)
 
 
-class InfluxDBV1Store(Block):
+class InfluxDBV1Store(InfluxMeasurements, Block):
     """Bars in InfluxDB over the v1 API: measurement `bars`, tags symbol/interval/source, float fields."""
 
     _block_type_name: ClassVar[str] = "marketpipe InfluxDB v1 store"
@@ -67,44 +57,16 @@ class InfluxDBV1Store(Block):
 
     # --- writing -------------------------------------------------------------------------------
 
-    def write_bars(self, bars: pd.DataFrame) -> int:
-        return self._write(BARS, bars, BAR_KEY)
-
-    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
-        return self._write(ACTIONS, actions, ACTION_KEY)
-
-    def write_quarantine(self, bars: pd.DataFrame) -> int:
-        return self._write(QUARANTINE, bars, QUARANTINE_KEY)
-
-    def write_metrics(self, rows: pd.DataFrame) -> int:
-        return self._write(METRICS, rows, METRICS_KEY)
-
-    def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> int:
-        """Write every row that has a value; returns the points written (all-NaN rows have none)."""
-        if rows.empty:
-            return 0
-        missing = [c for c in key if c not in rows.columns]
-        if missing:
-            raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
-        rows = rows.drop_duplicates(subset=list(key), keep="last")
-        tags = [c for c in key if c != "time"]
+    @contextmanager
+    def _sender(self) -> Iterator[Send]:
         self._ensure_database()
         params = {
             "db": self.database,
             "precision": "s",
             **({"rp": self.retention_policy} if self.retention_policy else {}),
         }
-        chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
-        with self._client() as client, ThreadPoolExecutor(WRITERS) as pool:
-
-            def write_chunk(chunk: pd.DataFrame) -> int:
-                lines = serialize(chunk, measurement, tags, TEXT_FIELDS)
-                for body in batches(lines):
-                    self._post(client, "/write", params, gzip.compress(body, compresslevel=1))
-                return len(lines)
-
-            # Serializing one chunk overlaps sending another; any failed chunk fails the write.
-            return sum(pool.map(write_chunk, chunks))
+        with self._client() as client:
+            yield lambda body: self._post(client, "/write", params, gzip.compress(body, compresslevel=1))
 
     def _post(self, client: httpx.Client, path: str, params: dict[str, str], body: bytes) -> None:
         headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
@@ -138,36 +100,6 @@ class InfluxDBV1Store(Block):
             self._ready.add(marker)
 
     # --- reading -------------------------------------------------------------------------------
-
-    def read_bars(
-        self,
-        symbol: str,
-        interval: str = "1d",
-        source: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> pd.DataFrame:
-        filters = {"symbol": symbol, "interval": interval, "source": source}
-        return self._select(BARS, BAR_KEY, filters, start, end)
-
-    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        actions = self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
-        # A field never written (no dividend yet, say) is no column in InfluxDB; every reader expects both.
-        return actions.reindex(columns=[*ACTION_KEY, *ACTION_FIELDS])
-
-    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        return self._select(METRICS, METRICS_KEY, {"symbol": symbol, "source": source})
-
-    def read_quarantine(
-        self,
-        symbol: str,
-        interval: str | None = None,
-        source: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> pd.DataFrame:
-        filters = {"symbol": symbol, "interval": interval, "source": source}
-        return self._select(QUARANTINE, QUARANTINE_KEY, filters, start, end)
 
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
         filters = {"symbol": symbol, "interval": interval, "source": source}

@@ -1,0 +1,111 @@
+"""What both InfluxDB backends share: the measurements, and writing a frame as line protocol.
+
+A backend supplies two things: a sender that takes one gzip-ready batch of lines, and a select of
+one measurement's rows. Everything else (which measurement and tags each kind of row uses, key
+checks, chunking, overlapping serialization with sending, the read verbs) lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from datetime import datetime
+
+import pandas as pd
+
+from blocks.line_protocol import batches, serialize
+from blocks.store import ACTION_FIELDS, ACTION_KEY, BAR_KEY, METRICS_KEY, QUARANTINE_KEY, StoreError
+
+BARS, ACTIONS, QUARANTINE, METRICS = "bars", "corporate_actions", "quarantine", "pipeline_metrics"
+TEXT_FIELDS = ("reason",)  # the one text field (quarantine's); every other field is a float
+ROWS_PER_CHUNK = 50_000
+WRITERS = 2
+
+Send = Callable[[bytes], None]
+
+
+class InfluxMeasurements:
+    """The BarStore verbs over InfluxDB measurements; mixed into a backend's Block class."""
+
+    def _sender(self) -> AbstractContextManager[Send]:
+        """A callable sending one batch of lines (retried, raising StoreError), open for one write."""
+        raise NotImplementedError
+
+    def _select(
+        self,
+        measurement: str,
+        key: tuple[str, ...],
+        filters: Mapping[str, str | None],
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        """Rows of ``measurement`` matching every non-None filter: key columns, then sorted fields."""
+        raise NotImplementedError
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def write_bars(self, bars: pd.DataFrame) -> int:
+        return self._write(BARS, bars, BAR_KEY)
+
+    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
+        return self._write(ACTIONS, actions, ACTION_KEY)
+
+    def write_quarantine(self, bars: pd.DataFrame) -> int:
+        return self._write(QUARANTINE, bars, QUARANTINE_KEY)
+
+    def write_metrics(self, rows: pd.DataFrame) -> int:
+        return self._write(METRICS, rows, METRICS_KEY)
+
+    def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> int:
+        """Write every row that has a value; returns the points written (all-NaN rows have none)."""
+        if rows.empty:
+            return 0
+        missing = [c for c in key if c not in rows.columns]
+        if missing:
+            raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
+        rows = rows.drop_duplicates(subset=list(key), keep="last")
+        tags = [c for c in key if c != "time"]
+        chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
+        with self._sender() as send, ThreadPoolExecutor(WRITERS) as pool:
+
+            def write_chunk(chunk: pd.DataFrame) -> int:
+                lines = serialize(chunk, measurement, tags, TEXT_FIELDS)
+                for body in batches(lines):
+                    send(body)
+                return len(lines)
+
+            # Serializing one chunk overlaps sending another; any failed chunk fails the write.
+            return sum(pool.map(write_chunk, chunks))
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read_bars(
+        self,
+        symbol: str,
+        interval: str = "1d",
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        filters = {"symbol": symbol, "interval": interval, "source": source}
+        return self._select(BARS, BAR_KEY, filters, start, end)
+
+    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        actions = self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
+        # A field never written (no dividend yet, say) is no column in InfluxDB; every reader expects both.
+        return actions.reindex(columns=[*ACTION_KEY, *ACTION_FIELDS])
+
+    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        return self._select(METRICS, METRICS_KEY, {"symbol": symbol, "source": source})
+
+    def read_quarantine(
+        self,
+        symbol: str,
+        interval: str | None = None,
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        filters = {"symbol": symbol, "interval": interval, "source": source}
+        return self._select(QUARANTINE, QUARANTINE_KEY, filters, start, end)
