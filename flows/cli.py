@@ -38,6 +38,11 @@ def _error(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
 
+def _note(message: str) -> None:
+    """A progress line on stderr, so piped output stays data."""
+    typer.echo(message, err=True)
+
+
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="YAML settings file (default: configs/$MARKETPIPE_ENV.yaml)")
 ]
@@ -87,17 +92,19 @@ def run(
 
     if first and last and first > last:
         _or_exit(lambda: _raise(UsageError(f"--start {first} is after --end {last}: swap them")))
+    from flows.local_prefect import local_prefect
     from flows.market_data import SymbolsFailedError, market_data
 
-    state = market_data(
-        symbols=checked,
-        source=source,
-        interval=interval,
-        start=first,
-        end=last,
-        config=str(config) if config else None,
-        return_state=True,
-    )
+    with local_prefect(_note):
+        state = market_data(
+            symbols=checked,
+            source=source,
+            interval=interval,
+            start=first,
+            end=last,
+            config=str(config) if config else None,
+            return_state=True,
+        )
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, SymbolsFailedError):
         _print_summary([r.__dict__ for r in outcome.results], settings.storage.spool_dir)
@@ -313,9 +320,12 @@ def replay(config: ConfigOption = None) -> None:
 def setup(config: ConfigOption = None) -> None:
     """Create what deployments rely on, idempotently: per-source concurrency limits and block types."""
     settings = _or_exit(lambda: load_settings(config))
+    from flows.local_prefect import local_prefect
     from flows.maintenance import setup as run_setup
 
-    for change in run_setup(settings):
+    with local_prefect(_note):
+        changes = run_setup(settings)
+    for change in changes:
         console.print(f"{change.outcome:>9}  {change.what}", highlight=False)
 
 
