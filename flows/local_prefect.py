@@ -44,7 +44,7 @@ def create_database(path: Path, say: Callable[[str], None]) -> bool:
         if path.exists():
             return False
         say(f"preparing the local Prefect database in {path.parent}, first run only (about 30 s)")
-        from prefect.server.database import provide_database_interface
+        from prefect.server.database import provide_database_interface  # noqa: PLC0415 (heavy; first run only)
 
         asyncio.run(provide_database_interface().create_db())
         return True
