@@ -138,6 +138,9 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
         )  # fmt: skip
     console.print(table)
     for r in rows:
+        if r.get("restated"):
+            console.print(f"[yellow]{r['symbol']} restated:[/] {r['restated']}", highlight=False, soft_wrap=True)
+    for r in rows:
         if r["missing_sessions"]:
             console.print(f"[yellow]{r['symbol']}:[/] {r['gaps']}", highlight=False, soft_wrap=True)
     for r in rows:

@@ -49,6 +49,7 @@ class SymbolResult:
     missing_sessions: int | None = None  # None: no calendar known for the symbol, or bars longer than a day
     gaps: str = ""
     window: str = ""
+    restated: str = ""  # why the stored series was re-collected and rewritten whole this run, if it was
     error: str = ""
 
 
@@ -145,6 +146,7 @@ def _summarise(
         missing_sessions=outcome.gaps.count if outcome.gaps else None,
         gaps=outcome.gaps.describe() if outcome.gaps else "",
         window=window,
+        restated=raw.restated,
         error="the store was unavailable, so its points wait in the spool" if written.spooled else "",
     )
 
@@ -164,6 +166,7 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
             "live_bars_skipped": float(r.live_bars_skipped),
             "actions_written": float(r.actions_written),
             "requests": float(r.requests),
+            "restated": float(bool(r.restated)),
             **{
                 kind: float(sum(getattr(r, kind).values()))
                 for kind in ("quarantined", "repaired", "flagged", "dropped")

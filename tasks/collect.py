@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
 import pandas as pd
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
@@ -15,7 +15,8 @@ from blocks.store import BarStore
 from blocks.stores import store_from_settings
 from configs.settings import CollectionSettings, Settings, SourceSettings
 from tasks.errors import TransientSourceError
-from tasks.sources.base import BarQuery, Collected, Window, load_source, pacer_for
+from tasks.restatement import restatement_reason
+from tasks.sources.base import BarQuery, Collected, Source, Window, load_source, pacer_for
 
 
 def plan_window(
@@ -52,21 +53,62 @@ def collect(
     end: date | None = None,
     store: BarStore | None = None,
 ) -> Collected:
-    """Fetch and parse; raises a SourceError (permanent, transient or quota) naming what went wrong."""
+    """Fetch and parse; raises a SourceError (permanent, transient or quota) naming what went wrong.
+
+    An incremental run that finds the source has restated the past (a new split or dividend, or
+    changed overlap bars) re-collects the whole stored series, so the run can rewrite it whole.
+    """
     source_settings = resolve_credentials(settings.source(source))
     pacer = pacer_for(source, source_settings, settings.collection.rate_limit_dir)
     provider = load_source(source, source_settings, pacer)
     last_stored = None
     if start is None:
-        last_stored = (store or store_from_settings(settings.storage)).last_timestamp(symbol, interval, source)
+        store = store or store_from_settings(settings.storage)
+        last_stored = store.last_timestamp(symbol, interval, source)
     today = datetime.now(UTC).date()
-    window = plan_window(last_stored, start, end, settings.collection, today)
-    earliest = provider.earliest_start(interval, today)
-    if window.mode != "explicit" and earliest is not None and window.start < earliest:
-        window = Window(earliest, window.end, window.mode)
+    window = _servable(plan_window(last_stored, start, end, settings.collection, today), provider, interval, today)
     collected = provider.collect(BarQuery(symbol, interval, window.start, window.end))
     collected.window = window
+    if store is not None and last_stored is not None:
+        collected = _restated_if_needed(collected, store, provider, symbol, interval, today)
     return collected
+
+
+def _servable(window: Window, provider: Source, interval: str, today: date) -> Window:
+    """A planned window no earlier than the source still serves (an explicit backfill is refused there instead)."""
+    earliest = provider.earliest_start(interval, today)
+    if window.mode != "explicit" and earliest is not None and window.start < earliest:
+        return Window(earliest, window.end, window.mode)
+    return window
+
+
+def _restated_if_needed(
+    collected: Collected,
+    store: BarStore,
+    provider: Source,
+    symbol: str,
+    interval: str,
+    today: date,
+) -> Collected:
+    first_stored = store.first_timestamp(symbol, interval, provider.name)
+    if first_stored is None or collected.window is None:
+        return collected
+    overlap = store.read_bars(symbol, interval, provider.name, start=pd.Timestamp(collected.window.start, tz="UTC"))
+    currency = collected.meta.get("currency")
+    reason = restatement_reason(
+        collected.bars,
+        collected.actions,
+        currency if isinstance(currency, str) else None,
+        overlap,
+        store.read_corporate_actions(symbol, provider.name),
+        first_stored,
+    )
+    if reason is None:
+        return collected
+    window = _servable(Window(first_stored.date(), collected.window.end, "restated"), provider, interval, today)
+    again = provider.collect(BarQuery(symbol, interval, window.start, window.end))
+    again.window, again.restated, again.requests = window, reason, again.requests + collected.requests
+    return again
 
 
 def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -84,4 +126,7 @@ def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -
 def collect_bars(
     settings: Settings, source: str, symbol: str, interval: str, start: date | None, end: date | None
 ) -> Collected:
-    return collect(settings, source, symbol, interval, start, end)
+    collected = collect(settings, source, symbol, interval, start, end)
+    if collected.restated and collected.window is not None:
+        get_run_logger().warning("%s: %s; re-collected from %s", symbol, collected.restated, collected.window.start)
+    return collected

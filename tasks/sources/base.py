@@ -52,7 +52,7 @@ class Window:
 
     start: date
     end: date
-    mode: str  # "explicit", "incremental" or "initial"
+    mode: str  # "explicit", "incremental", "initial", or "restated" (the whole stored series again)
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Collected:
     requests: int = 0
     meta: dict[str, object] = field(default_factory=dict)
     window: Window | None = None
+    restated: str = ""  # why the whole stored series was re-collected (see tasks/restatement.py), if it was
 
     @staticmethod
     def merge(parts: list[Collected]) -> Collected:
