@@ -1,4 +1,4 @@
-"""The embedded default store: one DuckDB file, upserting on (symbol, interval, source, time)."""
+"""The embedded default store: one DuckDB file; a bars write replaces its series' ranges in one transaction."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from blocks.store import (
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
+    series_spans,
 )
 
 # Value columns become SQL identifiers, so they must be plain snake_case names.
@@ -35,6 +36,8 @@ QUARANTINE_TABLE = "quarantine"
 METRICS_TABLE = "pipeline_metrics"
 # The only text value columns; every other value is a DOUBLE.
 TEXT_COLUMNS = frozenset({"reason"})
+# How a write clears other tables first, in its transaction: a series' whole range, or each bar's key.
+RANGES, BARS_OF = "ranges", "bars_of"
 
 
 class _SharedConnections:
@@ -119,8 +122,14 @@ class DuckDBStore(Block):
         ).fetchall()
         return bool(primary)
 
-    def _upsert(self, table: str, key: tuple[str, ...], rows: pd.DataFrame) -> int:
-        """Replace the rows whose key is in ``rows`` and add the rest, keeping the last of repeated keys."""
+    def _upsert(
+        self, table: str, key: tuple[str, ...], rows: pd.DataFrame, clears: tuple[tuple[str, str], ...] = ()
+    ) -> int:
+        """Replace the rows whose key is in ``rows`` and add the rest, keeping the last of repeated keys.
+
+        ``clears`` first deletes, in the same transaction, from each (table, how): with RANGES every row
+        in the closed range of each incoming series, with BARS_OF every row with an incoming bar key.
+        """
         if rows.empty:
             return 0
         missing = [c for c in key if c not in rows.columns]
@@ -149,19 +158,44 @@ class DuckDBStore(Block):
             con.begin()
             keyed = self._ensure_table(con, table, key, value_columns)
             con.register("incoming", incoming)
+            for cleared, how in clears:
+                if self._has_table(con, cleared):
+                    self._clear(con, cleared, how, frame, span)
             if keyed:  # deleting then inserting under the old index is several times slower than replacing
                 con.execute(f"INSERT OR REPLACE INTO {table} ({names}) SELECT {names} FROM incoming")
-            else:  # the time range lets DuckDB skip, by zonemap, the row groups no incoming row can match
-                con.execute(
-                    f"DELETE FROM {table} USING incoming WHERE {same_key} AND {table}.time BETWEEN ? AND ?", span
-                )
+            else:
+                if (table, RANGES) not in clears:  # a cleared range holds none of the incoming keys any more
+                    # The time range lets DuckDB skip, by zonemap, the row groups no incoming row can match.
+                    con.execute(
+                        f"DELETE FROM {table} USING incoming WHERE {same_key} AND {table}.time BETWEEN ? AND ?", span
+                    )
                 con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
             con.unregister("incoming")
             con.commit()
         return len(frame)
 
+    @staticmethod
+    def _clear(con: duckdb.DuckDBPyConnection, table: str, how: str, frame: pd.DataFrame, span: list[object]) -> None:
+        """Delete what the incoming rows replace from ``table`` (see :meth:`_upsert`)."""
+        tags = " AND ".join(f'{table}."{c}" = {{0}}."{c}"' for c in SERIES_TAGS)
+        if how == RANGES:
+            spans = pd.DataFrame([{**s.tags, "first": s.first, "last": s.last} for s in series_spans(frame)])
+            con.register("spans", pa.Table.from_pandas(spans, preserve_index=False))
+            con.execute(
+                f"DELETE FROM {table} USING spans WHERE {tags.format('spans')} "
+                f"AND {table}.time BETWEEN spans.first AND spans.last"
+            )
+            con.unregister("spans")
+        else:  # the time range lets DuckDB skip, by zonemap, the row groups no incoming row can match
+            con.execute(
+                f"DELETE FROM {table} USING incoming WHERE {tags.format('incoming')} "
+                f"AND {table}.time = incoming.time::TIMESTAMPTZ AND {table}.time BETWEEN ? AND ?",
+                span,
+            )
+
     def write_bars(self, bars: pd.DataFrame) -> int:
-        return self._upsert(TABLE, BAR_KEY, bars)
+        """Replace each series' range in bars and quarantine by the frame (the BarStore contract)."""
+        return self._upsert(TABLE, BAR_KEY, bars, clears=((TABLE, RANGES), (QUARANTINE_TABLE, RANGES)))
 
     def write_corporate_actions(self, actions: pd.DataFrame) -> int:
         return self._upsert(ACTIONS_TABLE, ACTION_KEY, actions)
@@ -171,7 +205,9 @@ class DuckDBStore(Block):
         return self._select(ACTIONS_TABLE, ACTION_KEY, filters, order="time, kind")
 
     def write_quarantine(self, bars: pd.DataFrame) -> int:
-        return self._upsert(QUARANTINE_TABLE, QUARANTINE_KEY, bars)
+        """The bars' quarantine rows become the frame's, and their clean copies leave bars."""
+        clears = ((QUARANTINE_TABLE, BARS_OF), (TABLE, BARS_OF))
+        return self._upsert(QUARANTINE_TABLE, QUARANTINE_KEY, bars, clears=clears)
 
     def read_quarantine(
         self,
@@ -227,14 +263,21 @@ class DuckDBStore(Block):
         frame["time"] = pd.to_datetime(frame["time"], utc=True).astype("datetime64[ns, UTC]")
         return frame
 
+    def first_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        return self._series_time("min", symbol, interval, source)
+
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        return self._series_time("max", symbol, interval, source)
+
+    def _series_time(self, aggregate: str, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        """min or max of a series' bar times; None for an empty series."""
         if not Path(self.path).exists():
             return None
         with self._connect() as con:
             if not self._has_table(con, TABLE):
                 return None
             row = con.execute(
-                f"SELECT max(time) FROM {TABLE} WHERE symbol = ? AND interval = ? AND source = ?",
+                f"SELECT {aggregate}(time) FROM {TABLE} WHERE symbol = ? AND interval = ? AND source = ?",
                 [symbol, interval, source],
             ).fetchone()
         return None if row is None or row[0] is None else pd.Timestamp(row[0]).tz_convert("UTC")
@@ -260,8 +303,8 @@ class DuckDBStore(Block):
 
     @staticmethod
     def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-        row = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchone()
-        return bool(row and row[0])
+        rows = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()
+        return bool(rows and rows[0][0])
 
 
 __all__ = ["SERIES_TAGS", "DuckDBStore"]

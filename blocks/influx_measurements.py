@@ -1,13 +1,19 @@
 """What both InfluxDB backends share: the measurements, and writing a frame as line protocol.
 
-A backend supplies two things: a sender that takes one gzip-ready batch of lines, and a select of
-one measurement's rows. Everything else (which measurement and tags each kind of row uses, key
-checks, chunking, overlapping serialization with sending, the read verbs) lives here once.
+A backend supplies three things: a sender that takes one gzip-ready batch of lines, a delete of
+series ranges from one measurement, and a select of one measurement's rows. Everything else (which
+measurement and tags each kind of row uses, what a write replaces, key checks, chunking,
+overlapping serialization with sending, the read verbs) lives here once.
+
+InfluxDB keeps the fields a rewrite does not send, and NaN fields are not sent; so a bars write
+first deletes its series' ranges (the BarStore contract), and only then writes. The two steps are
+not atomic: a failure of either raises, and the caller spools the whole frame for a replay that
+does both again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -15,12 +21,23 @@ from datetime import datetime
 import pandas as pd
 
 from blocks.line_protocol import batches, serialize
-from blocks.store import ACTION_FIELDS, ACTION_KEY, BAR_KEY, METRICS_KEY, QUARANTINE_KEY, StoreError
+from blocks.store import (
+    ACTION_FIELDS,
+    ACTION_KEY,
+    BAR_KEY,
+    METRICS_KEY,
+    QUARANTINE_KEY,
+    SeriesSpan,
+    StoreError,
+    bar_points,
+    series_spans,
+)
 
 BARS, ACTIONS, QUARANTINE, METRICS = "bars", "corporate_actions", "quarantine", "pipeline_metrics"
 TEXT_FIELDS = ("reason",)  # the one text field (quarantine's); every other field is a float
 ROWS_PER_CHUNK = 50_000
 WRITERS = 2
+PRECISION = "s"  # points are written in whole seconds, so deleted ranges are floored to seconds too
 
 Send = Callable[[bytes], None]
 
@@ -30,6 +47,10 @@ class InfluxMeasurements:
 
     def _sender(self) -> AbstractContextManager[Send]:
         """A callable sending one batch of lines (retried, raising StoreError), open for one write."""
+        raise NotImplementedError
+
+    def _delete(self, measurement: str, spans: Sequence[SeriesSpan]) -> None:
+        """Delete every point of each span's series in its closed range [first, last] (raising StoreError)."""
         raise NotImplementedError
 
     def _select(
@@ -46,12 +67,22 @@ class InfluxMeasurements:
     # --- writing -------------------------------------------------------------------------------
 
     def write_bars(self, bars: pd.DataFrame) -> int:
+        """Delete each series' range from bars and quarantine, then write (the BarStore contract)."""
+        self._check_key(BARS, bars, BAR_KEY)
+        spans = series_spans(bars, PRECISION)
+        for measurement in (BARS, QUARANTINE):
+            self._delete(measurement, spans)
         return self._write(BARS, bars, BAR_KEY)
 
     def write_corporate_actions(self, actions: pd.DataFrame) -> int:
         return self._write(ACTIONS, actions, ACTION_KEY)
 
     def write_quarantine(self, bars: pd.DataFrame) -> int:
+        """Delete each bar's quarantine rows and clean copy (one instant each: they are few), then write."""
+        self._check_key(QUARANTINE, bars, QUARANTINE_KEY)
+        points = bar_points(bars, PRECISION)
+        for measurement in (QUARANTINE, BARS):
+            self._delete(measurement, points)
         return self._write(QUARANTINE, bars, QUARANTINE_KEY)
 
     def write_metrics(self, rows: pd.DataFrame) -> int:
@@ -61,9 +92,7 @@ class InfluxMeasurements:
         """Write every row that has a value; returns the points written (all-NaN rows have none)."""
         if rows.empty:
             return 0
-        missing = [c for c in key if c not in rows.columns]
-        if missing:
-            raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
+        self._check_key(measurement, rows, key)
         rows = rows.drop_duplicates(subset=list(key), keep="last")
         tags = [c for c in key if c != "time"]
         chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
@@ -77,6 +106,12 @@ class InfluxMeasurements:
 
             # Serializing one chunk overlaps sending another; any failed chunk fails the write.
             return sum(pool.map(write_chunk, chunks))
+
+    @staticmethod
+    def _check_key(measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> None:
+        missing = [c for c in key if c not in rows.columns]
+        if missing and not rows.empty:
+            raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
 
     # --- reading -------------------------------------------------------------------------------
 

@@ -6,15 +6,16 @@ precision seconds. tenacity is the one retry policy: the client's own urllib3 re
 attempts and waits are counted once and a failure surfaces as :class:`StoreUnavailableError` (it
 passes: down, timed out, 5xx, 429, a token to fix) or :class:`StoreError` (the request itself is
 wrong). Queries are Flux whose text is assembled from fixed pieces only: every symbol, date and
-name travels as a Flux parameter. The token travels in the Authorization header and is never part
-of an error message.
+name travels as a Flux parameter. Deletes (`/api/v2/delete`) take no parameters, so their predicate
+quotes every tag value as an InfluxQL identifier, escaped (see :func:`delete_predicate`). The token
+travels in the Authorization header and is never part of an error message.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +42,7 @@ from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send
 from blocks.store import (
+    SeriesSpan,
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
@@ -109,6 +111,32 @@ class InfluxDBStore(InfluxMeasurements, Block):
         except Exception as exc:
             raise self._failure("write", exc, self.write_attempts) from None
 
+    def _delete(self, measurement: str, spans: Sequence[SeriesSpan]) -> None:
+        """One delete request per span, retried like a write; a bucket not created yet has nothing to delete.
+
+        The server deletes points in [start, stop], both ends included (the storage engine's
+        DeleteBucketRangePredicate), so ``stop`` is the span's last time itself.
+        """
+        if not spans:
+            return
+        with self._client() as client:
+            deletes = client.delete_api()
+            for span in spans:
+                predicate = delete_predicate(measurement, span.tags)
+                start, stop = _flux_time(span.first, EARLIEST), _flux_time(span.last, LATEST)
+
+                def delete(start: str = start, stop: str = stop, predicate: str = predicate) -> None:
+                    deletes.delete(start, stop, predicate, bucket=self.bucket, org=self.org)
+
+                try:
+                    self._retrying(delete)
+                except ApiException as exc:
+                    if exc.status == 404:  # no bucket yet; a wrong org fails the write that follows, clearly
+                        return
+                    raise self._failure("delete", exc, self.write_attempts) from None
+                except Exception as exc:
+                    raise self._failure("delete", exc, self.write_attempts) from None
+
     def _retrying(self, operation: Callable[[], T]) -> T:
         retrying = Retrying(
             retry=retry_if_exception(_retryable),
@@ -127,11 +155,19 @@ class InfluxDBStore(InfluxMeasurements, Block):
 
     # --- reading -------------------------------------------------------------------------------
 
+    def first_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        return self._series_time(first_time_query, symbol, interval, source)
+
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
-        query = last_time_query(self.bucket, {"symbol": symbol, "interval": interval, "source": source})
+        return self._series_time(last_time_query, symbol, interval, source)
+
+    def _series_time(
+        self, build: Callable[[str, Mapping[str, str | None]], FluxQuery], symbol: str, interval: str, source: str
+    ) -> pd.Timestamp | None:
+        query = build(self.bucket, {"symbol": symbol, "interval": interval, "source": source})
         found = self._ask(lambda api: api.query(query.text, org=self.org, params=query.params), TableList())
         times = [row[0] for row in found.to_values(columns=["_time"])]
-        return pd.Timestamp(pd.to_datetime(pd.Series(times), utc=True).max()) if times else None
+        return pd.Timestamp(pd.to_datetime(pd.Series(times), utc=True).iloc[0]) if times else None
 
     def _select(
         self,
@@ -306,16 +342,43 @@ def select_query(
 
 def last_time_query(bucket: str, filters: Mapping[str, str | None]) -> FluxQuery:
     """The newest ``_time`` of a bars series: the last point of each field, then the latest of those."""
+    return _edge_time_query(bucket, filters, "last", desc=True)
+
+
+def first_time_query(bucket: str, filters: Mapping[str, str | None]) -> FluxQuery:
+    """The oldest ``_time`` of a bars series: the first point of each field, then the earliest of those."""
+    return _edge_time_query(bucket, filters, "first", desc=False)
+
+
+def _edge_time_query(bucket: str, filters: Mapping[str, str | None], edge: str, desc: bool) -> FluxQuery:
     head = _head(bucket, BARS, filters, None, None)
     text = (
         f"{head.text}\n"
-        "  |> last()\n"
+        f"  |> {edge}()\n"
         "  |> group()\n"
-        '  |> sort(columns: ["_time"], desc: true)\n'
+        f'  |> sort(columns: ["_time"], desc: {"true" if desc else "false"})\n'
         "  |> limit(n: 1)\n"
         '  |> keep(columns: ["_time"])'
     )
     return FluxQuery(text, head.params)
+
+
+def delete_predicate(measurement: str, tags: Mapping[str, str]) -> str:
+    """A /api/v2/delete predicate matching one series of ``measurement`` exactly.
+
+    The predicate grammar has no parameters. Its values are InfluxQL tokens, and a double-quoted
+    identifier takes any text with ``\\`` and ``"`` escaped, so that is how every value is sent; a
+    newline, which the grammar cannot hold, is refused (no point could carry one either).
+    """
+    terms = [f"_measurement={_quoted(measurement)}"]
+    terms += [f"{_quoted(_name(tag))}={_quoted(value)}" for tag, value in tags.items()]
+    return " AND ".join(terms)
+
+
+def _quoted(value: str) -> str:
+    if "\n" in value or "\r" in value:
+        raise StoreError(f"{value!r} holds a line break, which InfluxDB cannot match in a delete")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _head(
@@ -405,4 +468,4 @@ def _missing_bucket(error: InfluxDBError | FluxQueryException) -> bool:
     return "bucket" in text and ("not found" in text or "could not find" in text)
 
 
-__all__ = ["FluxQuery", "InfluxDBStore", "last_time_query", "select_query"]
+__all__ = ["FluxQuery", "InfluxDBStore", "delete_predicate", "first_time_query", "last_time_query", "select_query"]

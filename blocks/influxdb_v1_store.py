@@ -2,9 +2,9 @@
 
 Writes are synchronous, gzip-compressed line protocol in batches of 5,000 points, precision
 seconds, retried with backoff on connection errors and 5xx; a batch that still fails raises
-:class:`StoreError`, so no point is dropped silently. Queries are InfluxQL with bound parameters
-(`params`), so no symbol or date is ever interpolated into query text. Credentials travel in the
-Authorization header, never in a URL.
+:class:`StoreError`, so no point is dropped silently. Queries, DELETE included, are InfluxQL with
+bound parameters (`params`, honoured by DELETE too: checked on influxd 1.6), so no symbol or date
+is ever interpolated into query text. Credentials travel in the Authorization header, never in a URL.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, ClassVar
@@ -26,10 +26,14 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send
 from blocks.store import (
+    SeriesSpan,
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
 )
+
+# DELETE statements sent in one /query request: a quarantine write deletes one instant per bar.
+DELETES_PER_REQUEST = 200
 
 
 def _retryable(error: BaseException) -> bool:
@@ -99,12 +103,38 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
             self._query(f"CREATE DATABASE {_identifier(self.database)}", {}, method="POST")
             self._ready.add(marker)
 
+    def _delete(self, measurement: str, spans: Sequence[SeriesSpan]) -> None:
+        """One DELETE per span, many to a request, every value a bound parameter.
+
+        InfluxQL's DELETE takes no retention policy: it deletes from every policy of the database.
+        The database is made first: statements after one on a missing database say only "not executed".
+        """
+        if spans:
+            self._ensure_database()
+        for start in range(0, len(spans), DELETES_PER_REQUEST):
+            statements, params = [], {}
+            for n, span in enumerate(spans[start : start + DELETES_PER_REQUEST]):
+                tags = " AND ".join(f"{_identifier(tag)} = ${tag}{n}" for tag in span.tags)
+                statements.append(
+                    f"DELETE FROM {_identifier(measurement)} WHERE {tags} AND time >= $first{n} AND time <= $last{n}"
+                )
+                params.update({f"{tag}{n}": value for tag, value in span.tags.items()})
+                params.update({f"first{n}": _rfc3339(span.first), f"last{n}": _rfc3339(span.last)})
+            self._query("; ".join(statements), params, method="POST")
+
     # --- reading -------------------------------------------------------------------------------
 
+    def first_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        return self._series_time("ASC", symbol, interval, source)
+
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        return self._series_time("DESC", symbol, interval, source)
+
+    def _series_time(self, order: str, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        """The time of a series' first point in ``order``; None for an empty series."""
         filters = {"symbol": symbol, "interval": interval, "source": source}
         where, params = _where(filters, None, None)
-        rows = self._rows(f"SELECT * FROM {self._source(BARS)} WHERE {where} ORDER BY time DESC LIMIT 1", params)
+        rows = self._rows(f"SELECT * FROM {self._source(BARS)} WHERE {where} ORDER BY time {order} LIMIT 1", params)
         return None if rows.empty else pd.Timestamp(rows["time"].iloc[0])
 
     def apply_retention(self, duration: str | None) -> str:
@@ -176,7 +206,11 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         request = {"db": self.database, "q": query, "epoch": "s", "params": json.dumps(params)}
         try:
             with self._client() as client:
-                response = client.request(method, "/query", params=request)
+                # A POST carries its statements in the body: a batch of DELETEs outgrows a URL.
+                if method == "POST":
+                    response = client.post("/query", data=request)
+                else:
+                    response = client.request(method, "/query", params=request)
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
@@ -184,12 +218,13 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
             raise error(f"InfluxDB at {self.url} refused a query ({status})") from None
         except httpx.TransportError as exc:
             raise StoreUnavailableError(f"InfluxDB at {self.url} is unreachable ({exc}): check that it runs") from None
-        result: dict[str, Any] = response.json()["results"][0]
-        if "error" in result and "database not found" in result["error"]:
-            return {}
-        if "error" in result:
-            raise StoreError(f"InfluxDB query failed: {result['error']}")
-        return result
+        results: list[dict[str, Any]] = response.json()["results"]
+        for result in results:  # one per statement; any error fails the query
+            if "error" in result and "database not found" in result["error"]:
+                return {}
+            if "error" in result:
+                raise StoreError(f"InfluxDB query failed: {result['error']}")
+        return results[0]
 
     def _source(self, measurement: str) -> str:
         """The measurement, qualified by the configured retention policy when one is set."""
@@ -211,10 +246,15 @@ def _where(
     for name, bound, op in (("start", start, ">="), ("end", end, "<")):
         if bound is not None:
             conditions.append(f"time {op} ${name}")
-            stamp = pd.Timestamp(bound)
-            stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-            params[name] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+            params[name] = _rfc3339(bound)
     return " AND ".join(conditions), params
+
+
+def _rfc3339(bound: datetime) -> str:
+    """A time as InfluxQL takes it, in UTC and whole seconds (the precision points are written in)."""
+    stamp = pd.Timestamp(bound)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _influx_duration(hours: float) -> str:

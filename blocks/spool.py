@@ -5,7 +5,9 @@ Parquet file in the spool directory. Files are only ever added, each written who
 temporary name and renamed into place, so a crash leaves either the whole batch or none of it.
 Replaying writes the files oldest first and removes each only after the store accepted it. While
 anything is spooled, new writes queue behind it: an older spooled value never overwrites a newer
-stored one.
+stored one. A batch replays through the same store verb it failed in, with the same semantics: a
+bars batch whose range the store had already deleted before the write failed replaces that range
+again, so nothing the delete took is lost.
 """
 
 from __future__ import annotations

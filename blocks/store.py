@@ -1,13 +1,14 @@
-"""The store interface every backend block implements (DuckDB now; InfluxDB v1/v2 next).
+"""The store interface every backend block implements: DuckDB, InfluxDB 1.x (v1 API) and 2.x.
 
 A few plain verbs, so incremental collection and the CLI need nothing backend-specific:
-write a frame, read a range, the last timestamp of a series, health. Bars that fail validation
-are kept apart, in quarantine, with the rule they broke.
+write a frame, read a range, the first and last timestamp of a series, health. Bars that fail
+validation are kept apart, in quarantine, with the rule they broke; a bar is in exactly one place.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
@@ -37,6 +38,44 @@ class StoreUnavailableError(StoreError):
     """
 
 
+@dataclass(frozen=True)
+class SeriesSpan:
+    """One series' closed time range [first, last] in a written frame: what a bars write replaces."""
+
+    symbol: str
+    interval: str
+    source: str
+    first: pd.Timestamp
+    last: pd.Timestamp
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"symbol": self.symbol, "interval": self.interval, "source": self.source}
+
+
+def series_spans(rows: pd.DataFrame, unit: str = "us") -> list[SeriesSpan]:
+    """Each series' first and last time in ``rows``, floored to ``unit`` (the store's time precision)."""
+    if rows.empty:
+        return []
+    times = pd.DatetimeIndex(rows["time"]).floor(unit)
+    grouped = rows.assign(time=times).groupby(list(SERIES_TAGS), sort=True)["time"].agg(["min", "max"])
+    return [
+        SeriesSpan(str(symbol), str(interval), str(source), pd.Timestamp(first), pd.Timestamp(last))
+        for (symbol, interval, source), first, last in zip(grouped.index, grouped["min"], grouped["max"], strict=True)
+    ]
+
+
+def bar_points(rows: pd.DataFrame, unit: str = "us") -> list[SeriesSpan]:
+    """Each distinct bar key of ``rows`` as a span of one instant: what a quarantine write takes out of bars."""
+    if rows.empty:
+        return []
+    keys = rows.assign(time=pd.DatetimeIndex(rows["time"]).floor(unit))[list(BAR_KEY)].drop_duplicates()
+    return [
+        SeriesSpan(str(symbol), str(interval), str(source), pd.Timestamp(time), pd.Timestamp(time))
+        for time, symbol, interval, source in keys.itertuples(index=False, name=None)
+    ]
+
+
 def duration_to_timedelta(duration: str) -> timedelta:
     """``365d``, ``52w`` or ``720h`` (the retention.duration grammar) as a timedelta."""
     match = re.fullmatch(r"([1-9][0-9]*)([hdw])", duration)
@@ -49,7 +88,21 @@ def duration_to_timedelta(duration: str) -> timedelta:
 @runtime_checkable
 class BarStore(Protocol):
     def write_bars(self, bars: pd.DataFrame) -> int:
-        """Upsert on (symbol, interval, source, time); returns the number of bars written."""
+        """Replace, per series, everything stored in the frame's range by the frame; returns the bars written.
+
+        For each series (symbol, interval, source) in ``bars``, every bar stored in the closed range
+        [its first time, its last time] in the frame, in bars AND in quarantine, is replaced by the
+        frame's rows: a bar is stored exactly as this write says (a NaN field reads back NaN, never
+        an older value), and a stored bar inside the range that the frame lacks is gone (a run
+        quarantined or dropped it). Every bars write in the pipeline is "all the clean bars of a
+        collected range as the source says now", so nothing outside that contract is lost. Bars
+        outside the range and other series are untouched.
+
+        DuckDB does this in one transaction. InfluxDB deletes the ranges, then writes: not atomic.
+        Either step failing with :class:`StoreUnavailableError` spools the whole frame, and its
+        replay does both again; a crash between the two leaves the range empty until the spooled
+        (or the next run's) write fills it.
+        """
         ...
 
     def write_corporate_actions(self, actions: pd.DataFrame) -> int:
@@ -61,7 +114,11 @@ class BarStore(Protocol):
         ...
 
     def write_quarantine(self, bars: pd.DataFrame) -> int:
-        """Upsert rejected bars on (symbol, interval, source, time, rule), with their values and ``reason``."""
+        """Store rejected bars on (symbol, interval, source, time, rule), with their values and ``reason``.
+
+        A bar's quarantine rows become exactly the frame's rows for it (rules from an older write of
+        the same bar go), and its clean copy leaves bars. Written after the bars of the same run.
+        """
         ...
 
     def read_quarantine(
@@ -92,6 +149,10 @@ class BarStore(Protocol):
 
     def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
         """A symbol's run metrics, oldest run first."""
+        ...
+
+    def first_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
+        """The oldest stored bar's time, or None for an empty series (to re-collect a whole series)."""
         ...
 
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:

@@ -38,7 +38,11 @@ def open_spool(settings: Settings) -> Spool:
 
 @task(name="store", task_run_name="store-{symbol}", cache_policy=NO_CACHE, persist_result=False)
 def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
-    """Write quarantined bars, bars and corporate actions; what the store can't take is spooled."""
+    """Write bars, then quarantined bars, then corporate actions; what the store can't take is spooled.
+
+    Bars go first: their write replaces the collected range, quarantined copies included, and the
+    quarantine write then takes this run's rejected bars out of bars. The spool replays in the same order.
+    """
     store = store_from_settings(settings.storage)
     spool = open_spool(settings)
     postponed = 0
@@ -47,11 +51,11 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
         meta = {"symbol": symbol, "meta": raw.meta}
         postponed = spool.keep(COLLECTED, raw.bars, "the store could not give the history to process them", meta)
     outcomes = (
-        spool.write(store, "quarantine", quarantine_rows(processed.quarantined)),
         spool.write(store, "bars", processed.bars),
+        spool.write(store, "quarantine", quarantine_rows(processed.quarantined)),
         spool.write(store, "corporate_actions", processed.actions),
     )
-    quarantined, bars, actions = (o.written for o in outcomes)
+    bars, quarantined, actions = (o.written for o in outcomes)
     return Stored(bars, actions, quarantined, spooled=postponed + sum(o.spooled for o in outcomes))
 
 
@@ -83,8 +87,9 @@ def _process_and_write(settings: Settings, store: BarStore, rows: pd.DataFrame, 
     interval, source = (str(collected.bars[c].iloc[0]) for c in ("interval", "source"))
     history = read_history(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
     processed = process(collected, symbol, interval, settings.quality, settings.indicators, history)
+    written = store.write_bars(processed.bars)  # bars first, as in store_bars
     store.write_quarantine(quarantine_rows(processed.quarantined))
-    return store.write_bars(processed.bars)
+    return written
 
 
 def quarantine_rows(quarantined: pd.DataFrame) -> pd.DataFrame:

@@ -31,7 +31,8 @@ def test_retention_deletes_older_bars_and_quarantine_but_keeps_corporate_actions
     store = DuckDBStore(path=str(tmp_path / "bars.duckdb"))
     old = frame(n=10, start="2020-01-01")
     store.write_bars(old)
-    store.write_quarantine(old.drop(columns=["rsi_14"]).assign(rule="ohlc_inconsistent", reason="r"))
+    rejected = frame(n=10, start="2020-02-01").drop(columns=["rsi_14"])  # a bar is in bars or quarantine, not both
+    store.write_quarantine(rejected.assign(rule="ohlc_inconsistent", reason="r"))
     store.write_corporate_actions(
         conform_actions(
             pd.DataFrame({"time": [old["time"].iloc[0]], "symbol": "BRK-B", "source": "yahoo_finance",

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from blocks import influxdb_store
-from blocks.influxdb_store import InfluxDBStore, last_time_query, select_query
+from blocks.influxdb_store import InfluxDBStore, delete_predicate, first_time_query, last_time_query, select_query
 from blocks.line_protocol import serialize
 from blocks.store import BAR_KEY, QUARANTINE_KEY, StoreError, StoreUnavailableError
 from blocks.stores import store_from_settings
@@ -181,11 +181,20 @@ def test_an_open_range_reaches_influxdbs_first_and_last_instant() -> None:
     assert select_query("b", "bars", BAR_KEY, {}, pd.Timestamp.min).params["p_start"] == params["p_start"]
 
 
-def test_last_time_query_keeps_values_out_of_the_text() -> None:
-    query = last_time_query("b", {"symbol": AWKWARD, "interval": "1d", "source": "files"})
+@pytest.mark.parametrize(("build", "edge"), [(last_time_query, "last()"), (first_time_query, "first()")])
+def test_first_and_last_time_queries_keep_values_out_of_the_text(build: Any, edge: str) -> None:
+    query = build("b", {"symbol": AWKWARD, "interval": "1d", "source": "files"})
     assert AWKWARD not in query.text and "files" not in query.text
     assert (query.params["p_symbol"], query.params["p_source"]) == (AWKWARD, "files")
-    assert "last()" in query.text
+    assert edge in query.text
+    assert f"desc: {'true' if edge == 'last()' else 'false'}" in query.text
+
+
+def test_a_delete_predicate_quotes_and_escapes_every_value() -> None:
+    predicate = delete_predicate("bars", {"symbol": 'A"B\\C) OR 1=1', "interval": "1d", "source": "files"})
+    assert predicate == '_measurement="bars" AND "symbol"="A\\"B\\\\C) OR 1=1" AND "interval"="1d" AND "source"="files"'
+    with pytest.raises(StoreError, match="line break"):
+        delete_predicate("bars", {"symbol": "A\nB"})
 
 
 QUERY_CSV = (
@@ -197,6 +206,9 @@ QUERY_CSV = (
     f',,0,1965-03-01T00:00:00Z,"{AWKWARD.replace(chr(34), chr(34) * 2)}",1d,yahoo_finance,99.5,5e-324\r\n'
     "\r\n"
 )
+
+
+DELETES: dict[tuple[str, str], list[Reply]] = {("POST", "/api/v2/delete"): [Reply(204)]}
 
 
 def flux_params(request: Request) -> dict[str, Any]:
@@ -252,7 +264,7 @@ def test_a_server_that_is_down_fails_the_write_as_unavailable_without_the_token(
 
 def test_a_503_is_retried_and_the_body_is_gzip_line_protocol_at_precision_s() -> None:
     written = frame(n=3)
-    routes = {("POST", "/api/v2/write"): [Reply(503, b'{"message": "busy"}'), Reply(204)]}
+    routes = {("POST", "/api/v2/write"): [Reply(503, b'{"message": "busy"}'), Reply(204)], **DELETES}
     with fake_influx(routes) as influx:
         assert store_at(influx.url).write_bars(written) == 3
     first, second = influx.sent("POST", "/api/v2/write")
@@ -265,17 +277,17 @@ def test_a_503_is_retried_and_the_body_is_gzip_line_protocol_at_precision_s() ->
 
 def test_a_server_failing_every_attempt_is_unavailable_after_write_attempts() -> None:
     with (
-        fake_influx({("POST", "/api/v2/write"): [json_reply(500, {"message": "internal error"})]}) as influx,
+        fake_influx({("POST", "/api/v2/write"): [json_reply(500, {"message": "internal error"})], **DELETES}) as influx,
         pytest.raises(StoreUnavailableError, match="after 2 attempts") as caught,
     ):
         store_at(influx.url).write_bars(frame(n=3))
     assert "internal error" in str(caught.value) and influx.url in str(caught.value)
-    assert len(influx.requests) == 2
+    assert len(influx.sent("POST", "/api/v2/write")) == 2
 
 
 def test_a_write_is_sent_in_requests_of_5000_lines() -> None:
     written = frame(n=12_000, start="1950-01-01")
-    with fake_influx({("POST", "/api/v2/write"): [Reply(204)]}) as influx:
+    with fake_influx({("POST", "/api/v2/write"): [Reply(204)], **DELETES}) as influx:
         assert store_at(influx.url).write_bars(written) == 12_000
     sizes = [len(lines_of(r.body)) for r in influx.sent("POST", "/api/v2/write")]
     assert sizes == [5000, 5000, 2000]
@@ -284,33 +296,82 @@ def test_a_write_is_sent_in_requests_of_5000_lines() -> None:
 def test_a_401_is_unavailable_not_retried_and_the_message_never_holds_the_token() -> None:
     echo = json_reply(401, {"code": "unauthorized", "message": f"unauthorized access with {TOKEN}"})
     with (
-        fake_influx({("POST", "/api/v2/write"): [echo]}) as influx,
+        fake_influx({("POST", "/api/v2/write"): [echo], **DELETES}) as influx,
         pytest.raises(StoreUnavailableError, match="INFLUXDB_TOKEN") as caught,
     ):
         store_at(influx.url).write_bars(frame(n=3))
     assert TOKEN not in str(caught.value)
     assert influx.url in str(caught.value) and "401" in str(caught.value)
-    assert len(influx.requests) == 1
+    assert len(influx.sent("POST", "/api/v2/write")) == 1
 
 
 def test_a_400_is_a_plain_store_error_and_not_retried() -> None:
     bad = json_reply(400, {"code": "invalid", "message": "unable to parse 'bars x': bad timestamp"})
     with (
-        fake_influx({("POST", "/api/v2/write"): [bad]}) as influx,
+        fake_influx({("POST", "/api/v2/write"): [bad], **DELETES}) as influx,
         pytest.raises(StoreError, match="unable to parse") as caught,
     ):
         store_at(influx.url).write_bars(frame(n=3))
     assert not isinstance(caught.value, StoreUnavailableError)
-    assert len(influx.requests) == 1
+    assert len(influx.sent("POST", "/api/v2/write")) == 1
 
 
 def test_a_server_that_never_answers_in_time_is_unavailable() -> None:
     with (
-        fake_influx({("POST", "/api/v2/write"): [Reply(204, delay=1.0)]}) as influx,
+        fake_influx({("POST", "/api/v2/write"): [Reply(204, delay=1.0)], **DELETES}) as influx,
         pytest.raises(StoreUnavailableError, match="timed out"),
     ):
         store_at(influx.url, timeout=0.2).write_bars(frame(n=3))
-    assert len(influx.requests) == 2  # write_attempts
+    assert len(influx.sent("POST", "/api/v2/write")) == 2  # write_attempts
+
+
+def test_a_bars_write_deletes_each_series_range_from_bars_and_quarantine_before_writing() -> None:
+    written = pd.concat([frame(AWKWARD, n=3), frame("MSFT", n=5, start="2024-02-01")], ignore_index=True)
+    # Points are stored in whole seconds, so a range is floored to seconds too.
+    written["time"] = written["time"].where(written.index > 0, written["time"] + pd.Timedelta(milliseconds=700))
+    routes = {("POST", "/api/v2/write"): [Reply(204)], **DELETES}
+    with fake_influx(routes) as influx:
+        assert store_at(influx.url).write_bars(written) == 8
+    assert [r.path for r in influx.requests] == ["/api/v2/delete"] * 4 + ["/api/v2/write"]
+    deletes = [
+        (r.json()["predicate"], r.json()["start"], r.json()["stop"]) for r in influx.sent("POST", "/api/v2/delete")
+    ]
+    series = [
+        (AWKWARD, "2024-01-01T00:00:00Z", "2024-01-03T00:00:00Z"),
+        ("MSFT", "2024-02-01T00:00:00Z", "2024-02-05T00:00:00Z"),
+    ]
+    assert deletes == [
+        (delete_predicate(measurement, {"symbol": symbol, "interval": "1d", "source": "yahoo_finance"}), start, stop)
+        for measurement in ("bars", "quarantine")
+        for symbol, start, stop in series
+    ]  # fmt: skip
+    assert influx.sent("POST", "/api/v2/delete")[0].query == {"org": ["marketpipe"], "bucket": ["market_data"]}
+
+
+def test_a_quarantine_write_deletes_each_bars_instant_from_quarantine_and_bars() -> None:
+    rows = frame(n=2).drop(columns=["rsi_14"]).assign(rule="ohlc_inconsistent", reason="r")
+    rows = pd.concat([rows, rows.iloc[[0]].assign(rule="negative_volume")], ignore_index=True)
+    with fake_influx({("POST", "/api/v2/write"): [Reply(204)], **DELETES}) as influx:
+        assert store_at(influx.url).write_quarantine(rows) == 3
+    sent = [
+        (r.json()["predicate"].split(" AND ")[0], r.json()["start"], r.json()["stop"])
+        for r in influx.sent("POST", "/api/v2/delete")
+    ]
+    days = ["2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"]
+    assert sent == [(f'_measurement="{m}"', day, day) for m in ("quarantine", "bars") for day in days]
+
+
+def test_a_delete_the_server_keeps_failing_is_unavailable_and_nothing_is_written() -> None:
+    failing = {
+        ("POST", "/api/v2/delete"): [json_reply(503, {"message": "busy"})],
+        ("POST", "/api/v2/write"): [Reply(204)],
+    }
+    with (
+        fake_influx(failing) as influx,
+        pytest.raises(StoreUnavailableError, match="could not delete after 2 attempts"),
+    ):
+        store_at(influx.url).write_bars(frame(n=3))
+    assert len(influx.sent("POST", "/api/v2/delete")) == 2 and influx.sent("POST", "/api/v2/write") == []
 
 
 ORG = {"id": "0123456789abcdef", "name": "marketpipe"}
@@ -326,6 +387,7 @@ def test_a_write_to_a_missing_bucket_creates_it_without_expiry_and_sends_again()
     missing = json_reply(404, {"code": "not found", "message": 'bucket "market_data" not found'})
     routes = {
         ("POST", "/api/v2/write"): [missing, Reply(204)],
+        ("POST", "/api/v2/delete"): [missing],  # nothing to delete from a bucket that does not exist
         ("GET", "/api/v2/buckets"): [json_reply(200, {"buckets": []})],
         ("GET", "/api/v2/orgs"): [json_reply(200, {"orgs": [ORG]})],
         ("POST", "/api/v2/buckets"): [json_reply(201, bucket(0))],

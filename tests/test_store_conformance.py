@@ -145,6 +145,115 @@ def test_last_timestamp(store: BarStore) -> None:
     assert store.last_timestamp("BRK-B", "1d", "files") is None
 
 
+def test_first_timestamp(store: BarStore) -> None:
+    assert store.first_timestamp("BRK-B", "1d", "yahoo_finance") is None
+    store.write_bars(frame(n=5, start="2024-03-01"))
+    store.write_bars(frame(n=5, start="2024-01-01"))
+    assert store.first_timestamp("BRK-B", "1d", "yahoo_finance") == pd.Timestamp("2024-01-01", tz="UTC")
+    assert store.first_timestamp("BRK-B", "1d", "files") is None
+    assert store.first_timestamp("BRK-B", "1h", "yahoo_finance") is None
+
+
+# --- a rewrite replaces: every backend stores exactly what the latest write of a bar says ------
+
+
+def one_bar(close: float, adj_close: float, sma_20: float, symbol: str = "BRK-B") -> pd.DataFrame:
+    bar = frame(symbol, n=1, start="2024-01-10").drop(columns=["rsi_14"])
+    return bar.assign(close=close, adj_close=adj_close, sma_20=sma_20)
+
+
+def quarantined(bars: pd.DataFrame, rule: str = "ohlc_inconsistent") -> pd.DataFrame:
+    return bars.assign(rule=rule, reason=f"broke {rule}")
+
+
+def test_a_rewrite_with_fewer_fields_reads_back_exactly_the_rewrite(store: BarStore) -> None:
+    store.write_bars(one_bar(100.0, 99.0, 97.5))
+    store.write_bars(one_bar(101.0, np.nan, np.nan))
+    read = store.read_bars("BRK-B")
+    assert len(read) == 1
+    assert read["close"].iloc[0] == 101.0
+    assert read["adj_close"].isna().all() and read["sma_20"].isna().all()
+
+
+def test_a_bar_quarantined_on_a_later_write_leaves_bars(store: BarStore) -> None:
+    first = frame(n=10)
+    store.write_bars(first)
+    later = first.drop(index=4).reset_index(drop=True)
+    store.write_bars(later)
+    store.write_quarantine(quarantined(first.iloc[[4]].drop(columns=["rsi_14"])))
+    assert pd.Timestamp("2024-01-05", tz="UTC") not in set(store.read_bars("BRK-B")["time"])
+    assert len(store.read_bars("BRK-B")) == 9
+    assert store.read_quarantine("BRK-B")["time"].tolist() == [pd.Timestamp("2024-01-05", tz="UTC")]
+
+
+def test_a_quarantined_bar_outside_the_bars_range_leaves_bars_too(store: BarStore) -> None:
+    first = frame(n=10)
+    store.write_bars(first)
+    store.write_bars(first.iloc[:9])  # the last bar is quarantined by this run: outside its bars' range
+    store.write_quarantine(quarantined(first.iloc[[9]].drop(columns=["rsi_14"])))
+    assert store.read_bars("BRK-B")["time"].max() == pd.Timestamp("2024-01-09", tz="UTC")
+    assert len(store.read_quarantine("BRK-B")) == 1
+
+
+def test_a_bar_absent_inside_a_later_writes_range_is_gone(store: BarStore) -> None:
+    first = frame(n=10)
+    store.write_bars(first)
+    store.write_bars(first.drop(index=[3, 6]))  # dropped by the run's missing-bar policy, say
+    assert list(store.read_bars("BRK-B")["time"].dt.day) == [1, 2, 3, 5, 6, 8, 9, 10]
+
+
+def test_a_quarantined_bar_written_clean_later_leaves_quarantine(store: BarStore) -> None:
+    bars = frame(n=20)
+    store.write_bars(bars.drop(index=4))
+    store.write_quarantine(quarantined(bars.iloc[[4]].drop(columns=["rsi_14"])))
+    store.write_bars(bars)  # the source corrected it
+    assert store.read_quarantine("BRK-B").empty
+    pd.testing.assert_frame_equal(store.read_bars("BRK-B")[list(bars.columns)], bars, check_exact=True)
+
+
+def test_a_bar_quarantined_again_keeps_only_the_latest_rules(store: BarStore) -> None:
+    bar = frame(n=1).drop(columns=["rsi_14"])
+    store.write_quarantine(quarantined(bar, "ohlc_inconsistent"))
+    store.write_quarantine(quarantined(bar, "negative_volume"))
+    assert store.read_quarantine("BRK-B")["rule"].tolist() == ["negative_volume"]
+
+
+def test_bars_outside_the_range_and_other_series_are_untouched(store: BarStore) -> None:
+    bars = frame(n=20)
+    others = [frame("MSFT", n=20), frame(n=20, source="files"), frame(n=20).assign(interval="1h")]
+    for written in (bars, *others):
+        store.write_bars(written)
+    store.write_quarantine(quarantined(frame("MSFT", n=20).iloc[[7]].drop(columns=["rsi_14"])))
+    rewrite = bars.iloc[[5, 9]].assign(close=1.0)  # range 2024-01-06 .. 2024-01-10, three bars absent
+    store.write_bars(rewrite)
+    read = store.read_bars("BRK-B", source="yahoo_finance")
+    assert list(read["time"].dt.day) == [1, 2, 3, 4, 5, 6, 10, *range(11, 21)]
+    kept = read.loc[~read["time"].isin(rewrite["time"])].reset_index(drop=True)
+    expected = bars.loc[~bars["time"].between(rewrite["time"].min(), rewrite["time"].max())].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[list(bars.columns)], expected, check_exact=True)
+    assert len(store.read_bars("MSFT")) == 19 and len(store.read_quarantine("MSFT")) == 1
+    assert len(store.read_bars("BRK-B", source="files")) == 20
+    assert len(store.read_bars("BRK-B", "1h")) == 20
+
+
+def test_a_rewrite_the_store_cannot_take_is_spooled_and_replayed_with_the_same_semantics(
+    store: BarStore, tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    first = frame(n=10)
+    store.write_bars(first)
+    store.write_bars(first.iloc[[0]].assign(adj_close=98.0))
+    later = first.drop(index=[2, 5]).assign(adj_close=np.nan)
+    with unavailable(store) as down:
+        assert spool.write(down, "bars", later) == Written(0, 8)
+        assert spool.write(down, "quarantine", quarantined(first.iloc[[5]].drop(columns=["rsi_14"]))) == Written(0, 1)
+    assert spool.replay(store) == Replayed(batches=2, points=9)
+    read = store.read_bars("BRK-B")
+    assert list(read["time"].dt.day) == [1, 2, 4, 5, 7, 8, 9, 10]
+    assert read["adj_close"].isna().all()
+    assert store.read_quarantine("BRK-B")["time"].dt.day.tolist() == [6]
+
+
 def test_new_indicator_columns_are_added_and_old_rows_read_empty(store: BarStore) -> None:
     store.write_bars(frame(n=20))
     later = frame(n=10, start="2024-02-01").assign(sma_5=1.5)
