@@ -53,9 +53,12 @@ def _new_action(actions: pd.DataFrame, stored_actions: pd.DataFrame, first_store
     if actions.empty:
         return None
     known = set(zip(stored_actions["time"], stored_actions["kind"], strict=True)) if not stored_actions.empty else set()
-    for row in actions.sort_values("time").itertuples(index=False):
-        if row.time > first_stored and (row.time, row.kind) not in known:
-            return f"a {_describe(row.kind, row.ratio, row.amount)} on {row.time.date()} restates the stored history"
+    ordered = actions.sort_values("time", kind="stable")
+    for when, kind, ratio, amount in zip(
+        pd.DatetimeIndex(ordered["time"]), ordered["kind"], ordered["ratio"], ordered["amount"], strict=True
+    ):
+        if when > first_stored and (when, kind) not in known:
+            return f"a {_describe(str(kind), float(ratio), float(amount))} on {when.date()} restates the stored history"
     return None
 
 
