@@ -311,7 +311,9 @@ def session_segments(calendar: str, first: date, last: date) -> Segments | None:
 
 
 def _nanos(column: pd.Series) -> npt.NDArray[np.int64]:
-    return pd.DatetimeIndex(column).tz_convert("UTC").tz_localize(None).to_numpy().astype("datetime64[ns]").view(np.int64)
+    return (
+        pd.DatetimeIndex(column).tz_convert("UTC").tz_localize(None).to_numpy().astype("datetime64[ns]").view(np.int64)
+    )
 
 
 def segment_of(nanos: npt.NDArray[np.int64], segments: Segments) -> npt.NDArray[np.int64]:
@@ -397,14 +399,16 @@ def _intraday_final(
 ) -> npt.NDArray[np.int64]:
     nanos = _nanos(pd.Series(stamps))
     final = nanos + length.value
-    in_current = np.zeros(len(nanos), dtype=bool)
+    in_current: npt.NDArray[np.bool_] = np.zeros(len(nanos), dtype=bool)
     if session is not None:
         start, end = session[0].value, session[1].value
-        in_current = (nanos >= start) & (nanos < end)
+        in_current = np.asarray((nanos >= start) & (nanos < end))
         final = np.where(in_current, np.minimum(final, end), final)
     if calendar is not None:
         days = stamps.tz_localize(None).normalize()
-        segments = session_segments(calendar, (days.min() - pd.Timedelta(days=1)).date(), (days.max() + pd.Timedelta(days=1)).date())
+        segments = session_segments(
+            calendar, (days.min() - pd.Timedelta(days=1)).date(), (days.max() + pd.Timedelta(days=1)).date()
+        )
         if segments is not None:
             position = segment_of(nanos, segments)
             known = (position >= 0) & ~in_current
@@ -429,7 +433,7 @@ def _period_final(
     else:
         periods = days.to_period("M" if interval == "1mo" else "Q")
         first = periods.start_time.normalize()
-        after = (periods + 1).start_time.normalize()
+        after = periods.end_time.normalize() + pd.Timedelta(days=1)
     n = len(days)
     midnight = after.tz_localize(zone, ambiguous=np.ones(n, dtype=bool), nonexistent="shift_forward")
     final = _nanos(pd.Series(midnight))

@@ -152,7 +152,8 @@ def _bend(
     with np.errstate(invalid="ignore", divide="ignore"):
         above = (np.fmax(o, c) - h) / np.abs(h)
         below = (lo - np.fmin(o, c)) / np.abs(lo)
-    return np.nan_to_num(np.fmax(np.fmax(above, below), 0.0), nan=0.0, posinf=np.inf)
+    bend: npt.NDArray[np.float64] = np.nan_to_num(np.fmax(np.fmax(above, below), 0.0), nan=0.0, posinf=np.inf)
+    return bend
 
 
 def _widen(frame: pd.DataFrame, bent: npt.NDArray[np.bool_]) -> pd.DataFrame:

@@ -324,9 +324,9 @@ def test_a_session_before_the_current_one_has_closed() -> None:
     # Served at night: Yahoo's current trading period is already the next day's session.
     next_session = (at("2026-12-02 08:00"), at("2026-12-02 16:30"))
     bars = utc("2026-12-01")
-    assert live_bars(bars, "1d", at("2026-12-01 23:00"), zone="Europe/Berlin", current_session=next_session).tolist() == [
-        False
-    ]
+    assert live_bars(
+        bars, "1d", at("2026-12-01 23:00"), zone="Europe/Berlin", current_session=next_session
+    ).tolist() == [False]
 
 
 def test_an_intraday_bar_is_live_until_its_interval_ends_or_its_session_segment_closes() -> None:

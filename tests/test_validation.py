@@ -232,7 +232,9 @@ def test_yahoos_eurusd_2020_bends_are_all_repaired_by_the_default() -> None:
     repaired = validate_bars(parsed, NOW.replace(year=2021), ohlc_tolerance=BEND)
     assert (len(repaired.clean), repaired.counts, repaired.ohlc_repaired) == (264, {}, 13)
     clean = repaired.clean
-    assert ((clean["low"] <= clean[["open", "close"]].min(axis=1)) & (clean[["open", "close"]].max(axis=1) <= clean["high"])).all()
+    assert (
+        (clean["low"] <= clean[["open", "close"]].min(axis=1)) & (clean[["open", "close"]].max(axis=1) <= clean["high"])
+    ).all()
 
 
 # -- Sessions with a lunch break: the grid restarts at each segment's open ---------------------------

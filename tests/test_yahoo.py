@@ -227,7 +227,9 @@ def test_the_live_last_bar_is_not_stored_as_a_final_bar() -> None:
     assert len(collected.bars) == 4
     assert pd.Timestamp("2025-10-01", tz="UTC") not in set(collected.bars["time"])
     # The same payload served after that session's close: the bar is final.
-    after_close = parse(GS2C_DURING_SESSION, "GS2C.DE", served=_stamp_of(meta["currentTradingPeriod"]["regular"]["end"]))
+    after_close = parse(
+        GS2C_DURING_SESSION, "GS2C.DE", served=_stamp_of(meta["currentTradingPeriod"]["regular"]["end"])
+    )
     assert after_close.live_bars_skipped == 0
     assert after_close.bars["time"].iloc[-1] == pd.Timestamp("2025-10-01", tz="UTC")
 
