@@ -117,7 +117,7 @@ LUNCH_BREAK_MARKETS: tuple[tuple[str, str, str, str, str, tuple[tuple[str, str],
     ("7203.T", "JPX", "XTKS", "Asia/Tokyo", "JPY", (("09:00", "11:30"), ("12:30", "15:30"))),  # 15:30 since 2024-11-05
     ("600519.SS", "SHH", "XSHG", "Asia/Shanghai", "CNY", (("09:30", "11:30"), ("13:00", "15:00"))),
 )
-MINUTES = {"60m": 60, "30m": 30, "15m": 15}
+MINUTES = {"60m": 60, "90m": 90, "30m": 30, "15m": 15}
 
 
 def common_full_session(today: date) -> date:
@@ -209,7 +209,9 @@ def yahoo_intraday_chart(
     return {"chart": {"result": [result], "error": None}}, stamps
 
 
-@pytest.mark.parametrize("interval", ["60m", "30m", "15m"])
+# 60m and 90m: the lunch break is no whole number of intervals (Hong Kong's 13:00 is 3.5 h after 09:30);
+# 30m and 15m: it is, and they must stay whole too.
+@pytest.mark.parametrize("interval", ["60m", "90m", "30m", "15m"])
 def test_every_bar_of_a_hong_kong_tokyo_and_shanghai_day_is_stored(
     env: dict[str, str], replay_dir: Path, interval: str
 ) -> None:
