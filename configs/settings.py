@@ -107,6 +107,13 @@ class QualitySettings(_Section):
     spike_threshold: float = Field(
         0.25, gt=0, description="relative move from both neighbours that flags a single-bar spike"
     )
+    ohlc_tolerance: float = Field(
+        0.002,
+        ge=0,
+        lt=0.05,
+        description="open/close this far (relative) outside low..high are taken in by widening high/low, "
+        "flagged flag_ohlc_repaired; beyond it the bar is quarantined. 0 repairs nothing",
+    )
     calendars: dict[str, str] = Field(
         default_factory=dict,
         description="symbol -> exchange_calendars name (XNYS, XLON, 24/7 ...), overriding the exchange in the data",

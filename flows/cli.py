@@ -141,6 +141,14 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
         if r.get("restated"):
             console.print(f"[yellow]{r['symbol']} restated:[/] {r['restated']}", highlight=False, soft_wrap=True)
     for r in rows:
+        if r["live_bars_skipped"]:
+            console.print(
+                f"{r['symbol']}: {r['live_bars_skipped']} live bar(s) not stored: their session was still open; "
+                "a run after the close stores them",
+                highlight=False,
+                soft_wrap=True,
+            )
+    for r in rows:
         if r["missing_sessions"]:
             console.print(f"[yellow]{r['symbol']}:[/] {r['gaps']}", highlight=False, soft_wrap=True)
     for r in rows:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, tzinfo
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
 import exchange_calendars as xc
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import trading_calendar_name
@@ -274,3 +275,182 @@ def _bounds(name: str) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
 @lru_cache(maxsize=64)
 def _calendar_zone(name: str) -> str:
     return str(xc.get_calendar(name).tz)
+
+
+# Session segments and the live-bar rule. Both look at the calendar's trading hours, not only its dates.
+
+Segments = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
+
+
+def session_segments(calendar: str, first: date, last: date) -> Segments | None:
+    """The calendar's trading segments ``[open, close)`` for the sessions ``first..last``, as sorted UTC nanoseconds.
+
+    A session with a lunch break (XHKG, XTKS, XSHG ...) has two segments, ``open..break_start`` and
+    ``break_end..close``; every other session has one. None when the calendar can't cover the span.
+    """
+    name = str(xc.resolve_alias(calendar))
+    lo, hi = pd.Timestamp(first), pd.Timestamp(last)
+    cal = _calendar_covering(name, lo, hi)
+    if cal is None:
+        return None
+    schedule = cal.schedule.loc[max(lo, cal.first_session) : min(hi, cal.last_session)]
+    if schedule.empty:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    opens, closes = _nanos(schedule["open"]), _nanos(schedule["close"])
+    if "break_start" not in schedule:
+        return opens, closes
+    has_break = schedule["break_start"].notna().to_numpy() & schedule["break_end"].notna().to_numpy()
+    if not has_break.any():
+        return opens, closes
+    breaks = _nanos(schedule["break_start"].fillna(schedule["close"]))
+    resumes = _nanos(schedule["break_end"].fillna(schedule["close"]))
+    seg_opens = np.concatenate([opens, resumes[has_break]])
+    seg_closes = np.concatenate([np.where(has_break, breaks, closes), closes[has_break]])
+    order = np.argsort(seg_opens, kind="stable")
+    return seg_opens[order], seg_closes[order]
+
+
+def _nanos(column: pd.Series) -> npt.NDArray[np.int64]:
+    return (
+        pd.DatetimeIndex(column).tz_convert("UTC").tz_localize(None).to_numpy().astype("datetime64[ns]").view(np.int64)
+    )
+
+
+def segment_of(nanos: npt.NDArray[np.int64], segments: Segments) -> npt.NDArray[np.int64]:
+    """For each instant, the position of the segment it lies in, or -1 (outside trading hours)."""
+    opens, closes = segments
+    if opens.size == 0:
+        return np.full(len(nanos), -1, dtype=np.int64)
+    position = np.searchsorted(opens, nanos, side="right") - 1
+    inside = (position >= 0) & (nanos < closes[np.clip(position, 0, None)])
+    return np.where(inside, position, -1).astype(np.int64)
+
+
+# How far past its start a bar can still be forming: bars older than this (plus a day's margin) are final.
+_LONGEST_PERIOD: dict[str, pd.Timedelta] = {
+    "1d": pd.Timedelta(days=1),
+    "5d": pd.Timedelta(days=7),
+    "1wk": pd.Timedelta(days=7),
+    "1mo": pd.Timedelta(days=31),
+    "3mo": pd.Timedelta(days=92),
+}
+
+
+def live_bars(
+    times: pd.Series | pd.DatetimeIndex,
+    interval: str,
+    as_of: datetime,
+    *,
+    calendar: str | None = None,
+    zone: str | tzinfo = "UTC",
+    current_session: tuple[datetime, datetime] | None = None,
+) -> npt.NDArray[np.bool_]:
+    """Which bars were still forming at ``as_of``: their values can change, so they must not be stored as final.
+
+    ``times`` are standard bar times (daily and longer: 00:00 UTC of the trading date; intraday: the
+    start instant). ``as_of`` is when the source served the data (an HTTP ``Date`` header, else
+    the clock), not when the bars are parsed. A bar is final once
+
+    - intraday: its interval has ended, or the session it lies in has closed, whichever is first;
+    - daily: its session has closed (the day's final bar after the close is final);
+    - ``1wk``/``5d``, ``1mo``, ``3mo``: the last session of its calendar week, month or quarter has closed.
+
+    Where a session closes, best source first: ``current_session``, the source's own statement of
+    the regular session current at ``as_of`` (Yahoo's ``meta.currentTradingPeriod.regular``, as
+    ``[start, end)``; any session before it has closed); the exchange ``calendar`` (an
+    exchange_calendars name, lunch breaks included); otherwise the end of the trading date, week,
+    month or quarter at midnight in ``zone``, the exchange's time zone.
+    """
+    stamps = pd.DatetimeIndex(times)
+    stamps = stamps.tz_localize("UTC") if stamps.tz is None else stamps.tz_convert("UTC")
+    live = np.zeros(len(stamps), dtype=bool)
+    if stamps.empty:
+        return live
+    now = pd.Timestamp(as_of)
+    now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
+    reach = _LONGEST_PERIOD.get(interval) or pd.Timedelta(interval.replace("m", "min"))
+    recent = np.flatnonzero(np.asarray(stamps >= now - reach - pd.Timedelta(days=1)))
+    if recent.size == 0:
+        return live
+    recent_stamps = stamps[recent]
+    session = _session_bounds(current_session)
+    if is_daily_or_longer(interval):
+        final = _period_final(recent_stamps, interval, calendar, zone, session)
+    else:
+        final = _intraday_final(recent_stamps, reach, calendar, session)
+    live[recent] = final > now.value
+    return live
+
+
+def _session_bounds(current: tuple[datetime, datetime] | None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    if current is None:
+        return None
+    start, end = (pd.Timestamp(t) for t in current)
+    start = start.tz_localize("UTC") if start.tzinfo is None else start.tz_convert("UTC")
+    end = end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")
+    return (start, end) if end > start else None
+
+
+def _intraday_final(
+    stamps: pd.DatetimeIndex,
+    length: pd.Timedelta,
+    calendar: str | None,
+    session: tuple[pd.Timestamp, pd.Timestamp] | None,
+) -> npt.NDArray[np.int64]:
+    nanos = _nanos(pd.Series(stamps))
+    final = nanos + length.value
+    in_current: npt.NDArray[np.bool_] = np.zeros(len(nanos), dtype=bool)
+    if session is not None:
+        start, end = session[0].value, session[1].value
+        in_current = np.asarray((nanos >= start) & (nanos < end))
+        final = np.where(in_current, np.minimum(final, end), final)
+    if calendar is not None:
+        days = stamps.tz_localize(None).normalize()
+        segments = session_segments(
+            calendar, (days.min() - pd.Timedelta(days=1)).date(), (days.max() + pd.Timedelta(days=1)).date()
+        )
+        if segments is not None:
+            position = segment_of(nanos, segments)
+            known = (position >= 0) & ~in_current
+            closes = segments[1][np.clip(position, 0, None)] if segments[1].size else np.zeros(len(nanos), np.int64)
+            final = np.where(known, np.minimum(final, closes), final)
+    return final
+
+
+def _period_final(
+    stamps: pd.DatetimeIndex,
+    interval: str,
+    calendar: str | None,
+    zone: str | tzinfo,
+    session: tuple[pd.Timestamp, pd.Timestamp] | None,
+) -> npt.NDArray[np.int64]:
+    days = stamps.tz_localize(None).normalize()
+    if interval == "1d":
+        first, after = days, days + pd.Timedelta(days=1)
+    elif interval in ("1wk", "5d"):
+        first = days - pd.to_timedelta(days.weekday, unit="D")
+        after = first + pd.Timedelta(days=7)
+    else:
+        periods = days.to_period("M" if interval == "1mo" else "Q")
+        first = periods.start_time.normalize()
+        after = periods.end_time.normalize() + pd.Timedelta(days=1)
+    n = len(days)
+    midnight = after.tz_localize(zone, ambiguous=np.ones(n, dtype=bool), nonexistent="shift_forward")
+    final = _nanos(pd.Series(midnight))
+    if calendar is not None:
+        name = str(xc.resolve_alias(calendar))
+        cal = _calendar_covering(name, first.min(), after.max())
+        if cal is not None:
+            sessions = pd.DatetimeIndex(cal.sessions)
+            closes = _nanos(cal.schedule["close"])
+            last = np.searchsorted(sessions.to_numpy(), after.to_numpy(), side="left") - 1
+            valid = last >= 0
+            valid &= sessions.to_numpy()[np.clip(last, 0, None)] >= first.to_numpy()
+            final = np.where(valid, closes[np.clip(last, 0, None)], final)
+    if session is not None:
+        start, end = session
+        current = (start + (end - start) / 2).tz_convert(zone).tz_localize(None).normalize()
+        final = np.where(np.asarray(after <= current), np.iinfo(np.int64).min, final)
+        if interval == "1d":
+            final = np.where(np.asarray(days == current), end.value, final)
+    return np.asarray(final, dtype=np.int64)

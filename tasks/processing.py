@@ -21,7 +21,7 @@ from blocks.store import BarStore, StoreUnavailableError
 from blocks.stores import store_from_settings
 from configs.settings import IndicatorSpec, QualitySettings, Settings
 from tasks.adjust import add_adjusted_prices, add_returns
-from tasks.bars import BAR_COLUMNS, FLAG_MISSING, flag_missing
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED, flag_missing
 from tasks.calendars import SessionGaps, calendar_for, missing_sessions
 from tasks.indicators import compute_indicators, lookback_bars
 from tasks.missing import apply_missing_policy
@@ -43,7 +43,7 @@ class Processed:
     collected: int
     live_bars_skipped: int
     rejected: dict[str, int] = field(default_factory=dict)  # quarantined bars by rule
-    repaired: dict[str, int] = field(default_factory=dict)  # out_of_order, unit_error, missing_filled
+    repaired: dict[str, int] = field(default_factory=dict)  # out_of_order, unit_error, ohlc_repaired, missing_filled
     flagged: dict[str, int] = field(default_factory=dict)  # stored bars carrying a flag, by flag
     dropped: dict[str, int] = field(default_factory=dict)  # missing_dropped
     currency: str | None = None
@@ -81,7 +81,8 @@ def process(
     rules and returns see the new bars' predecessors.
     """
     bars, currency = to_major_unit(collected.bars, _text(collected.meta.get("currency")))
-    validated = validate_bars(bars, now)
+    calendar = calendar_for(symbol, collected.meta, quality.calendars.get(symbol.upper()))
+    validated = validate_bars(bars, now, calendar=calendar, ohlc_tolerance=quality.ohlc_tolerance)
     clean = flag_missing(validated.clean)
     past = pd.DataFrame(columns=list(BAR_COLUMNS))
     if history is not None and not history.empty and not clean.empty:
@@ -95,11 +96,11 @@ def process(
     repaired = {
         "out_of_order": validated.out_of_order,
         "unit_error": int(new[FLAG_UNIT_REPAIRED].sum()),
+        "ohlc_repaired": int(new[FLAG_OHLC_REPAIRED].sum()) if FLAG_OHLC_REPAIRED in new else 0,
         "missing_filled": missing_counts.get("missing_filled", 0),
     }
     flagged = {name: int(new[column].sum()) for column, name in FLAG_COUNTS.items() if column in new}
     dropped = {k: v for k, v in missing_counts.items() if k == "missing_dropped"}
-    calendar = calendar_for(symbol, collected.meta, quality.calendars.get(symbol.upper()))
     gaps = None
     if calendar is not None and not new.empty:
         since = past["time"].iloc[-1] if not past.empty else None

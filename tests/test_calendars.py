@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 
 import exchange_calendars as xc
 import pandas as pd
 import pytest
 
-from tasks.calendars import SessionGaps, calendar_for, missing_sessions
+from tasks.calendars import SessionGaps, calendar_for, live_bars, missing_sessions, session_segments
 from tasks.errors import UsageError
 from tasks.sources.base import Collected
 from tasks.sources.yahoo_finance import parse_chart_result
@@ -293,3 +293,61 @@ def test_bars_on_holidays_at_the_edges_of_the_span_are_not_expected_and_break_no
     assert gaps is not None
     assert gaps.count == 0
     assert gaps.expected == 246  # 250 sessions in 2023, less Dec 26-29
+
+
+def at(stamp: str) -> datetime:
+    return pd.Timestamp(stamp, tz="UTC").to_pydatetime()
+
+
+def test_a_lunch_break_splits_a_session_into_two_segments() -> None:
+    segments = session_segments("XHKG", date(2026, 11, 2), date(2026, 11, 2))
+    assert segments is not None
+    opens, closes = (pd.to_datetime(s, utc=True).tz_convert("Asia/Hong_Kong").strftime("%H:%M") for s in segments)
+    assert list(zip(opens, closes, strict=True)) == [("09:30", "12:00"), ("13:00", "16:00")]
+    nyse = session_segments("XNYS", date(2026, 11, 2), date(2026, 11, 3))
+    assert nyse is not None and len(nyse[0]) == 2  # one segment a day
+
+
+def test_a_daily_bar_is_live_until_its_session_closes() -> None:
+    day = utc("2026-11-30", "2026-12-01")
+    session = (at("2026-12-01 14:30"), at("2026-12-01 21:00"))
+    assert live_bars(day, "1d", at("2026-12-01 20:59"), current_session=session).tolist() == [False, True]
+    assert live_bars(day, "1d", at("2026-12-01 21:00"), current_session=session).tolist() == [False, False]
+    # Without the source's session: the calendar's close, then the end of the day in the exchange's zone.
+    assert live_bars(day, "1d", at("2026-12-01 20:59"), calendar="XNYS").tolist() == [False, True]
+    assert live_bars(day, "1d", at("2026-12-01 21:00"), calendar="XNYS").tolist() == [False, False]
+    assert live_bars(day, "1d", at("2026-12-01 21:00"), zone="America/New_York").tolist() == [False, True]
+    assert live_bars(day, "1d", at("2026-12-02 05:00"), zone="America/New_York").tolist() == [False, False]
+
+
+def test_a_session_before_the_current_one_has_closed() -> None:
+    # Served at night: Yahoo's current trading period is already the next day's session.
+    next_session = (at("2026-12-02 08:00"), at("2026-12-02 16:30"))
+    bars = utc("2026-12-01")
+    assert live_bars(
+        bars, "1d", at("2026-12-01 23:00"), zone="Europe/Berlin", current_session=next_session
+    ).tolist() == [False]
+
+
+def test_an_intraday_bar_is_live_until_its_interval_ends_or_its_session_segment_closes() -> None:
+    # 0700.HK 60m bars at 10:30 and 11:30 HKT; the 11:30 bar ends at the 12:00 lunch break.
+    bars = utc("2026-11-02 02:30", "2026-11-02 03:30")
+    assert live_bars(bars, "60m", at("2026-11-02 03:45"), calendar="XHKG").tolist() == [False, True]
+    assert live_bars(bars, "60m", at("2026-11-02 04:00"), calendar="XHKG").tolist() == [False, False]
+    # Without a calendar the bar's own interval decides: it ends at 12:30.
+    assert live_bars(bars, "60m", at("2026-11-02 04:00")).tolist() == [False, True]
+    # Yahoo's current session caps the day's last bar at the close (NYSE 15:30 bar, close 16:00 New York).
+    us = utc("2026-12-01 20:30")
+    regular = (at("2026-12-01 14:30"), at("2026-12-01 21:00"))
+    assert live_bars(us, "1h", at("2026-12-01 20:59"), current_session=regular).tolist() == [True]
+    assert live_bars(us, "1h", at("2026-12-01 21:00"), current_session=regular).tolist() == [False]
+
+
+def test_a_weekly_or_monthly_bar_is_live_until_its_periods_last_session_closes() -> None:
+    week = utc("2026-11-30")  # Monday
+    assert live_bars(week, "1wk", at("2026-12-04 20:59"), calendar="XNYS").tolist() == [True]
+    assert live_bars(week, "1wk", at("2026-12-04 21:00"), calendar="XNYS").tolist() == [False]
+    month = utc("2026-11-02")
+    assert live_bars(month, "1mo", at("2026-11-30 20:59"), calendar="XNYS").tolist() == [True]
+    assert live_bars(month, "1mo", at("2026-11-30 21:00"), calendar="XNYS").tolist() == [False]
+    assert live_bars(utc("2026-10-01"), "3mo", at("2026-12-01 12:00"), zone="America/New_York").tolist() == [True]

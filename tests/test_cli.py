@@ -105,7 +105,9 @@ def test_splits_and_dividends_are_stored_as_corporate_actions(replay_env: dict[s
 
 def test_data_quality_shows_in_the_summary_and_bad_bars_wait_in_quarantine(replay_env: dict[str, str]) -> None:
     symbols = "AAPL,BTC-USD,EURUSD=X,OCDO.L"
-    result = marketpipe("run", "--symbols", symbols, "--start", "2020-01-01", "--end", "2020-12-31", env=replay_env)
+    # With no tolerance for bent OHLC (the default repairs these, see tests/test_run_quality.py).
+    strict = {**replay_env, "MARKETPIPE__QUALITY__OHLC_TOLERANCE": "0"}
+    result = marketpipe("run", "--symbols", symbols, "--start", "2020-01-01", "--end", "2020-12-31", env=strict)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
     # Yahoo's own EURUSD=X 2020 bars: 13 closes outside their high-low range.

@@ -133,3 +133,42 @@ def test_every_alpha_vantage_file(path: Path, tmp_path: Path) -> None:
         lambda: source.parse(BarQuery("MSFT", interval, *WIDE), httpx.Response(200, content=path.read_bytes())),
         expected,
     )
+
+
+GSPC_DURING_SESSION = "openbb_chart_^GSPC_range-1d_interval-1d_2024-02-29_index.json"
+
+
+@pytest.mark.parametrize(
+    ("served", "live"),
+    [
+        ("Thu, 29 Feb 2024 18:46:40 GMT", 1),  # 13:46 New York: the index's day is still forming
+        ("Thu, 29 Feb 2024 21:00:00 GMT", 0),  # the close: currentTradingPeriod.regular.end
+        ("Fri, 01 Mar 2024 12:00:00 GMT", 0),
+    ],
+)
+def test_an_index_bar_is_live_only_while_its_session_is_open(served: str, live: int) -> None:
+    body = (REFERENCE / "yahoo" / GSPC_DURING_SESSION).read_bytes()
+    response = httpx.Response(200, content=body, headers={"Date": served})
+    collected = YahooFinance(SETTINGS).parse(BarQuery("^GSPC", "1d", *WIDE), response)
+    assert collected.live_bars_skipped == live
+    assert len(collected.bars) == 1 - live
+
+
+def test_the_recorded_date_header_decides_the_live_bar() -> None:
+    """node-yahoo-finance2 kept the real response headers: served before the next session opened."""
+    wrapper = json.loads(
+        (
+            REFERENCE / "yahoo" / "yahoo-finance2_fixtures_raw"
+            / "chart-AAPL-2024-10-02-to-2024-10-03-includePrePost-false-interval-1m.json"
+        ).read_bytes()
+    )  # fmt: skip
+    response = wrapper["response"]
+    headers = {"Date": response["headers"]["date"][0]}
+    served = httpx.Response(response["status"], content=response["body"].encode(), headers=headers)
+    collected = YahooFinance(SETTINGS).parse(BarQuery("AAPL", "1m", *WIDE), served)
+    assert collected.live_bars_skipped == 0
+    assert len(collected.bars) == len(json.loads(response["body"])["chart"]["result"][0]["timestamp"])
+    # Its last bar is the minute from 16:00 New York on 2024-10-03: live while that minute runs.
+    within = {"Date": "Thu, 03 Oct 2024 20:00:30 GMT"}
+    early = httpx.Response(response["status"], content=response["body"].encode(), headers=within)
+    assert YahooFinance(SETTINGS).parse(BarQuery("AAPL", "1m", *WIDE), early).live_bars_skipped == 1

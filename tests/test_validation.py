@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from tasks.bars import conform
+from tasks.sources.yahoo_finance import parse_chart_result
 from tasks.validation import RULES, MissingColumnsError, validate_bars
+from tests.conftest import yahoo_json
 
 NOW = datetime(2024, 3, 1, 15, 0, tzinfo=UTC)
 
@@ -167,3 +169,109 @@ def test_partly_missing_bars_are_not_quarantined_by_the_value_rules() -> None:
     frame = bars()
     frame.loc[1, ["open", "high"]] = np.nan
     assert validate_bars(frame, NOW).counts == {}
+
+
+# -- A bend of open/close just outside low..high is repaired within the tolerance ------------------
+
+BEND = 0.002  # the default quality.ohlc_tolerance
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "high", "low"),
+    [
+        ("close", 11.011, 11.011, 9.0),  # 10 bp above the high: high widened to the close
+        ("open", 8.991, 11.0, 8.991),  # 10 bp below the low: low widened to the open
+    ],
+)
+def test_a_small_bend_is_repaired_flagged_and_counted(column: str, value: float, high: float, low: float) -> None:
+    frame = bars()
+    frame.loc[2, column] = value
+    result = validate_bars(frame, NOW, ohlc_tolerance=BEND)
+    assert result.counts == {}
+    assert result.ohlc_repaired == 1
+    assert result.clean["flag_ohlc_repaired"].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+    repaired = result.clean.iloc[2]
+    assert (repaired["high"], repaired["low"], repaired[column]) == (high, low, value)
+    assert result.clean.drop(index=2)[["high", "low"]].eq([11.0, 9.0]).all().all()
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"close": 11.55}, "a close 5% above the high"),
+        ({"open": 8.97}, "an open 33 bp below the low"),
+        ({"high": 9.0, "low": 11.0, "open": 10.0, "close": 10.0}, "a high below the low"),
+        ({"high": 10.49, "low": 10.5, "open": 10.5, "close": 10.5}, "a high a little below the low"),
+    ],
+)
+def test_a_real_inconsistency_is_still_quarantined(changes: dict[str, float], why: str) -> None:
+    frame = bars()
+    for column, value in changes.items():
+        frame.loc[2, column] = value
+    result = validate_bars(frame, NOW, ohlc_tolerance=BEND)
+    assert result.counts == {"ohlc_inconsistent": 1}, why
+    assert result.ohlc_repaired == 0
+    assert "flag_ohlc_repaired" not in result.quarantined
+    for column, value in changes.items():
+        assert result.quarantined.iloc[0][column] == value  # quarantined as delivered
+
+
+def test_no_tolerance_repairs_nothing() -> None:
+    frame = bars()
+    frame.loc[2, "close"] = 11.011
+    result = validate_bars(frame, NOW)
+    assert result.counts == {"ohlc_inconsistent": 1}
+    assert result.clean["flag_ohlc_repaired"].sum() == 0
+
+
+def test_yahoos_eurusd_2020_bends_are_all_repaired_by_the_default() -> None:
+    result = yahoo_json("yahoo-finance2_chart_EURUSD=X_2020_full_year_1d.json")["chart"]["result"][0]
+    parsed = parse_chart_result(result, "EURUSD=X", "1d").bars
+    strict = validate_bars(parsed, NOW.replace(year=2021))
+    assert strict.counts == {"ohlc_inconsistent": 13}
+    repaired = validate_bars(parsed, NOW.replace(year=2021), ohlc_tolerance=BEND)
+    assert (len(repaired.clean), repaired.counts, repaired.ohlc_repaired) == (264, {}, 13)
+    clean = repaired.clean
+    assert (
+        (clean["low"] <= clean[["open", "close"]].min(axis=1)) & (clean[["open", "close"]].max(axis=1) <= clean["high"])
+    ).all()
+
+
+# -- Sessions with a lunch break: the grid restarts at each segment's open ---------------------------
+
+
+def local_intraday(times: list[str], interval: str, zone: str) -> pd.DataFrame:
+    stamps = pd.DatetimeIndex(pd.to_datetime(times)).tz_localize(zone).tz_convert("UTC")
+    return intraday([str(t) for t in stamps], interval)
+
+
+# Yahoo's 60m bars start at each segment's open (real shapes; Tokyo closes 15:30 since 2024-11-05).
+LUNCH_BREAK_DAYS = {
+    "XHKG": ("Asia/Hong_Kong", "2026-11-02", ["09:30", "10:30", "11:30", "13:00", "14:00", "15:00"]),
+    "XTKS": ("Asia/Tokyo", "2026-11-02", ["09:00", "10:00", "11:00", "12:30", "13:30", "14:30"]),
+    "XSHG": ("Asia/Shanghai", "2026-11-02", ["09:30", "10:30", "13:00", "14:00"]),
+}
+
+
+@pytest.mark.parametrize("calendar", sorted(LUNCH_BREAK_DAYS))
+def test_hourly_bars_after_a_lunch_break_are_on_grid(calendar: str) -> None:
+    zone, day, clock = LUNCH_BREAK_DAYS[calendar]
+    frame = local_intraday([f"{day} {t}" for t in clock], "60m", zone)
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    assert validate_bars(frame, now, calendar=calendar).counts == {}
+    # Without the calendar, measured from the day's first bar, the afternoon is off the grid.
+    assert validate_bars(frame, now).counts.get("off_grid", 0) > 0
+
+
+def test_a_bar_off_its_segments_grid_is_still_off_grid() -> None:
+    zone, day, clock = LUNCH_BREAK_DAYS["XHKG"]
+    frame = local_intraday([f"{day} {t}" for t in [*clock[:4], "13:20", *clock[4:]]], "60m", zone)
+    result = validate_bars(frame, datetime(2026, 12, 1, tzinfo=UTC), calendar="XHKG")
+    assert result.counts == {"off_grid": 1}
+    assert result.quarantined["time"].tolist() == [pd.Timestamp(f"{day} 13:20", tz=zone).tz_convert("UTC")]
+
+
+def test_bars_on_the_clocks_grid_inside_a_segment_are_on_grid() -> None:
+    # Hourly bars on the hour (a clock grid) inside the 09:30-16:00 New York session.
+    frame = local_intraday([f"2026-11-02 {h:02d}:00" for h in range(10, 16)], "60m", "America/New_York")
+    assert validate_bars(frame, datetime(2026, 12, 1, tzinfo=UTC), calendar="XNYS").counts == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from email.utils import format_datetime
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -13,7 +14,7 @@ import pytest
 from configs.settings import RetrySettings, SourceSettings
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, load_source, redact_url
-from tasks.sources.yahoo_finance import YahooFinance, request_windows
+from tasks.sources.yahoo_finance import YahooFinance, request_windows, served_at
 from tests.conftest import YAHOO, yahoo_json, yahoo_payload
 
 SETTINGS = SourceSettings(
@@ -25,9 +26,18 @@ SETTINGS = SourceSettings(
 WIDE = (date(1980, 1, 1), date(2030, 1, 1))
 
 
-def parse(name: str, symbol: str, interval: str = "1d", status: int = 200, window: tuple[date, date] = WIDE):
+def parse(
+    name: str,
+    symbol: str,
+    interval: str = "1d",
+    status: int = 200,
+    window: tuple[date, date] = WIDE,
+    served: datetime | None = None,
+):
+    """Parse a captured payload as served at ``served`` (its Date header), or without one: served now."""
     source = YahooFinance(SETTINGS)
-    response = httpx.Response(status, content=yahoo_payload(name))
+    headers = {"Date": format_datetime(served, usegmt=True)} if served else None
+    response = httpx.Response(status, content=yahoo_payload(name), headers=headers)
     return source.parse(BarQuery(symbol, interval, *window), response)
 
 
@@ -49,9 +59,9 @@ def test_every_captured_payload_parses_to_its_bars(name: str) -> None:
     bars = collected.bars
     fields = ("open", "high", "low", "close", "volume")
     all_null = [all(quote.get(f, [None] * len(timestamps))[i] is None for f in fields) for i in range(len(timestamps))]
-    live = [i == len(timestamps) - 1 and ts == meta.get("regularMarketTime") for i, ts in enumerate(timestamps)]
-    assert collected.live_bars_skipped == sum(live)
-    kept = [i for i in range(len(timestamps)) if not live[i]]
+    # Parsed now, long after every captured session closed: every bar is final and kept.
+    assert collected.live_bars_skipped == 0
+    kept = list(range(len(timestamps)))
     assert len(bars) == len(kept)
     assert bars["flag_missing"].sum() >= sum(all_null[i] for i in kept)
     for field in fields:
@@ -86,11 +96,9 @@ def test_daily_bars_are_stamped_at_midnight_utc_of_the_exchange_date() -> None:
 def test_non_us_daily_bars_take_their_local_trading_date(name: str, symbol: str, zone: str) -> None:
     timestamps, _, _ = payload_quote(name)
     bars = parse(name, symbol).bars
-    live = yahoo_json(name)["chart"]["result"][0]["meta"].get("regularMarketTime")
     expected = {
         pd.Timestamp(pd.Timestamp(ts, unit="s", tz="UTC").tz_convert(ZoneInfo(zone)).date(), tz="UTC")
         for ts in timestamps
-        if ts != live
     }
     assert set(bars["time"]) == expected
 
@@ -203,14 +211,65 @@ def test_redact_url_hides_keys() -> None:
     assert "symbol=IBM" in url
 
 
+GS2C_DURING_SESSION = "yfinance-rs_history_chart_GS2C.DE_with_nulls_fc023a4e.json"
+AAPL_AFTER_CLOSE = "yfinance-rs_history_chart_AAPL.json"
+
+
+def _stamp_of(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
 def test_the_live_last_bar_is_not_stored_as_a_final_bar() -> None:
-    name = "yfinance-rs_history_chart_GS2C.DE.json"
-    meta = yahoo_json(name)["chart"]["result"][0]["meta"]
-    collected = parse(name, "GS2C.DE")
+    # Captured at 14:32 Berlin on 2025-10-01, inside currentTradingPeriod.regular (09:00-17:30).
+    meta = yahoo_json(GS2C_DURING_SESSION)["chart"]["result"][0]["meta"]
+    collected = parse(GS2C_DURING_SESSION, "GS2C.DE", served=_stamp_of(meta["regularMarketTime"] + 60))
     assert collected.live_bars_skipped == 1
     assert len(collected.bars) == 4
-    live_date = pd.Timestamp(meta["regularMarketTime"], unit="s", tz="UTC").tz_convert("Europe/Berlin").date()
-    assert pd.Timestamp(live_date, tz="UTC") not in set(collected.bars["time"])
+    assert pd.Timestamp("2025-10-01", tz="UTC") not in set(collected.bars["time"])
+    # The same payload served after that session's close: the bar is final.
+    after_close = parse(
+        GS2C_DURING_SESSION, "GS2C.DE", served=_stamp_of(meta["currentTradingPeriod"]["regular"]["end"])
+    )
+    assert after_close.live_bars_skipped == 0
+    assert after_close.bars["time"].iloc[-1] == pd.Timestamp("2025-10-01", tz="UTC")
+
+
+def test_the_days_final_bar_after_the_close_is_stored() -> None:
+    # regularMarketTime 16:00:01 New York = the last bar's stamp, after currentTradingPeriod.regular.end.
+    meta = yahoo_json(AAPL_AFTER_CLOSE)["chart"]["result"][0]["meta"]
+    regular = meta["currentTradingPeriod"]["regular"]
+    assert meta["regularMarketTime"] >= regular["end"]
+    at_1730_new_york = datetime(2025, 10, 29, 21, 30, tzinfo=UTC)
+    collected = parse(AAPL_AFTER_CLOSE, "AAPL", served=at_1730_new_york)
+    assert collected.live_bars_skipped == 0
+    assert len(collected.bars) == 127
+    last = collected.bars.iloc[-1]
+    assert last["time"] == pd.Timestamp("2025-10-29", tz="UTC")
+    assert last["close"] == pytest.approx(269.7, abs=0.005)
+    # Served an hour before the close, the same bar was still forming.
+    during = parse(AAPL_AFTER_CLOSE, "AAPL", served=_stamp_of(regular["end"] - 3600))
+    assert during.live_bars_skipped == 1
+    assert during.bars["time"].iloc[-1] == pd.Timestamp("2025-10-28", tz="UTC")
+
+
+def test_a_bar_of_a_session_before_the_current_trading_period_is_final() -> None:
+    # Stamped with regularMarketTime (17:35 Berlin, 2025-10-29) but served once Yahoo's current
+    # trading period was already the next day's session: Xetra had closed, so the bar is final.
+    name = "yfinance-rs_history_chart_GS2C.DE.json"
+    meta = yahoo_json(name)["chart"]["result"][0]["meta"]
+    served = _stamp_of(meta["currentTradingPeriod"]["pre"]["start"] - 3600)
+    collected = parse(name, "GS2C.DE", served=served)
+    assert collected.live_bars_skipped == 0
+    assert collected.bars["time"].iloc[-1] == pd.Timestamp("2025-10-29", tz="UTC")
+
+
+def test_the_date_header_not_the_parse_time_decides_what_was_live() -> None:
+    regular = yahoo_json(AAPL_AFTER_CLOSE)["chart"]["result"][0]["meta"]["currentTradingPeriod"]["regular"]
+    response = httpx.Response(200, headers={"Date": "Wed, 29 Oct 2025 19:00:00 GMT"})
+    assert served_at(response) == datetime(2025, 10, 29, 19, tzinfo=UTC)
+    assert regular["start"] < served_at(response).timestamp() < regular["end"]
+    assert abs(served_at(httpx.Response(200)) - datetime.now(UTC)) < timedelta(minutes=1)
+    assert abs(served_at(httpx.Response(200, headers={"Date": "garbage"})) - datetime.now(UTC)) < timedelta(minutes=1)
 
 
 def test_partly_null_bars_are_kept_and_flagged() -> None:

@@ -8,7 +8,8 @@ clear error before any request, never answered with an empty success.
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,6 +20,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from tasks.bars import OHLCV, PRICE_COLUMNS, conform, conform_actions, empty_bars, flag_missing, is_daily_or_longer
+from tasks.calendars import calendar_for, live_bars
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
@@ -55,7 +57,7 @@ class YahooFinance(HttpSource):
     def parse(self, query: BarQuery, response: httpx.Response) -> Collected:
         payload = self._json_body(query, response)
         result = _chart_result(self.name, query, response, payload)
-        collected = parse_chart_result(result, query.symbol, query.interval, self.name)
+        collected = parse_chart_result(result, query.symbol, query.interval, self.name, as_of=served_at(response))
         lo = pd.Timestamp(query.start, tz="UTC")
         hi = pd.Timestamp(query.end, tz="UTC") + pd.Timedelta(days=1)
         collected.bars = _within(collected.bars, lo, hi)
@@ -79,6 +81,19 @@ class YahooFinance(HttpSource):
                 f"Yahoo answered HTTP {response.status_code} with {kind} instead of JSON "
                 "(usually a 'Too Many Requests' page): retry later",
             ) from None
+
+
+def served_at(response: httpx.Response) -> datetime:
+    """When the response was served (its ``Date`` header), which decides what was live; the clock without one."""
+    header = response.headers.get("date")
+    if header:
+        try:
+            served = parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            served = None
+        if served is not None and served.tzinfo is not None:
+            return served.astimezone(UTC)
+    return datetime.now(UTC)
 
 
 def request_windows(query: BarQuery, now: datetime) -> list[tuple[datetime, datetime]]:
@@ -146,13 +161,21 @@ def _chart_result(source: str, query: BarQuery, response: httpx.Response, payloa
     return result
 
 
-def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, source: str = "yahoo_finance") -> Collected:
+def parse_chart_result(
+    result: dict[str, Any],
+    symbol: str,
+    interval: str,
+    source: str = "yahoo_finance",
+    as_of: datetime | None = None,
+) -> Collected:
     """One ``chart.result[0]`` object to standard bars and corporate actions.
 
     No ``timestamp`` key means zero bars. Null rows and partly null bars are kept and flagged
-    (``flag_missing``); the missing-value policy decides what to do with them. The live,
-    still-forming last bar (its timestamp is ``meta.regularMarketTime``) is skipped: the next
-    run's overlap collects it once final.
+    (``flag_missing``); the missing-value policy decides what to do with them. A bar still
+    forming at ``as_of`` (when Yahoo served it; default now) is skipped and counted, the next run's
+    overlap collects it once final. Yahoo stamps the day's last bar with ``regularMarketTime``
+    during the session and after the close alike, so the stamp says nothing: the session does
+    (``meta.currentTradingPeriod.regular``, then the exchange calendar, see :func:`live_bars`).
     """
     meta = result.get("meta") or {}
     zone = _exchange_zone(meta)
@@ -180,9 +203,14 @@ def parse_chart_result(result: dict[str, Any], symbol: str, interval: str, sourc
             **{c: columns[c] for c in (*PRICE_COLUMNS, "volume")},
         }
     )
-    live = np.zeros(n, dtype=bool)
-    if meta.get("regularMarketTime") is not None:
-        live[-1] = raw[-1] == meta["regularMarketTime"]
+    live = live_bars(
+        frame["time"],
+        interval,
+        as_of or datetime.now(UTC),
+        calendar=calendar_for(symbol, meta),
+        zone=zone,
+        current_session=_regular_session(meta),
+    )
     return Collected(
         conform(flag_missing(frame.loc[~live].reset_index(drop=True))),
         actions=actions,
@@ -238,6 +266,15 @@ def _stamp(instants: pd.DatetimeIndex, interval: str, zone: Any) -> pd.DatetimeI
     return local.tz_localize(None).normalize().tz_localize("UTC")
 
 
+def _regular_session(meta: dict[str, Any]) -> tuple[datetime, datetime] | None:
+    """``meta.currentTradingPeriod.regular`` as [start, end): the session Yahoo called current when it answered."""
+    period = ((meta.get("currentTradingPeriod") or {}).get("regular")) or {}
+    start, end = period.get("start"), period.get("end")
+    if not isinstance(start, int) or not isinstance(end, int) or end <= start:
+        return None
+    return datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
+
+
 def _exchange_zone(meta: dict[str, Any]) -> Any:
     name = meta.get("exchangeTimezoneName")
     if isinstance(name, str):
@@ -246,7 +283,7 @@ def _exchange_zone(meta: dict[str, Any]) -> Any:
         except (ZoneInfoNotFoundError, ValueError):
             pass
     offset = meta.get("gmtoffset")
-    return pd.Timedelta(seconds=int(offset)) if isinstance(offset, int) else "UTC"
+    return timezone(timedelta(seconds=offset)) if isinstance(offset, int) else "UTC"
 
 
 def _public_meta(meta: dict[str, Any]) -> dict[str, object]:
