@@ -99,9 +99,14 @@ def market_data(
     stages: dict[str, tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]] = {}
     policy = settings.collection  # collect tasks retry transient source errors this often
     collect = collect_bars.with_options(retries=policy.task_retries, retry_delay_seconds=policy.task_retry_delay)
+    # Every collect is queued before any process or store task. A task whose argument is an upstream
+    # future waits for it inside a worker thread, so queued per symbol in turn, two of every three
+    # workers would sit waiting and the pace would be set by how fast the few collects start.
+    collects: dict[str, PrefectFuture[Any]] = {}
     for symbol in checked:
         with tags(collect_tag(source)):
-            collected = collect.submit(settings, source, symbol, interval, start, end)
+            collects[symbol] = collect.submit(settings, source, symbol, interval, start, end)
+    for symbol, collected in collects.items():
         # Prefect resolves a future passed as an argument into its result, which mypy can't see.
         processed = process_bars.submit(collected, settings, source, symbol, interval)  # type: ignore[call-overload]
         stored = store_bars.submit(processed, settings, symbol)

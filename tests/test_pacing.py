@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import heapq
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,7 +79,7 @@ def test_pacers_sharing_a_state_file_share_the_pace(tmp_path: Path) -> None:
     second = Pacer("src", [Rate(0.5)], tmp_path, clock=clock, sleep=clock.sleep)
     slots = []
     for pacer in (first, second, first, second):
-        slots.append(pacer.acquire(""))
+        slots.append(pacer.acquire("").slot)
     assert [s - slots[0] for s in slots] == [0.0, 0.5, 1.0, 1.5]
 
 
@@ -147,15 +150,83 @@ def test_httpx_request_lines_lose_their_secrets(captured: list[str]) -> None:
     assert isinstance(logging.getLogger("httpx").filters[0], RedactSecrets)
 
 
-def test_a_late_sender_pushes_the_next_slots_back(tmp_path: Path) -> None:
+class EventClock(FakeClock):
+    """A simulated clock that runs scheduled events (responses coming back) as time passes."""
+
+    def __init__(self, oversleep: float = 0.0) -> None:
+        super().__init__()
+        self.oversleep = oversleep  # a loaded machine wakes a sleeping thread this late
+        self.events: list[tuple[float, int, Callable[[], None]]] = []
+        self.count = itertools.count()
+
+    def at(self, when: float, event: Callable[[], None]) -> None:
+        heapq.heappush(self.events, (when, next(self.count), event))
+
+    def sleep(self, seconds: float) -> None:
+        target = self.now + seconds + self.oversleep
+        while self.events and self.events[0][0] <= target:
+            when, _, event = heapq.heappop(self.events)
+            self.now = max(self.now, when)
+            event()
+        self.now = target
+
+
+def arrivals(pacers: list[Pacer], clock: EventClock, delays: list[float], latencies: list[float]) -> list[float]:
+    """When the server sees each request, with as many threads as needed: request i reaches the server
+    ``delays[i]`` after its slot (a descheduled thread, the network) and is answered ``latencies[i]`` later."""
+    seen = []
+    for i, (delay, latency) in enumerate(zip(delays, latencies, strict=True)):
+        pacer = pacers[i % len(pacers)]  # processes sharing the state file take turns
+        ticket = pacer.acquire()
+        seen.append(clock.now + delay)
+        clock.at(clock.now + delay + latency, functools.partial(pacer.finish, ticket))
+    clock.oversleep = 0.0
+    clock.sleep(3600)
+    return seen
+
+
+def window_pacer(tmp_path: Path, clock: EventClock, headroom: float = 0.0) -> Pacer:
+    rates = rates_for(18000, None, 1, headroom)
+    return Pacer("src", rates, tmp_path, per_window=5, clock=clock, sleep=clock.sleep)
+
+
+def test_late_arrivals_never_put_more_than_the_limit_in_a_window(tmp_path: Path) -> None:
+    # The server counts arrivals. A thread descheduled between its slot and the socket write, or a
+    # slow network, makes a request arrive late while the next ones arrive on time; a pacer that only
+    # knows send times (the old one did) lets a sixth arrival into that request's second.
+    clock = EventClock()
+    rng = random.Random(7)
+    n = 300
+    delays = [rng.choice([0.0, 0.0, 0.0, rng.uniform(0, 0.4)]) for _ in range(n)]
+    latencies = [rng.uniform(0.001, 0.3) for _ in range(n)]
+    seen = arrivals([window_pacer(tmp_path, clock), window_pacer(tmp_path, clock)], clock, delays, latencies)
+    assert max_in_any_window(seen) <= 5
+
+
+def test_one_late_arrival_holds_back_the_request_a_window_after_it(tmp_path: Path) -> None:
+    clock = EventClock()
+    delays = [0.3 if i == 0 else 0.0 for i in range(12)]  # the first reaches the server 300 ms late
+    seen = arrivals([window_pacer(tmp_path, clock)], clock, delays, [0.01] * 12)
+    assert seen[5] - seen[0] >= 1.0 + 0.01  # the sixth waits for the first's answer, not its slot
+    assert max_in_any_window(seen) <= 5
+
+
+def test_late_senders_do_not_slow_the_pace(tmp_path: Path) -> None:
+    # Every sleeping thread wakes 60 ms late (a loaded machine), 35 ms past its slot: the pace stays
+    # the planned 4.65/s instead of losing the lateness on every request (1 / (0.215 + 0.035) = 4.0/s).
+    clock = EventClock(oversleep=0.06)
+    n = 100
+    seen = arrivals([window_pacer(tmp_path, clock, headroom=0.07)], clock, [0.0] * n, [0.02] * n)
+    assert (n - 1) / (seen[-1] - seen[0]) == pytest.approx(4.65, rel=0.01)
+    assert max_in_any_window(seen) <= 5
+
+
+def test_an_unanswered_request_blocks_the_window_until_its_process_is_taken_for_dead(tmp_path: Path) -> None:
     clock = FakeClock()
-    pacer = Pacer("src", rates_for(18000, None, 1, 0.0), tmp_path, per_window=5, clock=clock, sleep=clock.sleep)
-    sent = []
-    for i in range(12):
-        slot = pacer.acquire()
-        if i == 2:
-            clock.now += 0.15  # this thread got the CPU 150 ms late
-        pacer.mark_sent(slot)
-        sent.append(clock.now)
-    assert max_in_any_window(sent) <= 5
-    assert all(b > a for a, b in itertools.pairwise(sent))
+    pacer = Pacer("src", [Rate(0.25)], tmp_path, per_window=2, stale_after=30.0, clock=clock, sleep=clock.sleep)
+    lost = pacer.acquire()  # its process died before finishing it
+    pacer.finish(pacer.acquire())
+    start = clock.now
+    pacer.acquire()
+    assert clock.now - lost.slot >= 30.0  # waited for the lost request to be written off
+    assert clock.now - start < 31.0

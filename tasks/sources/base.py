@@ -145,10 +145,7 @@ class HttpSource(Source):
         )
         for attempt in attempts:
             with attempt:
-                if self.pacer is not None:
-                    self.pacer.mark_sent(self.pacer.acquire(query.symbol))
-                _run_logger().debug("GET %s", redact_url(str(request.url)))
-                part = self.parse(query, self._send(http, query, request))
+                part = self.parse(query, self._paced_send(http, query, request))
                 part.requests = attempt.retry_state.attempt_number
                 return part
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
@@ -164,7 +161,15 @@ class HttpSource(Source):
             wait,
         )
 
+    def _paced_send(self, http: httpx.Client, query: BarQuery, request: httpx.Request) -> httpx.Response:
+        """Send once the pacer allows; the pacer learns when the attempt ended, answered or not."""
+        if self.pacer is None:
+            return self._send(http, query, request)
+        with self.pacer.request(query.symbol):
+            return self._send(http, query, request)
+
     def _send(self, http: httpx.Client, query: BarQuery, request: httpx.Request) -> httpx.Response:
+        _run_logger().debug("GET %s", redact_url(str(request.url)))
         try:
             return http.send(request)
         except httpx.TimeoutException:
@@ -272,7 +277,12 @@ def pacer_for(name: str, settings: SourceSettings, state_dir: str) -> Pacer:
     """The host-wide pacer for one source, from its rate settings."""
     rates = rates_for(settings.rate_limit, settings.requests_per_minute, settings.burst, settings.headroom)
     per_window = sends_per_second(settings.rate_limit)
-    return Pacer(name, rates, state_dir, per_day=settings.requests_per_day, per_window=per_window)
+    # httpx applies `timeout` to each of waiting for a connection, connecting, writing and reading, so
+    # an attempt still unanswered after all four (and a margin) belongs to a process that died.
+    stale_after = 4 * settings.timeout + 5
+    return Pacer(
+        name, rates, state_dir, per_day=settings.requests_per_day, per_window=per_window, stale_after=stale_after
+    )
 
 
 __all__ = [
