@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -65,6 +65,17 @@ def _parse_date(value: str | None, option: str) -> date | None:
         return date.fromisoformat(value)
     except ValueError:
         raise UsageError(f"{option} {value!r} is not a date: use YYYY-MM-DD") from None
+
+
+def _parse_instant(value: str | None, option: str) -> float | None:
+    """An ISO 8601 instant as epoch seconds; a naive one is read as UTC."""
+    if value is None:
+        return None
+    try:
+        instant = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{option} {value!r} is not an instant: use e.g. 2024-03-13T21:30:00Z") from None
+    return (instant if instant.tzinfo else instant.replace(tzinfo=UTC)).timestamp()
 
 
 @app.command()
@@ -265,6 +276,9 @@ def sandbox(
     request_log: Annotated[
         Path | None, typer.Option(help="Append one JSON line per request (secrets redacted)")
     ] = None,
+    now: Annotated[
+        str | None, typer.Option(help="Serve as if it were this instant (ISO 8601, UTC unless an offset is given)")
+    ] = None,
 ) -> None:
     """Simulate the Yahoo v8 chart and Alpha Vantage APIs on 127.0.0.1 until interrupted."""
     from flows.sandbox import FAULT_KINDS, SandboxConfig, start_sandbox
@@ -278,7 +292,9 @@ def sandbox(
     if unknown or not 0 <= fault_rate <= 1:
         _error(f"faults must be among {', '.join(FAULT_KINDS)} and --fault-rate within 0..1")
         raise typer.Exit(EXIT_USAGE)
+    clock = _or_exit(lambda: _parse_instant(now, "--now"))
     config = SandboxConfig(
+        now=clock,
         replay=replay,
         not_found=set(not_found.split(",")) if not_found else set(),
         latency=latency,

@@ -1,7 +1,8 @@
 """A local simulator of the Yahoo v8 chart and Alpha Vantage APIs, for the demo, tests and benchmarks.
 
 Synthetic mode serves deterministic prices per symbol (the same bar for the same date on every
-request, completed sessions only). Replay mode (``replay=DIR``) serves ``DIR/<SYMBOL>.json``
+request, completed sessions only), as Yahoo daily bars and as Alpha Vantage daily, weekly and
+monthly series; ``now`` fixes the clock, so a test can serve a week before and after it ends. Replay mode (``replay=DIR``) serves ``DIR/<SYMBOL>.json``
 captured Yahoo responses verbatim, with the status code their error body implies.
 
 Faithful to the failure modes that matter: an enforced rate limit (Yahoo answers 429, Alpha
@@ -60,6 +61,7 @@ class SandboxConfig:
     seed: int = 0
     request_log: Path | None = None
     access_log: bool = True
+    now: float | None = None  # a fixed clock (epoch seconds): serve the sessions completed by then
 
 
 @lru_cache(maxsize=1)
@@ -124,35 +126,66 @@ def synthetic_chart(symbol: str, period1: int, period2: int, interval: str, now:
     return 200, {"chart": {"result": [result], "error": None}}
 
 
-def alpha_vantage_daily(params: dict[str, str], now: float) -> dict[str, Any]:
+# AV's functions by period: series key, Meta Data description, and the pandas period that groups days.
+AV_PERIODS: dict[str, tuple[str, str, str | None]] = {
+    "DAILY": ("Time Series (Daily)", "Daily Prices", None),
+    "WEEKLY": ("Weekly Time Series", "Weekly Prices", "W-SUN"),
+    "MONTHLY": ("Monthly Time Series", "Monthly Prices", "M"),
+}
+
+
+def alpha_vantage_series(params: dict[str, str], now: float) -> dict[str, Any]:
+    """TIME_SERIES_DAILY, WEEKLY, MONTHLY and their _ADJUSTED forms over the completed sessions at ``now``.
+
+    Like AV, a week or month is keyed by its latest trading day, so the unfinished period is keyed
+    by today's date and its final bar, later, by another; ``compact`` (the default) returns the
+    latest 100 daily bars, and the weekly and monthly series are always full.
+    """
     function = params.get("function", "")
     symbol = params.get("symbol", "")
     if not params.get("apikey"):
         return {"Error Message": "the parameter apikey is invalid or missing. Please claim your free API key."}
-    if function not in {"TIME_SERIES_DAILY", "TIME_SERIES_DAILY_ADJUSTED"} or not symbol:
+    adjusted = function.endswith("_ADJUSTED")
+    period = function.removeprefix("TIME_SERIES_").removesuffix("_ADJUSTED")
+    if not function.startswith("TIME_SERIES_") or period not in AV_PERIODS or not symbol:
         return {"Error Message": f"Invalid API call. Please retry or visit the documentation for {function}."}
+    series_key, information, freq = AV_PERIODS[period]
     done = completed_sessions(symbol, now)
-    if params.get("outputsize", "compact") != "full":
+    compact = params.get("outputsize", "compact") != "full"
+    if freq is None and compact:
         done = done.tail(100)
-    adjusted = function.endswith("ADJUSTED")
+    bars = done if freq is None else _periods(done, freq)
     series: dict[str, dict[str, str]] = {}
-    for row in done.iloc[::-1].itertuples(index=False):
+    for row in bars.iloc[::-1].itertuples(index=False):
         values = {"1. open": f"{row.open:.4f}", "2. high": f"{row.high:.4f}", "3. low": f"{row.low:.4f}",
                   "4. close": f"{row.close:.4f}"}  # fmt: skip
         if adjusted:
             values |= {"5. adjusted close": f"{row.close:.4f}", "6. volume": f"{row.volume:.0f}",
-                       "7. dividend amount": "0.0000", "8. split coefficient": "1.0"}  # fmt: skip
+                       "7. dividend amount": "0.0000"}  # fmt: skip
+            if freq is None:
+                values["8. split coefficient"] = "1.0"
         else:
             values["5. volume"] = f"{row.volume:.0f}"
         series[str(row.date)] = values
     meta = {
-        "1. Information": "Daily Time Series with Splits and Dividend Events" if adjusted else "Daily Prices",
+        "1. Information": f"{information}{' with Splits and Dividend Events' if adjusted else ''}",
         "2. Symbol": symbol,
         "3. Last Refreshed": str(done["date"].iloc[-1]) if len(done) else "",
-        "4. Output Size": "Full size" if params.get("outputsize") == "full" else "Compact",
-        "5. Time Zone": "US/Eastern",
     }
-    return {"Meta Data": meta, "Time Series (Daily)": series}
+    if freq is None:
+        meta["4. Output Size"] = "Compact" if compact else "Full size"
+    meta[f"{len(meta) + 1}. Time Zone"] = "US/Eastern"
+    key = f"{period.title()} Adjusted Time Series" if adjusted and freq is not None else series_key
+    return {"Meta Data": meta, key: series}
+
+
+def _periods(days: pd.DataFrame, freq: str) -> pd.DataFrame:
+    """Daily bars aggregated per calendar period, each keyed by its latest day."""
+    groups = days.groupby(pd.DatetimeIndex(days["date"]).to_period(freq), sort=True)
+    return groups.agg(
+        date=("date", "last"), open=("open", "first"), high=("high", "max"), low=("low", "min"),
+        close=("close", "last"), volume=("volume", "sum"),
+    ).reset_index(drop=True)  # fmt: skip
 
 
 def replay_chart(directory: Path, symbol: str) -> tuple[int, bytes]:
@@ -255,9 +288,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             entry["fault"] = fault
             return self._fault(fault)
-        now = time.time()
+        now = self.server.config.now if self.server.config.now is not None else time.time()
         if api == "alpha_vantage":
-            return self._send(200, json.dumps(alpha_vantage_daily(params, now)).encode())
+            return self._send(200, json.dumps(alpha_vantage_series(params, now)).encode())
         if symbol in self.server.config.not_found:
             return self._send(404, json.dumps(NOT_FOUND_BODY).encode())
         if self.server.config.replay is not None:

@@ -2,8 +2,9 @@
 
 Columns, in order: ``time`` (tz-aware UTC), ``symbol``, ``interval``, ``source``, the float64 prices
 ``open high low close adj_close`` and ``volume`` (float64 too, so no source can cause an int/float
-conflict downstream), then flag and indicator columns. Daily and longer bars are stamped at 00:00 UTC
-of their trading date; intraday bars at their start instant.
+conflict downstream), then flag and indicator columns. Daily bars are stamped at 00:00 UTC of their
+trading date, weekly and longer bars at 00:00 UTC of their period's first day (:func:`period_start`),
+intraday bars at their start instant.
 """
 
 from __future__ import annotations
@@ -68,6 +69,25 @@ def validate_interval(interval: str) -> str:
 
 def is_daily_or_longer(interval: str) -> bool:
     return interval in DAILY_OR_LONGER
+
+
+# Calendar periods, as pandas period frequencies ("W-SUN": weeks ending Sunday, i.e. starting Monday).
+PERIOD_FREQUENCIES: dict[str, str] = {"1wk": "W-SUN", "1mo": "M", "3mo": "Q"}
+
+
+def period_start(days: pd.DatetimeIndex, interval: str) -> pd.DatetimeIndex:
+    """Weekly, monthly and quarterly bars' dates moved to their period's first day (Monday, the 1st).
+
+    Yahoo stamps these bars so already. Alpha Vantage labels each period with its latest trading day,
+    so an unfinished week and its final bar would get different dates and both stay stored; stamped
+    by period, the final bar overwrites the partial one. Other intervals are returned unchanged.
+    """
+    freq = PERIOD_FREQUENCIES.get(interval)
+    if freq is None or days.empty:
+        return days
+    naive = days.tz_localize(None) if days.tz is not None else days
+    starts = pd.DatetimeIndex(naive.to_period(freq).start_time)
+    return starts.tz_localize(days.tz) if days.tz is not None else starts
 
 
 def empty_bars() -> pd.DataFrame:

@@ -24,7 +24,7 @@ from tasks.errors import (
     SourceError,
     TransientSourceError,
 )
-from tasks.sources.alpha_vantage import SOURCE, AlphaVantage, months_touched, parse_technical
+from tasks.sources.alpha_vantage import SOURCE, AlphaVantage, months_touched, parse_technical, stamp_keys
 from tasks.sources.base import BarQuery, Collected, load_source, redact_url
 
 AV = Path(__file__).parent / "fixtures" / "alphavantage"
@@ -104,6 +104,8 @@ def expected_bars(name: str, interval: str) -> pd.DataFrame:
         named = {field.split(". ", 1)[1]: float(value) for field, value in fields.items()}
         if step is None:
             time = datetime.strptime(key, "%Y-%m-%d").replace(tzinfo=UTC)
+            if interval == "1wk":  # AV names the week's last trading day; bars are stamped at its Monday
+                time -= timedelta(days=time.weekday())
         else:
             end = datetime.strptime(key, "%Y-%m-%d %H:%M:%S").replace(tzinfo=EASTERN)
             time = end.astimezone(UTC) - timedelta(minutes=step)
@@ -282,8 +284,10 @@ def test_fx_series_has_no_volume() -> None:
 def test_weekly_full_history() -> None:
     bars = parse_fixture(WEEKLY, interval="1wk").bars
     assert len(bars) == 1232
-    assert bars["time"].iloc[0] == pd.Timestamp("1995-01-13", tz="UTC")
+    # Keyed 1995-01-13, a Friday: stamped at the week's Monday, like Yahoo's weekly bars.
+    assert bars["time"].iloc[0] == pd.Timestamp("1995-01-09", tz="UTC")
     assert bars["close"].iloc[0] == 62.75
+    # The unfinished week is keyed by its latest trading day, 2018-08-13, itself a Monday.
     assert bars["time"].iloc[-1] == pd.Timestamp("2018-08-13", tz="UTC")
     assert bars["close"].iloc[-1] == 108.21
     assert bars["volume"].iloc[-1] == 18469724.0
@@ -328,7 +332,8 @@ def test_series_key_variants_are_recognised() -> None:
     data = payload(DAILY_ADJUSTED)
     rows = data.pop("Time Series (Daily)")
     for key in ("Weekly Adjusted Time Series", "Monthly Adjusted Time Series"):
-        collected = parse(json.dumps({**data, key: rows}).encode(), interval="1mo")
+        # Daily rows under a weekly or monthly key: parsed as daily, or they would merge into months.
+        collected = parse(json.dumps({**data, key: rows}).encode(), interval="1d")
         assert len(collected.bars) == 100
         assert collected.bars["adj_close"].iloc[0] == 90.524
 
@@ -587,9 +592,9 @@ def test_parse_technical_weekly_rsi() -> None:
     assert str(frame["time"].dtype) == "datetime64[ns, UTC]"
     assert frame["rsi"].dtype == np.float64
     assert frame["time"].is_monotonic_increasing
-    assert frame["time"].iloc[0] == pd.Timestamp("1995-03-24", tz="UTC")
+    assert frame["time"].iloc[0] == pd.Timestamp("1995-03-20", tz="UTC")  # keyed 1995-03-24, that week's Friday
     assert frame["rsi"].iloc[0] == 75.0
-    assert frame["time"].iloc[-1] == pd.Timestamp("2018-08-31", tz="UTC")
+    assert frame["time"].iloc[-1] == pd.Timestamp("2018-08-27", tz="UTC")
     assert frame["rsi"].iloc[-1] == 73.2229
 
 
@@ -597,10 +602,10 @@ def test_parse_technical_weekly_sma_normalises_the_live_key() -> None:
     frame = parse_technical(payload(SMA_WEEKLY))
     assert list(frame.columns) == ["time", "sma"]
     assert len(frame) == 1225
-    # The newest key is "2018-08-31 12:38:59", a week still in progress: it is dated like the others.
-    assert frame["time"].iloc[-1] == pd.Timestamp("2018-08-31", tz="UTC")
+    # The newest key is "2018-08-31 12:38:59", a week still in progress: stamped at its Monday like the others.
+    assert frame["time"].iloc[-1] == pd.Timestamp("2018-08-27", tz="UTC")
     assert frame["sma"].iloc[-1] == 105.2775
-    assert frame["time"].iloc[0] == pd.Timestamp("1995-03-17", tz="UTC")
+    assert frame["time"].iloc[0] == pd.Timestamp("1995-03-13", tz="UTC")
     assert frame["sma"].iloc[0] == 62.114
 
 
@@ -615,12 +620,17 @@ def test_parse_technical_intraday_is_stamped_like_the_bars() -> None:
 
 
 def test_av_weekly_sma_matches_the_weekly_series_it_was_computed_from() -> None:
-    """AV's SMA(10) of weekly opens lines up, week for week, with a rolling mean of our parsed bars."""
+    """AV's SMA(10) of weekly opens lines up, week for week, with a rolling mean of our parsed bars.
+
+    The series was captured on Monday 2018-08-13 (that week keyed "2018-08-13"), the SMA later (the
+    same week keyed "2018-08-17"): stamped by week, the two keys are one week, and its open agrees.
+    """
     bars = parse_fixture(WEEKLY, interval="1wk").bars.set_index("time")
     ours = bars["open"].rolling(10).mean().rename("ours")
     theirs = parse_technical(payload(SMA_WEEKLY)).set_index("time")["sma"]
     joined = theirs.to_frame().join(ours, how="inner")
-    assert len(joined) == 1222
+    assert len(joined) == 1223  # every week of the series from the 10th on
+    assert joined.index[-1] == pd.Timestamp("2018-08-13", tz="UTC")
     assert joined["ours"].notna().all()
     np.testing.assert_allclose(joined["sma"], joined["ours"], atol=5e-5, rtol=0)
 
@@ -652,3 +662,36 @@ def test_source_is_discoverable_by_its_config_key() -> None:
     assert AlphaVantage.name == "alpha_vantage"
     source = load_source("alpha_vantage", SETTINGS)
     assert isinstance(source, AlphaVantage)
+
+
+# --- weekly and monthly periods -----------------------------------------------------------------
+
+
+def test_an_unfinished_week_and_its_final_bar_get_one_stamp() -> None:
+    """The weekly series (captured Monday 2018-08-13) keys that week "2018-08-13"; AV's SMA, taken later,
+    keys the same week "2018-08-17". Both are stamped at the week's Monday, so the final bar overwrites."""
+    partial = parse_fixture(WEEKLY, interval="1wk").bars["time"].iloc[-1]
+    final_key = pd.Index(["2018-08-17"])
+    assert partial == stamp_keys(final_key, "1wk", EASTERN)[0] == pd.Timestamp("2018-08-13", tz="UTC")
+
+
+@pytest.mark.parametrize(
+    ("interval", "keys", "stamp"),
+    [
+        ("1wk", ["2018-08-13", "2018-08-15", "2018-08-17"], "2018-08-13"),  # Mon, Wed (live), Fri (final)
+        ("1wk", ["2018-03-29"], "2018-03-26"),  # Good Friday: the week ends on Thursday
+        ("1mo", ["2018-08-01", "2018-08-20", "2018-08-31 16:00:01"], "2018-08-01"),
+        ("1d", ["2018-08-17"], "2018-08-17"),
+    ],
+)
+def test_periods_are_stamped_at_their_first_day(interval: str, keys: list[str], stamp: str) -> None:
+    assert set(stamp_keys(pd.Index(keys), interval, EASTERN)) == {pd.Timestamp(stamp, tz="UTC")}
+
+
+def test_a_period_keyed_twice_in_one_body_keeps_the_latest_key() -> None:
+    fields = {"1. open": "1", "2. high": "3", "3. low": "1", "4. close": "2", "5. volume": "10"}
+    later = {**fields, "4. close": "2.5", "5. volume": "30"}
+    body_ = {"Meta Data": {}, "Weekly Time Series": {"2018-08-17": later, "2018-08-15": fields}}
+    bars = parse(json.dumps(body_).encode(), interval="1wk").bars
+    assert list(bars["time"]) == [pd.Timestamp("2018-08-13", tz="UTC")]
+    assert (bars["close"].iloc[0], bars["volume"].iloc[0]) == (2.5, 30.0)

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import ConfigError
-from tasks.bars import OHLCV, conform, conform_actions, empty_bars, flag_missing, is_daily_or_longer
+from tasks.bars import OHLCV, conform, conform_actions, empty_bars, flag_missing, is_daily_or_longer, period_start
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
@@ -104,12 +104,13 @@ class AlphaVantage(HttpSource):
         public_meta = _public_meta(meta)
         if not rows:
             return Collected(empty_bars(), meta=public_meta)
-        values = self._values(query, rows)
+        values = self._values(query, rows).sort_index(kind="stable")  # ISO keys: oldest first
         times = self._stamp(query, values.index, meta)
         frame = values.reset_index(drop=True).assign(
             time=times, symbol=query.symbol, interval=query.interval, source=self.name
         )
-        frame = _split_adjusted(frame.sort_values("time", kind="stable").reset_index(drop=True))
+        frame = frame.sort_values("time", kind="stable").drop_duplicates(subset=["time"], keep="last")
+        frame = _split_adjusted(frame.reset_index(drop=True))
         frame = frame.loc[_in_window(frame["time"], query)].reset_index(drop=True)
         bars = flag_missing(frame[["time", "symbol", "interval", "source", *OHLCV, "adj_close"]])
         return Collected(
@@ -234,13 +235,17 @@ def months_touched(start: date, end: date) -> list[str]:
 def stamp_keys(keys: pd.Index, interval: str, zone: tzinfo) -> pd.DatetimeIndex:
     """AV's timestamp keys to bar times.
 
-    Daily and longer keys are dates: 00:00 UTC of that date (a live period's key may carry a time,
-    which is dropped). Intraday keys are local times that label a bar by its END; bars here are
-    stamped at their start instant, so the interval is subtracted after converting to UTC.
+    Daily keys are dates: 00:00 UTC of that date (a live period's key may carry a time, which is
+    dropped). Weekly and monthly keys name the period's latest trading day, which for the unfinished
+    period is today's and later another day's: they are stamped at the period's first day instead
+    (Monday, the 1st, as Yahoo's), so the final bar lands on the partial one. Intraday keys are local
+    times that label a bar by its END; bars here are stamped at their start instant, so the interval
+    is subtracted after converting to UTC.
     """
     text = pd.Index(keys.astype(str))
     if is_daily_or_longer(interval):
-        return pd.DatetimeIndex(pd.to_datetime(text.str.slice(0, 10), format="%Y-%m-%d")).tz_localize(UTC)
+        days = pd.DatetimeIndex(pd.to_datetime(text.str.slice(0, 10), format="%Y-%m-%d")).tz_localize(UTC)
+        return period_start(days, interval)
     local_end = pd.DatetimeIndex(pd.to_datetime(text, format="ISO8601"))
     # A fall-back hour appears once in a JSON object, so the earlier (summer-time) reading is as good as any.
     end = local_end.tz_localize(zone, ambiguous=np.ones(len(text), dtype=bool), nonexistent="shift_forward")
