@@ -97,16 +97,16 @@ def test_a_period_run_twice_across_its_end_keeps_one_bar_the_final_one(
     period, last_day, first_now, second_now = CASES[interval]
     run_at(first_now, env, tmp_path, sandboxes, "--interval", interval)
     partial = query_csv(env, SYMBOL, "--interval", interval)
-    stamp = f"{period.isoformat()}T00:00:00Z"
-    assert partial["time"].iloc[-1] == stamp  # the unfinished period, stamped at its first day
-    assert partial["close"].iloc[-1] == pytest.approx(expected_period(period, last_day, first_now)["close"])
-
     run_at(second_now, env, tmp_path, sandboxes, "--interval", interval)  # incremental: the overlap
     stored = query_csv(env, SYMBOL, "--interval", interval)
+
     periods = pd.DatetimeIndex(pd.to_datetime(stored["time"], utc=True)).tz_localize(None)
     period_of = periods.to_period("W-SUN" if interval == "1wk" else "M")
     assert period_of.is_unique, f"a period has more than one bar: {list(stored['time'][period_of.duplicated(keep=False)])}"
     assert (periods == period_of.start_time).all()  # every bar at its period's first day
+    stamp = f"{period.isoformat()}T00:00:00Z"
+    assert partial["time"].iloc[-1] == stamp  # the first run's unfinished period, stamped at its first day
+    assert partial["close"].iloc[-1] == pytest.approx(expected_period(period, last_day, first_now)["close"])
     assert stored["time"].is_monotonic_increasing
     final = stored.loc[stored["time"] == stamp].iloc[0]
     for column, value in expected_period(period, last_day, second_now).items():
