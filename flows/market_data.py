@@ -49,6 +49,9 @@ class SymbolResult:
     missing_sessions: int | None = None  # None: no calendar known for the symbol, or bars longer than a day
     gaps: str = ""
     window: str = ""
+    history_from: str = ""  # the series' first bar once stored, to read next to the window
+    uncovered_sessions: int | None = None  # of missing_sessions, those before the first bar the window expected
+    coverage: str = ""  # set when the series starts after its window's start: what is missing, what to do
     error: str = ""
 
 
@@ -128,6 +131,7 @@ def _summarise(
     outcome: Processed = processed.result()
     written: Stored = stored.result()
     window = f"{raw.window.start} to {raw.window.end} ({raw.window.mode})" if raw.window else ""
+    coverage = outcome.coverage
     return SymbolResult(
         symbol,
         SPOOLED if written.spooled else OK,
@@ -142,9 +146,12 @@ def _summarise(
         flagged=outcome.flagged,
         dropped=outcome.dropped,
         currency=outcome.currency or "",
-        missing_sessions=outcome.gaps.count if outcome.gaps else None,
+        missing_sessions=outcome.missing_sessions,
         gaps=outcome.gaps.describe() if outcome.gaps else "",
         window=window,
+        history_from=coverage.first_bar_text() if coverage else "",
+        uncovered_sessions=outcome.uncovered_sessions,
+        coverage=coverage.describe() if coverage and coverage.short else "",
         error="the store was unavailable, so its points wait in the spool" if written.spooled else "",
     )
 
@@ -168,7 +175,8 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
                 kind: float(sum(getattr(r, kind).values()))
                 for kind in ("quarantined", "repaired", "flagged", "dropped")
             },
-            "missing_sessions": float("nan") if r.missing_sessions is None else float(r.missing_sessions),
+            "missing_sessions": _count(r.missing_sessions),
+            "uncovered_sessions": _count(r.uncovered_sessions),
         }
         for r in results
     ]
@@ -176,6 +184,10 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
     if not metrics.empty:
         metrics["time"] = pd.to_datetime(metrics["time"], utc=True).astype("datetime64[ns, UTC]")
     return metrics
+
+
+def _count(value: int | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _publish(results: list[SymbolResult], source: str, interval: str) -> None:

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
 from blocks.credentials import SourceCredentials
-from blocks.store import BarStore
+from blocks.store import BarStore, duration_to_timedelta
 from blocks.stores import store_from_settings
 from configs.settings import CollectionSettings, Settings, SourceSettings
 from tasks.errors import TransientSourceError
@@ -25,14 +25,20 @@ def plan_window(
     collection: CollectionSettings,
     today: date,
 ) -> Window:
-    """``--start`` means an explicit backfill; otherwise resume from the last stored bar minus the overlap."""
+    """``--start`` means an explicit backfill; otherwise resume from the last stored bar minus the overlap.
+
+    Every window says where the stored history should start (``history_from``): an incremental run
+    still expects `collection.default_history_days` behind its end, so a hole a first run left stays
+    reported until it is backfilled.
+    """
     last = end or today
     if start is not None:
         return Window(start, last, "explicit")
+    history = last - timedelta(days=collection.default_history_days)
     if last_stored is None:
-        return Window(last - timedelta(days=collection.default_history_days), last, "initial")
+        return Window(history, last, "initial")
     resume = (last_stored - pd.Timedelta(days=collection.overlap_days)).date()
-    return Window(min(resume, last), last, "incremental")
+    return Window(min(resume, last), last, "incremental", history_from=history)
 
 
 def resolve_credentials(settings: SourceSettings) -> SourceSettings:
@@ -62,8 +68,10 @@ def collect(
     today = datetime.now(UTC).date()
     window = plan_window(last_stored, start, end, settings.collection, today)
     earliest = provider.earliest_start(interval, today)
-    if window.mode != "explicit" and earliest is not None and window.start < earliest:
-        window = Window(earliest, window.end, window.mode)
+    if window.mode != "explicit" and earliest is not None:
+        window = window.not_before(earliest)
+    if settings.retention.duration is not None:  # the store drops what is older: no history is expected there
+        window = window.not_before(today - duration_to_timedelta(settings.retention.duration), collect=False)
     collected = provider.collect(BarQuery(symbol, interval, window.start, window.end))
     collected.window = window
     return collected
