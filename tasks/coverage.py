@@ -56,14 +56,20 @@ class Coverage:
     def describe(self) -> str:
         """One line for a short series: what is missing, and what to do about it."""
         counted = f"{self.sessions} sessions have no bar" if self.sessions is not None else "bars are missing"
-        since = f"{self.expected_from.isoformat()}" + (" (its listing)" if self.listed else "")
-        if self.window.mode == "incremental":
-            where = (
-                f"stored history starts {self.first_bar.isoformat()}, after {since}, where "
-                f"collection.default_history_days before {self.window.end.isoformat()} puts its start"
+        expected = self.expected_from.isoformat()
+        if self.listed is not None:
+            since = f"its listing on {expected}"
+        elif self.window.mode == "incremental":
+            since = (
+                f"{expected}, where collection.default_history_days before {self.window.end.isoformat()} puts its start"
             )
         else:
-            where = f"the source's bars start {self.first_bar.isoformat()}, after the window's start {since}"
+            since = f"the window's start {expected}"
+        first = self.first_bar.isoformat()
+        if self.window.mode == "incremental":
+            where = f"stored history starts {first}, after {since}"
+        else:
+            where = f"the source's bars start {first}, after {since}"
         backfill = (
             f"`marketpipe run --source {self.source} --symbols {self.symbol} --interval {self.interval} "
             f"--start {self.expected_from.isoformat()}`"
