@@ -31,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
-console = Console() if sys.stdout.isatty() else Console(width=200)
+console = Console() if sys.stdout.isatty() else Console(width=240)
 
 
 def _error(message: str) -> None:
@@ -135,7 +135,7 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
 
     table = Table(title="market-data run")
     columns = ("symbol", "status", "rows written", "spooled", "collected", "quarantined", "repaired", "flagged",
-               "dropped", "missing sessions", "actions", "requests", "window")  # fmt: skip
+               "dropped", "missing sessions", "actions", "requests", "window", "history from")  # fmt: skip
     for column in columns:
         table.add_column(column)
     colours = {"ok": "green", "deferred": "yellow", "spooled": "yellow"}
@@ -145,7 +145,7 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
         sessions = "n/a" if r["missing_sessions"] is None else str(r["missing_sessions"])
         table.add_row(
             r["symbol"], status, str(r["rows_written"]), str(r["spooled"]), str(r["bars_collected"]), *counts, sessions,
-            str(r["actions_written"]), str(r["requests"]), r["window"],
+            str(r["actions_written"]), str(r["requests"]), r["window"], r["history_from"],
         )  # fmt: skip
     console.print(table)
     for r in rows:
@@ -160,8 +160,10 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
                 soft_wrap=True,
             )
     for r in rows:
-        if r["missing_sessions"]:
+        if (r["missing_sessions"] or 0) - (r["uncovered_sessions"] or 0):  # gaps inside the series
             console.print(f"[yellow]{r['symbol']}:[/] {r['gaps']}", highlight=False, soft_wrap=True)
+        if r["coverage"]:
+            console.print(f"[yellow]{r['symbol']}:[/] {r['coverage']}", highlight=False, soft_wrap=True)
     for r in rows:
         if r["status"] != "ok":
             console.print(f"[red]{r['symbol']} {r['status']}:[/] {r['error']}", highlight=False, soft_wrap=True)

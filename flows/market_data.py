@@ -50,6 +50,9 @@ class SymbolResult:
     gaps: str = ""
     window: str = ""
     restated: str = ""  # why the stored series was re-collected and rewritten whole this run, if it was
+    history_from: str = ""  # the series' first bar once stored, to read next to the window
+    uncovered_sessions: int | None = None  # of missing_sessions, those before the first bar the window expected
+    coverage: str = ""  # set when the series starts after its window's start: what is missing, what to do
     error: str = ""
 
 
@@ -134,6 +137,7 @@ def _summarise(
     outcome: Processed = processed.result()
     written: Stored = stored.result()
     window = f"{raw.window.start} to {raw.window.end} ({raw.window.mode})" if raw.window else ""
+    coverage = outcome.coverage
     return SymbolResult(
         symbol,
         SPOOLED if written.spooled else OK,
@@ -148,10 +152,13 @@ def _summarise(
         flagged=outcome.flagged,
         dropped=outcome.dropped,
         currency=outcome.currency or "",
-        missing_sessions=outcome.gaps.count if outcome.gaps else None,
+        missing_sessions=outcome.missing_sessions,
         gaps=outcome.gaps.describe() if outcome.gaps else "",
         window=window,
         restated=raw.restated,
+        history_from=coverage.first_bar_text() if coverage else "",
+        uncovered_sessions=outcome.uncovered_sessions,
+        coverage=coverage.describe() if coverage and coverage.short else "",
         error="the store was unavailable, so its points wait in the spool" if written.spooled else "",
     )
 
@@ -176,7 +183,8 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
                 kind: float(sum(getattr(r, kind).values()))
                 for kind in ("quarantined", "repaired", "flagged", "dropped")
             },
-            "missing_sessions": float("nan") if r.missing_sessions is None else float(r.missing_sessions),
+            "missing_sessions": _count(r.missing_sessions),
+            "uncovered_sessions": _count(r.uncovered_sessions),
         }
         for r in results
     ]
@@ -184,6 +192,10 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
     if not metrics.empty:
         metrics["time"] = pd.to_datetime(metrics["time"], utc=True).astype("datetime64[ns, UTC]")
     return metrics
+
+
+def _count(value: int | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _publish(results: list[SymbolResult], source: str, interval: str) -> None:

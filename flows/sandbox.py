@@ -2,8 +2,9 @@
 
 Synthetic mode serves deterministic prices per symbol (the same bar for the same date on every
 request, completed sessions only), as Yahoo daily bars and as Alpha Vantage daily, weekly and
-monthly series; ``now`` fixes the clock, so a test can serve a week before and after it ends. Replay mode (``replay=DIR``) serves ``DIR/<SYMBOL>.json``
-captured Yahoo responses verbatim, with the status code their error body implies.
+monthly series; ``now`` fixes the clock, so a test can serve a week before and after it ends.
+Replay mode (``replay=DIR``) serves ``DIR/<SYMBOL>.json`` captured Yahoo responses verbatim, with
+the status code their error body implies.
 
 Faithful to the failure modes that matter: an enforced rate limit (Yahoo answers 429, Alpha
 Vantage a 200 with a ``Note`` body), per-request latency, faults injected by probability or per

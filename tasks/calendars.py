@@ -216,6 +216,27 @@ def missing_sessions(
     )
 
 
+def sessions_before(first: date, bar_time: pd.Timestamp, interval: str, calendar: str) -> int | None:
+    """Expected sessions from ``first`` up to, not including, the session of the bar at ``bar_time``.
+
+    What a series starting with that bar lacks of a history meant to start at ``first``. None where
+    :func:`missing_sessions` can't tell either: bars longer than a day, years the calendar lacks.
+    """
+    if interval in UNCHECKED_INTERVALS:
+        return None
+    name = str(xc.resolve_alias(calendar))
+    zone = "UTC" if is_daily_or_longer(interval) else _calendar_zone(name)
+    session = _session_dates(_utc(pd.DatetimeIndex([bar_time])), zone)[0]
+    start = pd.Timestamp(first)
+    if start >= session:
+        return 0
+    cal = _calendar_covering(name, start, session)
+    if cal is None:
+        return None
+    lo, hi = max(start, cal.first_session), min(session - pd.Timedelta(days=1), cal.last_session)
+    return len(cal.sessions_in_range(lo, hi)) if lo <= hi else 0
+
+
 def _utc(stamps: pd.DatetimeIndex) -> pd.DatetimeIndex:
     """Bar times are UTC by contract; a naive stamp is read as UTC rather than refused."""
     return stamps.tz_localize("UTC") if stamps.tz is None else stamps.tz_convert("UTC")

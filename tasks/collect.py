@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
 from blocks.credentials import SourceCredentials
-from blocks.store import BarStore
+from blocks.store import BarStore, duration_to_timedelta
 from blocks.stores import store_from_settings
 from configs.settings import CollectionSettings, Settings, SourceSettings
 from tasks.errors import TransientSourceError
@@ -26,14 +26,20 @@ def plan_window(
     collection: CollectionSettings,
     today: date,
 ) -> Window:
-    """``--start`` means an explicit backfill; otherwise resume from the last stored bar minus the overlap."""
+    """``--start`` means an explicit backfill; otherwise resume from the last stored bar minus the overlap.
+
+    Every window says where the stored history should start (``history_from``): an incremental run
+    still expects `collection.default_history_days` behind its end, so a hole a first run left stays
+    reported until it is backfilled.
+    """
     last = end or today
     if start is not None:
         return Window(start, last, "explicit")
+    history = last - timedelta(days=collection.default_history_days)
     if last_stored is None:
-        return Window(last - timedelta(days=collection.default_history_days), last, "initial")
+        return Window(history, last, "initial")
     resume = (last_stored - pd.Timedelta(days=collection.overlap_days)).date()
-    return Window(min(resume, last), last, "incremental")
+    return Window(min(resume, last), last, "incremental", history_from=history)
 
 
 def resolve_credentials(settings: SourceSettings) -> SourceSettings:
@@ -67,6 +73,8 @@ def collect(
         last_stored = store.last_timestamp(symbol, interval, source)
     today = datetime.now(UTC).date()
     window = _servable(plan_window(last_stored, start, end, settings.collection, today), provider, interval, today)
+    if settings.retention.duration is not None:  # the store drops what is older: no history is expected there
+        window = window.not_before(today - duration_to_timedelta(settings.retention.duration), collect=False)
     collected = provider.collect(BarQuery(symbol, interval, window.start, window.end))
     collected.window = window
     if store is not None and last_stored is not None:
@@ -77,8 +85,8 @@ def collect(
 def _servable(window: Window, provider: Source, interval: str, today: date) -> Window:
     """A planned window no earlier than the source still serves (an explicit backfill is refused there instead)."""
     earliest = provider.earliest_start(interval, today)
-    if window.mode != "explicit" and earliest is not None and window.start < earliest:
-        return Window(earliest, window.end, window.mode)
+    if window.mode != "explicit" and earliest is not None:
+        return window.not_before(earliest)
     return window
 
 

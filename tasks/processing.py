@@ -3,8 +3,9 @@
 In order: minor currency units to major (GBp -> GBP), validation (bad bars quarantined, see
 :mod:`tasks.validation`), the missing-value policy (:mod:`tasks.missing`), bad ticks
 (:mod:`tasks.ticks`), adjusted prices and returns (:mod:`tasks.adjust`), indicators, and the
-calendar's missing sessions (:mod:`tasks.calendars`). Every step counts what it did; the counts
-go into the run summary.
+calendar's missing sessions (:mod:`tasks.calendars`), including those before the series' first
+bar that its window expected (:mod:`tasks.coverage`). Every step counts what it did; the counts go
+into the run summary.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from configs.settings import IndicatorSpec, QualitySettings, Settings
 from tasks.adjust import add_adjusted_prices, add_returns
 from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED, flag_missing
 from tasks.calendars import SessionGaps, calendar_for, missing_sessions
+from tasks.coverage import Coverage, check_coverage
 from tasks.indicators import compute_indicators, lookback_bars
 from tasks.missing import apply_missing_policy
 from tasks.sources.base import Collected
@@ -48,9 +50,21 @@ class Processed:
     dropped: dict[str, int] = field(default_factory=dict)  # missing_dropped
     currency: str | None = None
     gaps: SessionGaps | None = None
+    coverage: Coverage | None = None  # where the series starts against its window; None: not known
     # Set when the store could not give the history the indicators need: the collected bars are
     # spooled as they are and processed on replay, so no value is computed from a partial past.
     unprocessed: Collected | None = None
+
+    @property
+    def missing_sessions(self) -> int | None:
+        """Sessions without a bar: gaps inside the series and those before its first bar; None: unknown."""
+        counts = [c for c in (self.gaps.count if self.gaps else None, self.uncovered_sessions) if c is not None]
+        return sum(counts) if counts else None
+
+    @property
+    def uncovered_sessions(self) -> int | None:
+        coverage = self.coverage
+        return None if coverage is None or coverage.sessions is None else coverage.sessions
 
     @staticmethod
     def postponed(collected: Collected) -> Processed:
@@ -73,12 +87,14 @@ def process(
     indicators: Sequence[IndicatorSpec],
     history: pd.DataFrame | None = None,
     now: datetime | None = None,
+    stored_from: pd.Timestamp | None = None,
 ) -> Processed:
     """Check, repair and enrich the new bars as if over the whole series.
 
     ``history`` holds stored bars before the new ones; enough of it (see :func:`lookback_bars`)
     makes an incremental run's indicator values equal those of one full run, and lets the tick
-    rules and returns see the new bars' predecessors.
+    rules and returns see the new bars' predecessors. ``stored_from`` is the series' first stored
+    bar, held with the new ones against the window's expected start.
     """
     bars, currency = to_major_unit(collected.bars, _text(collected.meta.get("currency")))
     calendar = calendar_for(symbol, collected.meta, quality.calendars.get(symbol.upper()))
@@ -101,10 +117,14 @@ def process(
     }
     flagged = {name: int(new[column].sum()) for column, name in FLAG_COUNTS.items() if column in new}
     dropped = {k: v for k, v in missing_counts.items() if k == "missing_dropped"}
-    gaps = None
+    gaps = coverage = None
     if calendar is not None and not new.empty:
         since = past["time"].iloc[-1] if not past.empty else None
         gaps = missing_sessions(new["time"], interval, calendar, since=since)
+    if collected.window is not None and not new.empty:
+        first = new["time"].iloc[0] if stored_from is None else min(stored_from, new["time"].iloc[0])
+        source = str(new["source"].iloc[0])
+        coverage = check_coverage(collected.window, first, symbol, source, interval, calendar, collected.meta)
     return Processed(
         bars=new,
         actions=collected.actions,
@@ -117,6 +137,7 @@ def process(
         dropped=dropped,
         currency=currency,
         gaps=gaps,
+        coverage=coverage,
     )
 
 
@@ -124,15 +145,30 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+@dataclass(frozen=True)
+class StoredHistory:
+    bars: pd.DataFrame | None  # the last stored bars before the first collected one
+    first: pd.Timestamp | None  # the series' first stored bar
+
+
+def read_stored(
+    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
+) -> StoredHistory:
+    """The last ``bars`` stored bars before the first collected one, and where the stored series starts."""
+    if collected.bars.empty:
+        return StoredHistory(None, None)
+    first_new = collected.bars["time"].min()
+    stored = store.read_bars(symbol, interval, source, end=first_new.to_pydatetime())
+    if stored.empty:
+        return StoredHistory(None, None)
+    return StoredHistory(stored.tail(bars), pd.Timestamp(stored["time"].min()))
+
+
 def read_history(
     store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
 ) -> pd.DataFrame | None:
     """The last ``bars`` stored bars before the first collected one."""
-    if collected.bars.empty:
-        return None
-    first_new = collected.bars["time"].min()
-    stored = store.read_bars(symbol, interval, source, end=first_new.to_pydatetime())
-    return stored.tail(bars) if not stored.empty else None
+    return read_stored(store, collected, symbol, interval, source, bars).bars
 
 
 @task(name="process", task_run_name="process-{source}-{symbol}", cache_policy=NO_CACHE, persist_result=False)
@@ -140,11 +176,13 @@ def process_bars(collected: Collected, settings: Settings, source: str, symbol: 
     store = store_from_settings(settings.storage)
     logger = get_run_logger()
     try:
-        history = read_history(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
+        stored = read_stored(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
     except StoreUnavailableError as exc:
         logger.warning("%s: %s; its collected bars are spooled and processed on replay", symbol, exc)
         return Processed.postponed(collected)
-    processed = process(collected, symbol, interval, settings.quality, settings.indicators, history)
+    processed = process(
+        collected, symbol, interval, settings.quality, settings.indicators, stored.bars, stored_from=stored.first
+    )
     if processed.rejected:
         logger.warning("%s: quarantined %s", symbol, describe_counts(processed.rejected))
     for what, counts in (("repaired", processed.repaired), ("flagged", processed.flagged)):
@@ -156,6 +194,8 @@ def process_bars(collected: Collected, settings: Settings, source: str, symbol: 
         )
     if processed.gaps is not None and processed.gaps.count:
         logger.warning("%s: %s", symbol, processed.gaps.describe())
+    if processed.coverage is not None and processed.coverage.short:
+        logger.warning("%s: %s", symbol, processed.coverage.describe())
     return processed
 
 

@@ -163,7 +163,7 @@ def test_daily_compact_first_and_last_bar() -> None:
     assert bars["adj_close"].isna().all()
     assert (bars[FLAG_MISSING] == 0.0).all()
     assert collected.actions.empty
-    assert collected.meta == {"last_refreshed": "2018-08-16", "time_zone": "US/Eastern"}
+    assert collected.meta == {"last_refreshed": "2018-08-16", "time_zone": "US/Eastern", "output_size": "Compact"}
 
 
 def test_daily_adjusted_close_and_dividends() -> None:

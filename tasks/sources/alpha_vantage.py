@@ -362,7 +362,11 @@ def _split_adjusted(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _public_meta(meta: dict[str, Any]) -> dict[str, object]:
-    found = {"last_refreshed": _meta_value(meta, "Last Refreshed"), "time_zone": _meta_value(meta, "Time Zone")}
+    found = {
+        "last_refreshed": _meta_value(meta, "Last Refreshed"),
+        "time_zone": _meta_value(meta, "Time Zone"),
+        "output_size": _meta_value(meta, "Output Size"),  # "Compact": the latest 100 bars, whatever was asked
+    }
     return {key: value for key, value in found.items() if value is not None}
 
 

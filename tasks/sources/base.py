@@ -48,11 +48,26 @@ class BarQuery:
 
 @dataclass(frozen=True)
 class Window:
-    """The dates collected and why: an explicit backfill, an incremental top-up or a first history."""
+    """The dates collected and why: an explicit backfill, an incremental top-up or a first history.
+
+    ``history_from`` is where the stored series should start once the run is done: the window's own
+    start, or for an incremental run the start a first run would have today, so a series that a
+    first run left short (a truncated response) is still reported short by later runs.
+    """
 
     start: date
     end: date
     mode: str  # "explicit", "incremental", "initial", or "restated" (the whole stored series again)
+    history_from: date | None = None  # None: the window's start
+
+    @property
+    def covers_from(self) -> date:
+        return self.history_from or self.start
+
+    def not_before(self, first: date, *, collect: bool = True) -> Window:
+        """The window limited to dates from ``first`` on (the collected range too, unless ``collect`` is false)."""
+        start = max(self.start, first) if collect else self.start
+        return Window(start, self.end, self.mode, max(self.covers_from, first))
 
 
 @dataclass

@@ -287,7 +287,7 @@ def _exchange_zone(meta: dict[str, Any]) -> Any:
 
 
 def _public_meta(meta: dict[str, Any]) -> dict[str, object]:
-    keys = ("currency", "exchangeName", "exchangeTimezoneName", "instrumentType", "regularMarketTime")
+    keys = ("currency", "exchangeName", "exchangeTimezoneName", "instrumentType", "regularMarketTime", "firstTradeDate")
     return {k: meta[k] for k in keys if k in meta}
 
 
