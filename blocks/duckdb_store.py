@@ -22,6 +22,7 @@ from blocks.store import (
     METRICS_KEY,
     QUARANTINE_KEY,
     SERIES_TAGS,
+    SUPERSEDED_RULES,
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
@@ -187,10 +188,12 @@ class DuckDBStore(Block):
             )
             con.unregister("spans")
         else:  # the time range lets DuckDB skip, by zonemap, the row groups no incoming row can match
+            # A superseded duplicate's clean bar stays in bars (SUPERSEDED_RULES).
+            kept = f"AND incoming.rule NOT IN ({', '.join('?' * len(SUPERSEDED_RULES))}) " if table == TABLE else ""
             con.execute(
-                f"DELETE FROM {table} USING incoming WHERE {tags.format('incoming')} "
+                f"DELETE FROM {table} USING incoming WHERE {tags.format('incoming')} {kept}"
                 f"AND {table}.time = incoming.time::TIMESTAMPTZ AND {table}.time BETWEEN ? AND ?",
-                span,
+                [*(sorted(SUPERSEDED_RULES) if kept else []), *span],
             )
 
     def write_bars(self, bars: pd.DataFrame) -> int:
