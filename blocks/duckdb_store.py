@@ -22,10 +22,10 @@ from blocks.store import (
     METRICS_KEY,
     QUARANTINE_KEY,
     SERIES_TAGS,
+    SUPERSEDED_RULES,
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
-    series_spans,
 )
 
 # Value columns become SQL identifiers, so they must be plain snake_case names.
@@ -160,7 +160,7 @@ class DuckDBStore(Block):
             con.register("incoming", incoming)
             for cleared, how in clears:
                 if self._has_table(con, cleared):
-                    self._clear(con, cleared, how, frame, span)
+                    self._clear(con, cleared, how, span)
             if keyed:  # deleting then inserting under the old index is several times slower than replacing
                 con.execute(f"INSERT OR REPLACE INTO {table} ({names}) SELECT {names} FROM incoming")
             else:
@@ -175,22 +175,25 @@ class DuckDBStore(Block):
         return len(frame)
 
     @staticmethod
-    def _clear(con: duckdb.DuckDBPyConnection, table: str, how: str, frame: pd.DataFrame, span: list[object]) -> None:
+    def _clear(con: duckdb.DuckDBPyConnection, table: str, how: str, span: list[object]) -> None:
         """Delete what the incoming rows replace from ``table`` (see :meth:`_upsert`)."""
         tags = " AND ".join(f'{table}."{c}" = {{0}}."{c}"' for c in SERIES_TAGS)
-        if how == RANGES:
-            spans = pd.DataFrame([{**s.tags, "first": s.first, "last": s.last} for s in series_spans(frame)])
-            con.register("spans", pa.Table.from_pandas(spans, preserve_index=False))
+        if how == RANGES:  # each series' range, computed where the rows already are (as stored: microseconds)
+            spans = (
+                "(SELECT symbol, interval, source, min(time)::TIMESTAMPTZ AS first, max(time)::TIMESTAMPTZ AS last "
+                "FROM incoming GROUP BY symbol, interval, source) AS spans"
+            )
             con.execute(
-                f"DELETE FROM {table} USING spans WHERE {tags.format('spans')} "
+                f"DELETE FROM {table} USING {spans} WHERE {tags.format('spans')} "
                 f"AND {table}.time BETWEEN spans.first AND spans.last"
             )
-            con.unregister("spans")
         else:  # the time range lets DuckDB skip, by zonemap, the row groups no incoming row can match
+            # A superseded duplicate's clean bar stays in bars (SUPERSEDED_RULES).
+            kept = f"AND incoming.rule NOT IN ({', '.join('?' * len(SUPERSEDED_RULES))}) " if table == TABLE else ""
             con.execute(
-                f"DELETE FROM {table} USING incoming WHERE {tags.format('incoming')} "
+                f"DELETE FROM {table} USING incoming WHERE {tags.format('incoming')} {kept}"
                 f"AND {table}.time = incoming.time::TIMESTAMPTZ AND {table}.time BETWEEN ? AND ?",
-                span,
+                [*(sorted(SUPERSEDED_RULES) if kept else []), *span],
             )
 
     def write_bars(self, bars: pd.DataFrame) -> int:

@@ -78,11 +78,13 @@ class InfluxMeasurements:
         return self._write(ACTIONS, actions, ACTION_KEY)
 
     def write_quarantine(self, bars: pd.DataFrame) -> int:
-        """Delete each bar's quarantine rows and clean copy (one instant each: they are few), then write."""
+        """Delete each bar's quarantine rows and clean copy (one instant each: they are few), then write.
+
+        A superseded duplicate (SUPERSEDED_RULES) leaves its clean bar alone.
+        """
         self._check_key(QUARANTINE, bars, QUARANTINE_KEY)
-        points = bar_points(bars, PRECISION)
-        for measurement in (QUARANTINE, BARS):
-            self._delete(measurement, points)
+        self._delete(QUARANTINE, bar_points(bars, PRECISION))
+        self._delete(BARS, bar_points(bars, PRECISION, skip_superseded=True))
         return self._write(QUARANTINE, bars, QUARANTINE_KEY)
 
     def write_metrics(self, rows: pd.DataFrame) -> int:

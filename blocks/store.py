@@ -22,6 +22,9 @@ ACTION_KEY: tuple[str, ...] = ("time", "symbol", "source", "kind")
 ACTION_FIELDS: tuple[str, ...] = ("ratio", "amount")
 # Quarantined bars: the bar's series and time plus the rule it broke; ``reason`` is the one text field.
 QUARANTINE_KEY: tuple[str, ...] = (*BAR_KEY, "rule")
+# A quarantined copy under this rule is the earlier of two bars with one key: the later one is the
+# clean bar, so a quarantine write leaves it in bars (the rule's name is validation's).
+SUPERSEDED_RULES: frozenset[str] = frozenset({"duplicate_time"})
 # Run metrics (`pipeline_metrics`): one row per run and series, at the run's start; float fields only.
 METRICS_KEY: tuple[str, ...] = BAR_KEY
 
@@ -65,8 +68,13 @@ def series_spans(rows: pd.DataFrame, unit: str = "us") -> list[SeriesSpan]:
     ]
 
 
-def bar_points(rows: pd.DataFrame, unit: str = "us") -> list[SeriesSpan]:
-    """Each distinct bar key of ``rows`` as a span of one instant: what a quarantine write takes out of bars."""
+def bar_points(rows: pd.DataFrame, unit: str = "us", skip_superseded: bool = False) -> list[SeriesSpan]:
+    """Each distinct bar key of ``rows`` as a span of one instant: what a quarantine write replaces.
+
+    ``skip_superseded`` leaves out rows under SUPERSEDED_RULES, whose clean bar stays.
+    """
+    if skip_superseded and "rule" in rows.columns:
+        rows = rows.loc[~rows["rule"].isin(SUPERSEDED_RULES)]
     if rows.empty:
         return []
     keys = rows.assign(time=pd.DatetimeIndex(rows["time"]).floor(unit))[list(BAR_KEY)].drop_duplicates()
@@ -117,7 +125,9 @@ class BarStore(Protocol):
         """Store rejected bars on (symbol, interval, source, time, rule), with their values and ``reason``.
 
         A bar's quarantine rows become exactly the frame's rows for it (rules from an older write of
-        the same bar go), and its clean copy leaves bars. Written after the bars of the same run.
+        the same bar go), and its clean copy leaves bars, unless the row is a superseded duplicate
+        (SUPERSEDED_RULES: the bar with its key that arrived later is the clean one). Written after
+        the bars of the same run.
         """
         ...
 

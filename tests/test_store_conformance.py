@@ -218,6 +218,15 @@ def test_a_bar_quarantined_again_keeps_only_the_latest_rules(store: BarStore) ->
     assert store.read_quarantine("BRK-B")["rule"].tolist() == ["negative_volume"]
 
 
+def test_a_superseded_duplicate_in_quarantine_leaves_its_clean_bar_in_bars(store: BarStore) -> None:
+    bars = frame(n=3).drop(columns=["rsi_14"])
+    store.write_bars(bars)
+    earlier = bars.iloc[[1]].assign(close=bars["close"].iloc[1] * 1.001)  # the copy that arrived first
+    store.write_quarantine(quarantined(earlier, "duplicate_time"))
+    assert store.read_bars("BRK-B")["close"].tolist() == bars["close"].tolist()
+    assert store.read_quarantine("BRK-B")["close"].tolist() == earlier["close"].tolist()
+
+
 def test_bars_outside_the_range_and_other_series_are_untouched(store: BarStore) -> None:
     bars = frame(n=20)
     others = [frame("MSFT", n=20), frame(n=20, source="files"), frame(n=20).assign(interval="1h")]
