@@ -350,6 +350,9 @@ def _redacted(params: dict[str, str]) -> dict[str, str]:
 def start_sandbox(port: int = 0, config: SandboxConfig | None = None, host: str = "127.0.0.1") -> SandboxServer:
     """Start serving in a background thread; ``port=0`` picks a free port (see ``base_url``)."""
     server = SandboxServer((host, port), config or SandboxConfig())
+    # Built before the first request, not by the first few at once: under load that took about a
+    # second, which would read as a slow server and hold back a paced client's first window.
+    _sessions()
     threading.Thread(target=server.serve_forever, name="marketpipe-sandbox", daemon=True).start()
     return server
 

@@ -10,6 +10,8 @@ into the run summary.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -171,8 +173,20 @@ def read_history(
     return read_stored(store, collected, symbol, interval, source, bars).bars
 
 
+# Processing holds the GIL for most of its time, so a flow's 16 worker threads processing at once
+# gain nothing on a few cores and keep the threads that send paced requests waiting to run: their
+# sends then go out late. At most one processing task per core runs at a time.
+_cpu_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+
+
 @task(name="process", task_run_name="process-{source}-{symbol}", cache_policy=NO_CACHE, persist_result=False)
 def process_bars(collected: Collected, settings: Settings, source: str, symbol: str, interval: str) -> Processed:
+    """One symbol's collected bars through :func:`process`, with the stored history its indicators need."""
+    with _cpu_slots:
+        return _process_bars(collected, settings, source, symbol, interval)
+
+
+def _process_bars(collected: Collected, settings: Settings, source: str, symbol: str, interval: str) -> Processed:
     store = store_from_settings(settings.storage)
     logger = get_run_logger()
     try:
