@@ -25,8 +25,11 @@ lint: install
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy
 
+# Two workers for the suite (most of its time is spent waiting on servers and child processes), then
+# the tests that measure a pace, alone.
 test: lint
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n 2 -m "not serial"
+	$(UV) run --frozen pytest -m serial
 
 format: install
 	$(UV) run --frozen ruff format .

@@ -64,6 +64,7 @@ def busiest_second(entries: list[dict[str, Any]]) -> int:
 SYMBOLS_100 = [f"S{i:03d}" for i in range(100)]
 
 
+@pytest.mark.serial
 def test_a_hundred_symbols_at_5_per_second_get_no_rejection(
     env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]
 ) -> None:
