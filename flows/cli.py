@@ -9,17 +9,21 @@ import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from configs.settings import ConfigError, Settings, load_settings
-from tasks.bars import validate_interval, validate_symbol, validate_symbols
 from tasks.errors import UsageError
-from tasks.sources.base import load_source
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from configs.settings import Settings
+
+# The pipeline's modules (pandas, Prefect, the calendars) are imported by the commands that use
+# them: they take seconds to load, and `--help`, a usage error or `sandbox` need none of them.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -51,6 +55,8 @@ T = TypeVar("T")
 
 def _or_exit[T](step: Callable[[], T]) -> T:
     """Run a validation step; a usage or config problem prints one clear message and exits 2."""
+    from configs.settings import ConfigError
+
     try:
         return step()
     except (ConfigError, UsageError) as exc:
@@ -93,6 +99,10 @@ def run(
     config: ConfigOption = None,
 ) -> None:
     """Run the market-data flow locally and print a per-symbol summary."""
+    from configs.settings import load_settings
+    from tasks.bars import validate_interval, validate_symbols
+    from tasks.sources.base import load_source
+
     settings = _or_exit(lambda: load_settings(config))
     wanted = symbols.split(",") if symbols else settings.symbols
     checked = _or_exit(lambda: validate_symbols(wanted))
@@ -191,6 +201,9 @@ def query(
     config: ConfigOption = None,
 ) -> None:
     """Print stored bars oldest first, with every stored column and time in ISO-8601 UTC."""
+    from configs.settings import load_settings
+    from tasks.bars import validate_interval, validate_symbol
+
     settings = _or_exit(lambda: load_settings(config))
     checked = _or_exit(lambda: validate_symbol(symbol))
     _or_exit(lambda: validate_interval(interval))
@@ -213,6 +226,8 @@ def _read(
     last: date | None,
     quarantine: bool = False,
 ) -> pd.DataFrame:
+    import pandas as pd
+
     from blocks.store import StoreError
     from blocks.stores import store_from_settings
 
@@ -229,6 +244,8 @@ def _read(
 
 
 def _iso(ts: datetime) -> str:
+    import pandas as pd
+
     return pd.Timestamp(ts).tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -294,7 +311,7 @@ def sandbox(
     if unknown or not 0 <= fault_rate <= 1:
         _error(f"faults must be among {', '.join(FAULT_KINDS)} and --fault-rate within 0..1")
         raise typer.Exit(EXIT_USAGE)
-    clock = _or_exit(lambda: _parse_instant(now, "--now"))
+    clock = _or_exit(lambda: _parse_instant(now, "--now")) if now else None
     config = SandboxConfig(
         now=clock,
         replay=replay,
@@ -325,6 +342,7 @@ def replay(config: ConfigOption = None) -> None:
     """Write the batches the store could not take, oldest first; exits 1 if any are left."""
     from blocks.store import StoreError
     from blocks.stores import store_from_settings
+    from configs.settings import load_settings
     from tasks.store import open_spool
 
     settings = _or_exit(lambda: load_settings(config))
@@ -348,10 +366,11 @@ def replay(config: ConfigOption = None) -> None:
 @app.command()
 def setup(config: ConfigOption = None) -> None:
     """Create what deployments rely on, idempotently: per-source concurrency limits and block types."""
-    settings = _or_exit(lambda: load_settings(config))
+    from configs.settings import load_settings
     from flows.local_prefect import local_prefect
     from flows.maintenance import setup as run_setup
 
+    settings = _or_exit(lambda: load_settings(config))
     with local_prefect(_note):
         changes = run_setup(settings)
     for change in changes:

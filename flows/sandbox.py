@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 import pandas as pd
 
-from tasks.sources.base import SECRET_PARAMS
+from tasks.redaction import redact_params
 
 CHART_PREFIX = "/v8/finance/chart/"
 AV_PATH = "/query"
@@ -274,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         config = self.server.config
         if config.latency:
             time.sleep(config.latency)
-        entry: dict[str, Any] = {"t": arrived, "api": api, "symbol": symbol, "params": _redacted(params)}
+        entry: dict[str, Any] = {"t": arrived, "api": api, "symbol": symbol, "params": redact_params(params)}
         status = self._answer(api, symbol, params, entry)
         entry["status"] = status
         self.server.record(entry)
@@ -341,10 +341,6 @@ class _Handler(BaseHTTPRequestHandler):
         status = args[1] if len(args) > 1 else ""
         sys.stdout.write(f"sandbox: {self.command} {urlsplit(self.path).path} {status}\n")
         sys.stdout.flush()
-
-
-def _redacted(params: dict[str, str]) -> dict[str, str]:
-    return {k: ("***" if k.lower() in SECRET_PARAMS else v) for k, v in params.items()}
 
 
 def start_sandbox(port: int = 0, config: SandboxConfig | None = None, host: str = "127.0.0.1") -> SandboxServer:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pandas as pd
@@ -28,10 +27,10 @@ from prefect.logging import get_run_logger
 from configs.settings import ConfigError, SourceSettings
 from tasks.bars import conform, conform_actions, empty_actions, empty_bars
 from tasks.errors import SourceError, TransientSourceError
+from tasks.redaction import redact_url
 from tasks.sources.pacing import Pacer, rates_for, sends_per_second
 
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) marketpipe/0.1"
-SECRET_PARAMS = frozenset({"apikey", "api_key", "token", "password", "key"})
 
 logger = logging.getLogger("marketpipe.sources")
 
@@ -243,13 +242,6 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return get_run_logger()
     except MissingContextError:
         return logger
-
-
-def redact_url(url: str) -> str:
-    """The URL with secret query parameters replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    query = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 _URL_IN_TEXT = re.compile(r"https?://\S+")

@@ -1,0 +1,19 @@
+"""Secrets out of what we print: query parameters that carry keys, in URLs and request logs."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+SECRET_PARAMS = frozenset({"apikey", "api_key", "token", "password", "key"})
+
+
+def redact_params(params: dict[str, str]) -> dict[str, str]:
+    """The query parameters with secret values replaced by ``***``."""
+    return {k: ("***" if k.lower() in SECRET_PARAMS else v) for k, v in params.items()}
+
+
+def redact_url(url: str) -> str:
+    """The URL with secret query parameters replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    query = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
