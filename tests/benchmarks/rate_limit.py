@@ -1,8 +1,9 @@
 """Benchmark: does pacing hold a source's rate limit, alone and across two processes?
 
 Starts the sandbox allowing 5 requests in any 1-second window, runs `marketpipe run` over 100
-symbols with `rate_limit: 18000` (5/s), then two runs of 50 symbols at once sharing that limit.
-Prints achieved/allowed, rejections and the busiest second as the server saw them.
+symbols with `rate_limit: 18000` (5/s), then two runs of 50 symbols at once sharing that limit,
+each once on its own and once beside a CPU-bound process (a loaded machine). Prints
+achieved/allowed, rejections and the busiest second as the server saw them.
 
     .venv/bin/python tests/benchmarks/rate_limit.py
 
@@ -16,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,11 @@ def report(title: str, entries: list[dict[str, Any]]) -> None:
     )
 
 
-def scenario(title: str, groups: list[list[str]]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+def scenario(title: str, groups: list[list[str]], busy: bool = False) -> None:
+    title = f"{title}, beside a CPU hog" if busy else title
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        if busy:
+            stack.enter_context(cpu_hog())
         workdir = Path(tmp)
         log = workdir / "requests.jsonl"
         server = start_sandbox(0, SandboxConfig(rate_limit=5, rate_window=1.0, request_log=log, access_log=False))
@@ -78,8 +83,20 @@ def main() -> None:
         if "PREFECT_API_URL" not in os.environ:
             home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             os.environ["PREFECT_API_URL"] = stack.enter_context(prefect_server(home))
-        scenario("one process, 100 symbols", [symbols])
-        scenario("two processes, 50 symbols each", [symbols[:50], symbols[50:]])
+        for busy in (False, True):
+            scenario("one process, 100 symbols", [symbols], busy)
+            scenario("two processes, 50 symbols each", [symbols[:50], symbols[50:]], busy)
+
+
+@contextmanager
+def cpu_hog() -> Iterator[None]:
+    """A process that keeps one core busy until the block ends, stopped by PID."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 if __name__ == "__main__":
