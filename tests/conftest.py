@@ -86,8 +86,18 @@ def marketpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subproc
 
 
 def query_csv(env: dict[str, str], symbol: str, *extra: str) -> pd.DataFrame:
-    result = marketpipe("query", "--symbol", symbol, "--format", "csv", *extra, env=env)
-    assert result.returncode == 0, result.stderr
+    """`marketpipe query --format csv`, the command itself, run in this process with ``env``.
+
+    A child process would spend seconds importing before it read a row; the tests read hundreds of times.
+    `tests/test_cli.py` runs the query command as a child process too.
+    """
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["query", "--symbol", symbol, "--format", "csv", *extra]
+    result = CliRunner().invoke(app, args, env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
     return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, na_values=[""])
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,13 +51,42 @@ def _serving(
                 process.kill()
 
 
+def migrated_prefect_database(env: dict[str, str], timeout: float) -> Path:
+    """A Prefect SQLite database at the schema's head, created once per machine and Prefect version.
+
+    Migrating a new database costs about 30 s of CPU. Each pytest worker, the serial part of
+    `make test` and the benchmarks start their own server; they copy this file instead.
+    """
+    from filelock import FileLock
+    from prefect import __version__
+
+    cache = Path(tempfile.gettempdir()) / f"marketpipe-test-prefect-{__version__}"
+    database = cache / "prefect.db"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache / ".lock"):
+        if not database.exists():
+            building = Path(tempfile.mkdtemp(dir=cache))
+            command = [str(BIN / "prefect"), "server", "database", "upgrade", "-y"]
+            subprocess.run(
+                command, env={**env, "PREFECT_HOME": str(building)}, check=True, timeout=timeout, capture_output=True
+            )
+            (building / "prefect.db").rename(database)  # whole or not at all
+            shutil.rmtree(building)
+    return database
+
+
 @contextmanager
-def prefect_server(home: Path, timeout: float = 120) -> Iterator[str]:
-    """`prefect server start` (SQLite under ``home``); yields its API URL."""
+def prefect_server(home: Path, timeout: float = 300) -> Iterator[str]:
+    """`prefect server start` (SQLite under ``home``); yields its API URL.
+
+    The timeout allows for two servers starting at once on two cores that other work keeps busy.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(migrated_prefect_database(env, timeout), home / "prefect.db")
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"]
     with _serving("Prefect server", command, home / "server.log", f"{url}/health", 200, timeout, env):
         yield url
