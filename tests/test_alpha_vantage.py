@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from configs.settings import ConfigError, SourceSettings
-from flows.sandbox import SandboxConfig, av_daily_quota_body, start_sandbox
+from flows.sandbox import SandboxConfig, av_daily_quota_body, read_request_log, start_sandbox
 from tasks.bars import BAR_COLUMNS, FLAG_MISSING
 from tasks.errors import (
     PermanentSourceError,
@@ -403,7 +403,8 @@ def test_the_daily_quota_body_is_a_quota_not_a_rate_limit(key: str, text: str) -
 def test_the_daily_quota_body_stops_every_later_request_of_the_day(tmp_path: Path) -> None:
     """The sandbox answers 2 calls, then the quota body: the third symbol is tried once, not retried;
     the fourth is never sent, and neither is one from a new pacer (a new process) on the same state."""
-    server = start_sandbox(0, SandboxConfig(av_daily_quota=2, access_log=False))
+    log = tmp_path / "requests.jsonl"
+    server = start_sandbox(0, SandboxConfig(av_daily_quota=2, request_log=log, access_log=False))
     try:
         settings = SourceSettings(base_url=server.alpha_vantage_url, api_key=KEY, rate_limit=36000, timeout=5)
         source = AlphaVantage(settings, pacer_for("alpha_vantage", settings, str(tmp_path)))
@@ -416,7 +417,6 @@ def test_the_daily_quota_body_stops_every_later_request_of_the_day(tmp_path: Pat
         fresh = AlphaVantage(settings, pacer_for("alpha_vantage", settings, str(tmp_path)))
         with pytest.raises(QuotaExhaustedError, match="deferred until"):
             fresh.collect(BarQuery("EEE", "1d", *WIDE))
-        answered = server.av_calls
     finally:
         server.shutdown()
         server.server_close()
@@ -424,7 +424,8 @@ def test_the_daily_quota_body_stops_every_later_request_of_the_day(tmp_path: Pat
     assert "Alpha Vantage said the daily quota is used up" in outcomes["CCC"]
     assert "requests per day" in outcomes["CCC"] and "deferred until" in outcomes["CCC"]
     assert outcomes["DDD"] == outcomes["CCC"].replace("alpha_vantage CCC:", "alpha_vantage DDD:")
-    assert sum(answered.values()) == 2  # AAA and BBB; CCC got the quota body once and was not retried
+    sent = [(e["symbol"], bool(e.get("quota_exhausted"))) for e in read_request_log(log)]
+    assert sent == [("AAA", False), ("BBB", False), ("CCC", True)]  # CCC once, not retried; none after it
     assert KEY not in (tmp_path / "alpha_vantage.json").read_text()
 
 
