@@ -16,18 +16,21 @@ slot and writing to the socket, or how long a response took. It costs nothing wh
 less than the slack between five slots and the window. Below one request a second, the next slot
 is planned from the real send time instead, so a late sender cannot squeeze the ones after it.
 
-The state lives in a small JSON file under ``fcntl.flock``, so two ``marketpipe run`` processes on
-one machine share the pace. Across machines (pods), the Prefect concurrency limit on the source's
+The state lives in a small JSON file under ``fcntl.flock``, so every process that sees the
+directory shares the pace: two ``marketpipe run`` processes on one machine, and pods that mount
+the same volume. Across machines without one, the Prefect concurrency limit on the source's
 collect tag bounds how many collect tasks run at once.
 
 The same file keeps the daily quota: the count of today's requests, and a day the source itself
 said was used up (Alpha Vantage's "25 requests per day" body), so every later request of that day
-is deferred without being sent. The quota must outlive a run, so on Kubernetes the directory is on
-the spool's persistent volume rather than in a pod's /tmp (see the README's "Rate limits"). A file
-is replaced whole (written aside, then renamed), is never followed through a symbolic link, and
-lives in a directory only this user can write: whoever can rewrite it can reset the count. One that
-cannot be read (torn, empty, or not ours in shape) counts the quota as used up until 00:00 UTC
-rather than starting from 0; the pace may restart.
+is deferred without being sent. The quota must outlive a run, and a pod's /tmp does not, so on
+Kubernetes the chart puts the directory on the spool's persistent volume. A file there needs no
+service that may be down (as the store may be), and unlike a Prefect concurrency limit with slot
+decay it resets at 00:00 UTC and can hold "the source said it is spent" (see the README's "Rate
+limits"). A file is replaced whole (written aside, then renamed), is never followed through a
+symbolic link, and lives in a directory only this user can write: whoever can rewrite it can reset
+the count. One that cannot be read (torn, empty, or not ours in shape) counts a configured quota
+as used up until 00:00 UTC rather than starting from 0; the pace may restart.
 """
 
 from __future__ import annotations
