@@ -78,7 +78,9 @@ class CollectionSettings(_Section):
     default_history_days: int = Field(730, gt=0, description="history collected for a symbol seen first")
     rate_limit_dir: str = Field(
         default_factory=lambda: str(Path(tempfile.gettempdir()) / "marketpipe-rate-limits"),
-        description="pacing state shared by every process on this host",
+        description="pace and daily-quota state, shared by every process that sees the directory: on "
+        "Kubernetes a path on a persistent volume (the chart points it at the spool's claim), or each pod "
+        "starts the day's count at 0",
     )
     task_retries: int = Field(
         0, ge=0, description="collect-task retries once its requests' own retries are spent; transient errors only"

@@ -101,13 +101,13 @@ def run(
     """Run the market-data flow locally and print a per-symbol summary."""
     from configs.settings import load_settings
     from tasks.bars import validate_interval, validate_symbols
-    from tasks.sources.base import load_source
+    from tasks.collect import check_source
 
     settings = _or_exit(lambda: load_settings(config))
     wanted = symbols.split(",") if symbols else settings.symbols
     checked = _or_exit(lambda: validate_symbols(wanted))
     _or_exit(lambda: validate_interval(interval))
-    _or_exit(lambda: load_source(source, settings.source(source)).check_config())
+    _or_exit(lambda: check_source(settings, source))
     first = _or_exit(lambda: _parse_date(start, "--start"))
     last = _or_exit(lambda: _parse_date(end, "--end"))
 
@@ -285,6 +285,9 @@ def sandbox(
     latency: Annotated[float, typer.Option(help="Seconds added to every response")] = 0.0,
     rate_limit: Annotated[int | None, typer.Option(help="Requests accepted in any --rate-window seconds")] = None,
     rate_window: Annotated[float, typer.Option(help="Seconds of the rate-limit window")] = 1.0,
+    av_daily_quota: Annotated[
+        int | None, typer.Option(help="Alpha Vantage calls answered per UTC day; later ones get its quota body")
+    ] = None,
     fault_rate: Annotated[float, typer.Option(help="Probability that a request gets a fault")] = 0.0,
     fault_kinds: Annotated[
         str, typer.Option(help="Faults to draw from: 5xx,timeout,malformed,html")
@@ -319,6 +322,7 @@ def sandbox(
         latency=latency,
         rate_limit=rate_limit,
         rate_window=rate_window,
+        av_daily_quota=av_daily_quota,
         fault_rate=fault_rate,
         fault_kinds=kinds,
         symbol_faults=symbol_faults,

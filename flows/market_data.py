@@ -22,10 +22,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.settings import load_settings
 from tasks.bars import validate_interval, validate_symbols
-from tasks.collect import collect_bars
+from tasks.collect import check_source, collect_bars
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.processing import Processed, describe_counts, process_bars
-from tasks.sources.base import Collected, load_source
+from tasks.sources.base import Collected
 from tasks.store import Stored, record_metrics, replay_spool, store_bars
 
 OK, FAILED, DEFERRED, SPOOLED = "ok", "failed", "deferred", "spooled"
@@ -92,7 +92,7 @@ def market_data(
     settings = load_settings(config)
     checked = validate_symbols(symbols or settings.symbols)
     validate_interval(interval)
-    load_source(source, settings.source(source)).check_config()  # fail the run once, not every symbol
+    check_source(settings, source)  # fail the run once, not every symbol
     if start is not None and end is not None and start > end:
         raise UsageError(f"start {start} is after end {end}: swap them or widen the range")
     mode = f"{start} to {end or 'today'}" if start else "incremental"

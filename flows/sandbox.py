@@ -7,9 +7,10 @@ Replay mode (``replay=DIR``) serves ``DIR/<SYMBOL>.json`` captured Yahoo respons
 the status code their error body implies.
 
 Faithful to the failure modes that matter: an enforced rate limit (Yahoo answers 429, Alpha
-Vantage a 200 with a ``Note`` body), per-request latency, faults injected by probability or per
-symbol (5xx, timeout, malformed JSON, HTML with status 200), Yahoo's real 404 body for unknown
-symbols, and a JSON-lines request log with secrets redacted.
+Vantage a 200 with a ``Note`` body), Alpha Vantage's daily quota (a 200 with its "N requests per
+day" ``Information`` body once N calls were answered that UTC day), per-request latency, faults
+injected by probability or per symbol (5xx, timeout, malformed JSON, HTML with status 200),
+Yahoo's real 404 body for unknown symbols, and a JSON-lines request log with secrets redacted.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ AV_NOTE = (
 )
 
 
+def av_daily_quota_body(per_day: int) -> dict[str, str]:
+    """What Alpha Vantage answers, with status 200, once the key's daily quota is spent."""
+    return {
+        "Information": f"Thank you for using Alpha Vantage! Our standard API rate limit is {per_day} requests per "
+        "day. Please subscribe to any of the premium plans at https://www.alphavantage.co/premium/ to instantly "
+        "remove all daily rate limits."
+    }
+
+
 @dataclass
 class SandboxConfig:
     replay: Path | None = None
@@ -55,6 +65,7 @@ class SandboxConfig:
     latency: float = 0.0
     rate_limit: int | None = None  # requests accepted in any `rate_window` seconds
     rate_window: float = 1.0
+    av_daily_quota: int | None = None  # Alpha Vantage calls answered per UTC day; later ones get the quota body
     fault_rate: float = 0.0
     fault_kinds: tuple[str, ...] = FAULT_KINDS
     symbol_faults: dict[str, str] = field(default_factory=dict)  # symbol -> fault kind, on every request
@@ -208,6 +219,7 @@ class SandboxServer(ThreadingHTTPServer):
         self.config = config
         self.random = random.Random(config.seed)
         self.accepted: deque[float] = deque()
+        self.av_calls: dict[str, int] = {}  # UTC day -> Alpha Vantage calls answered
         self.lock = threading.Lock()
         self.log_handle = config.request_log.open("a", encoding="utf-8") if config.request_log else None
 
@@ -233,6 +245,18 @@ class SandboxServer(ThreadingHTTPServer):
             if len(self.accepted) >= limit:
                 return False
             self.accepted.append(now)
+            return True
+
+    def av_quota_left(self) -> bool:
+        """Count one Alpha Vantage call against today's quota (UTC); False once it is spent."""
+        per_day = self.config.av_daily_quota
+        if per_day is None:
+            return True
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        with self.lock:
+            if self.av_calls.get(day, 0) >= per_day:
+                return False
+            self.av_calls[day] = self.av_calls.get(day, 0) + 1
             return True
 
     def fault_for(self, symbol: str) -> str | None:
@@ -285,6 +309,9 @@ class _Handler(BaseHTTPRequestHandler):
             if api == "yahoo":
                 return self._send(429, b"Too Many Requests", "text/plain", {"Retry-After": "1"})
             return self._send(200, json.dumps({"Note": AV_NOTE}).encode())
+        if api == "alpha_vantage" and not self.server.av_quota_left():
+            entry["quota_exhausted"] = True
+            return self._send(200, json.dumps(av_daily_quota_body(self.server.config.av_daily_quota or 0)).encode())
         fault = self.server.fault_for(symbol)
         if fault is not None:
             entry["fault"] = fault

@@ -16,7 +16,7 @@ from blocks.stores import store_from_settings
 from configs.settings import CollectionSettings, Settings, SourceSettings
 from tasks.errors import TransientSourceError
 from tasks.restatement import restatement_reason
-from tasks.sources.base import BarQuery, Collected, Source, Window, load_source, pacer_for
+from tasks.sources.base import BarQuery, Collected, HttpSource, Source, Window, load_source, pacer_for
 
 
 def plan_window(
@@ -40,6 +40,16 @@ def plan_window(
         return Window(history, last, "initial")
     resume = (last_stored - pd.Timedelta(days=collection.overlap_days)).date()
     return Window(min(resume, last), last, "incremental", history_from=history)
+
+
+def check_source(settings: Settings, source: str) -> None:
+    """Fail a run once, before any symbol: the source's settings, and the directory its pace and
+    daily quota are kept in (created if missing, and only this user may write it)."""
+    source_settings = settings.source(source)
+    provider = load_source(source, source_settings)
+    provider.check_config()
+    if isinstance(provider, HttpSource):
+        pacer_for(source, source_settings, settings.collection.rate_limit_dir).check()
 
 
 def resolve_credentials(settings: SourceSettings) -> SourceSettings:

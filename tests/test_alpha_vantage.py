@@ -16,16 +16,18 @@ import pytest
 from pydantic import SecretStr
 
 from configs.settings import ConfigError, SourceSettings
+from flows.sandbox import SandboxConfig, av_daily_quota_body, read_request_log, start_sandbox
 from tasks.bars import BAR_COLUMNS, FLAG_MISSING
 from tasks.errors import (
     PermanentSourceError,
+    QuotaExhaustedError,
     RangeNotServedError,
     RateLimitedError,
     SourceError,
     TransientSourceError,
 )
 from tasks.sources.alpha_vantage import SOURCE, AlphaVantage, months_touched, parse_technical, stamp_keys
-from tasks.sources.base import BarQuery, Collected, load_source, redact_url
+from tasks.sources.base import BarQuery, Collected, load_source, pacer_for, redact_url
 
 AV = Path(__file__).parent / "fixtures" / "alphavantage"
 KEY = "TESTKEY-do-not-leak"
@@ -369,13 +371,62 @@ def test_information_asking_for_higher_call_volume_is_a_rate_limit_not_premium()
 @pytest.mark.parametrize(
     "text",
     [
-        "Thank you for using Alpha Vantage! Our standard API rate limit is 25 requests per day.",
         "Burst pattern detected: please spread out your requests (max 5 requests PER MINUTE).",
+        "We have detected your API key as ABC and our standard API rate limit is 5 calls per minute and "
+        "25 calls per day.",
     ],
 )
 def test_current_throttling_texts_are_rate_limits(text: str) -> None:
     with pytest.raises(RateLimitedError):
         parse(json.dumps({"Information": text}).encode())
+
+
+DAILY_QUOTA_TEXT = av_daily_quota_body(25)["Information"]
+
+
+@pytest.mark.parametrize("key", ["Information", "Note"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        DAILY_QUOTA_TEXT,  # the sandbox's, as Alpha Vantage words it
+        "Thank you for using Alpha Vantage! Our standard API rate limit is 25 requests per day.",
+        "You have reached the daily rate limit of this API key.",
+    ],
+)
+def test_the_daily_quota_body_is_a_quota_not_a_rate_limit(key: str, text: str) -> None:
+    with pytest.raises(QuotaExhaustedError) as caught:
+        parse(json.dumps({key: text}).encode())
+    assert not caught.value.transient and not isinstance(caught.value, TransientSourceError)
+    assert f"Alpha Vantage said the daily quota is used up: {text}" in str(caught.value)
+
+
+def test_the_daily_quota_body_stops_every_later_request_of_the_day(tmp_path: Path) -> None:
+    """The sandbox answers 2 calls, then the quota body: the third symbol is tried once, not retried;
+    the fourth is never sent, and neither is one from a new pacer (a new process) on the same state."""
+    log = tmp_path / "requests.jsonl"
+    server = start_sandbox(0, SandboxConfig(av_daily_quota=2, request_log=log, access_log=False))
+    try:
+        settings = SourceSettings(base_url=server.alpha_vantage_url, api_key=KEY, rate_limit=36000, timeout=5)
+        source = AlphaVantage(settings, pacer_for("alpha_vantage", settings, str(tmp_path)))
+        outcomes: dict[str, str] = {}
+        for symbol in ("AAA", "BBB", "CCC", "DDD"):
+            try:
+                outcomes[symbol] = f"{len(source.collect(BarQuery(symbol, '1d', *WIDE)).bars)} bars"
+            except QuotaExhaustedError as exc:
+                outcomes[symbol] = str(exc)
+        fresh = AlphaVantage(settings, pacer_for("alpha_vantage", settings, str(tmp_path)))
+        with pytest.raises(QuotaExhaustedError, match="deferred until"):
+            fresh.collect(BarQuery("EEE", "1d", *WIDE))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert outcomes["AAA"] == outcomes["BBB"] == "100 bars"
+    assert "Alpha Vantage said the daily quota is used up" in outcomes["CCC"]
+    assert "requests per day" in outcomes["CCC"] and "deferred until" in outcomes["CCC"]
+    assert outcomes["DDD"] == outcomes["CCC"].replace("alpha_vantage CCC:", "alpha_vantage DDD:")
+    sent = [(e["symbol"], bool(e.get("quota_exhausted"))) for e in read_request_log(log)]
+    assert sent == [("AAA", False), ("BBB", False), ("CCC", True)]  # CCC once, not retried; none after it
+    assert KEY not in (tmp_path / "alpha_vantage.json").read_text()
 
 
 def test_information_about_a_premium_endpoint_is_permanent() -> None:

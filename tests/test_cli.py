@@ -192,3 +192,16 @@ def test_a_source_that_cannot_work_as_configured_exits_2(
     result = marketpipe("run", "--source", source, "--symbols", "IBM", env=bare)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
+
+
+def test_a_quota_state_directory_others_can_write_exits_2(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared-rate-limits"
+    shared.mkdir()
+    shared.chmod(0o777)
+    result = marketpipe("run", "--symbols", "AAPL", env={**env, "MARKETPIPE__COLLECTION__RATE_LIMIT_DIR": str(shared)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"pacing state directory {shared} is writable by its group and others" in result.stderr
+    assert f"chmod 700 {shared}" in result.stderr
+    assert sandbox.requests() == [] and list(shared.iterdir()) == []

@@ -4,6 +4,7 @@ runs, quotas and secrets. Real processes, a real Prefect server, the sandbox and
 from __future__ import annotations
 
 import asyncio
+import stat
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -245,6 +246,53 @@ def test_a_used_up_daily_quota_defers_symbols(env: dict[str, str], tmp_path: Pat
     assert result.stdout.count("deferred:") == 2
     assert "daily quota of 2 requests is used up" in result.stdout
     assert len(sandbox.requests()) == 2
+
+
+def test_alpha_vantages_daily_quota_body_defers_the_rest_of_the_run_and_the_next_one(
+    env: dict[str, str], tmp_path: Path, stopper: list[Sandbox]
+) -> None:
+    """The sandbox answers 2 calls a day, then AV's "requests per day" body. The symbol that gets it
+    is deferred after that one request, the others without any; a second process with another /tmp
+    (a new pod) but the same state directory (the persistent volume) defers at once."""
+    sandbox = sandbox_with(tmp_path, "--av-daily-quota", "2")
+    stopper.append(sandbox)
+    state_dir = tmp_path / "volume" / "rate-limits"
+    env = {
+        **env,
+        "ALPHA_VANTAGE_API_KEY": "daily-quota-test-key",
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__BASE_URL": sandbox.alpha_vantage_url,
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__RATE_LIMIT": "3600",  # one at a time: the count is exact
+        "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__RETRY__INITIAL_WAIT": "0.05",
+        "MARKETPIPE__COLLECTION__TASK_RETRIES": "2",
+        "MARKETPIPE__COLLECTION__TASK_RETRY_DELAY": "0",
+        "MARKETPIPE__COLLECTION__RATE_LIMIT_DIR": str(state_dir),
+    }
+    symbols = ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF"]
+    first_tmp = tmp_path / "pod-1-tmp"
+    first_tmp.mkdir()
+    first = run("run", "--source", "alpha_vantage", "--symbols", ",".join(symbols), "--start", "2025-01-01",
+                env={**env, "TMPDIR": str(first_tmp)})  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr  # deferred symbols don't fail the run
+    requests = sandbox.requests()
+    assert len(requests) == 3, requests
+    assert max(Counter(e["symbol"] for e in requests).values()) == 1  # nothing was retried
+    (spent,) = [e for e in requests if e.get("quota_exhausted")]
+    assert first.stdout.count("│ ok") == 2 and first.stdout.count("deferred:") == 4, first.stdout
+    assert (
+        f"{spent['symbol']} deferred: alpha_vantage {spent['symbol']}: Alpha Vantage said the daily quota is used up"
+        in first.stdout
+    )
+    assert "2 requests per day" in first.stdout and "deferred until" in first.stdout and " failed" not in first.stdout
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+
+    second_tmp = tmp_path / "pod-2-tmp"
+    second_tmp.mkdir()
+    second = run("run", "--source", "alpha_vantage", "--symbols", "GGG,AAA", "--start", "2025-01-01",
+                 env={**env, "TMPDIR": str(second_tmp)})  # fmt: skip
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.count("deferred:") == 2 and "Alpha Vantage said the daily quota is used up" in second.stdout
+    assert len(sandbox.requests()) == 3  # not one request more
+    assert not list(second_tmp.glob("marketpipe-rate-limits*")) and not list(first_tmp.glob("marketpipe-rate-limits*"))
 
 
 AV_BLOCK = "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__API_KEY_BLOCK"

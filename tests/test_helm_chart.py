@@ -28,6 +28,8 @@ from prefect.client.schemas.objects import FlowRun
 from prefect_kubernetes.settings import KubernetesSettings
 from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
 
+from configs.settings import load_settings
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "marketpipe"
 TEMPLATE_FILE = CHART / "files" / "base-job-template.json"
@@ -556,7 +558,7 @@ def test_notes_name_the_next_steps() -> None:
     assert "prefect deploy --all" in notes
     backfill = "prefect deployment run 'market-data/market-data-backfill' -p symbols='[\"AAPL\"]' -p start=2024-01-01"
     assert backfill in notes
-    assert "spool.existingClaim" in notes
+    assert "spool.existingClaim" in notes and "daily quota" in notes
     assert "spool.existingClaim" not in render_files(CASES["production"])["marketpipe/templates/NOTES.txt"]
 
 
@@ -681,6 +683,29 @@ def test_prefect_resolves_the_template_into_a_valid_hardened_job(case: tuple[str
     assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(job, version, strict=True)
+
+
+def test_the_daily_quota_state_lives_on_the_spools_claim(
+    case: tuple[str, list[Doc]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/tmp dies with each flow-run pod, and with it the day's request count: with a claim the pacing
+    state goes on it, in a directory kubelet leaves private (it would open it to the fsGroup)."""
+    name, docs = case
+    job = resolve(base_job_template(docs), {}).job_manifest
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = env_of(container)
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    if name == "default":  # no claim: nothing outlives the pod, and NOTES.txt warns about it
+        assert "MARKETPIPE__COLLECTION__RATE_LIMIT_DIR" not in env
+        return
+    state_dir = env["MARKETPIPE__COLLECTION__RATE_LIMIT_DIR"]
+    mount = next(m for m in container["volumeMounts"] if state_dir.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"]["claimName"] == CASES[name]["spool"]["existingClaim"]
+    assert not mount.get("readOnly") and state_dir != env["MARKETPIPE__STORAGE__SPOOL_DIR"]
+    monkeypatch.setenv("MARKETPIPE__COLLECTION__RATE_LIMIT_DIR", state_dir)
+    assert load_settings().collection.rate_limit_dir == state_dir  # the variable is the setting's
 
 
 def test_deployments_override_job_variables() -> None:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import json
 import logging
 import math
+import os
 import random
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import tenacity
 
+from configs.settings import ConfigError
 from tasks.errors import QuotaExhaustedError, RateLimitedError
 from tasks.sources.base import RedactSecrets, full_jitter_backoff
-from tasks.sources.pacing import Pacer, Rate, rates_for
+from tasks.sources.pacing import POLL, Pacer, Rate, rates_for
 
 
 class FakeClock:
@@ -93,10 +97,143 @@ def test_a_daily_quota_defers_and_resets_at_midnight_utc(tmp_path: Path) -> None
     pacer.acquire("IBM")
 
 
-def test_a_corrupt_state_file_does_not_block_collection(tmp_path: Path) -> None:
+def test_a_corrupt_state_file_does_not_block_a_source_without_a_quota(tmp_path: Path) -> None:
     (tmp_path / "src.json").write_text("{not json")
     clock = FakeClock()
     Pacer("src", [Rate(1.0)], tmp_path, clock=clock, sleep=clock.sleep).acquire()
+    assert json.loads((tmp_path / "src.json").read_text())["count"] == 1  # the pace restarted
+
+
+MIDNIGHT = 1_764_028_800.0  # 2025-11-25 00:00 UTC
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"day": "2025-11-24", "count": 2, "tat": {', "not JSON"),  # torn mid-write
+        ("", "empty"),  # what a crash can leave behind a rename that never reached the disk
+        (b"\xff\xfe{}", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"day": "2025-11-24", "count": "two"}', "count is malformed"),
+        ('{"day": "2025-11-24", "count": 0, "spent": {"until": "soon"}}', "spent is malformed"),
+    ],
+)
+def test_an_unreadable_state_file_counts_the_quota_as_used_up(
+    tmp_path: Path, content: str | bytes, problem: str
+) -> None:
+    state = tmp_path / "av.json"
+    state.write_bytes(content if isinstance(content, bytes) else content.encode())
+    clock = FakeClock(start=MIDNIGHT - 3600)
+    pacer = Pacer("av", [Rate(1.0)], tmp_path, per_day=25, clock=clock, sleep=clock.sleep)
+    with pytest.raises(QuotaExhaustedError) as caught:
+        pacer.acquire("IBM")
+    message = str(caught.value)
+    assert f"pacing state file {state} is unreadable" in message and problem in message
+    assert f"delete {state} to reset the count" in message
+    assert "deferred until 2025-11-25 00:00 UTC" in message
+    # Kept, not forgotten: a new process (a new pod) defers too, until the quota resets.
+    again = Pacer("av", [Rate(1.0)], tmp_path, per_day=25, clock=clock, sleep=clock.sleep)
+    with pytest.raises(QuotaExhaustedError, match="is unreadable"):
+        again.acquire("MSFT")
+    clock.now = MIDNIGHT + 1
+    again.acquire("MSFT")
+
+
+def test_deleting_an_unreadable_state_file_resets_the_count(tmp_path: Path) -> None:
+    (tmp_path / "av.json").write_text("{torn")
+    clock = FakeClock()
+    pacer = Pacer("av", [Rate(1.0)], tmp_path, per_day=25, clock=clock, sleep=clock.sleep)
+    with pytest.raises(QuotaExhaustedError):
+        pacer.acquire()
+    (tmp_path / "av.json").unlink()
+    pacer.acquire()
+
+
+def test_a_quota_the_source_reports_spent_defers_every_pacer_until_midnight_utc(tmp_path: Path) -> None:
+    clock = FakeClock(start=MIDNIGHT - 600)
+    first = Pacer("av", [Rate(1.0)], tmp_path, clock=clock, sleep=clock.sleep)  # no per_day configured
+    first.acquire("AAA")
+    until = first.exhaust("Alpha Vantage said the daily quota is used up: 25 requests per day")
+    assert until == MIDNIGHT
+    other_process = Pacer("av", [Rate(1.0)], tmp_path, clock=clock, sleep=clock.sleep)
+    for pacer in (first, other_process):
+        with pytest.raises(QuotaExhaustedError) as caught:
+            pacer.acquire("BBB")
+        assert str(caught.value) == (
+            "av BBB: Alpha Vantage said the daily quota is used up: 25 requests per day; "
+            "deferred until 2025-11-25 00:00 UTC"
+        )
+    clock.now = MIDNIGHT
+    other_process.acquire("BBB")
+    first.acquire("CCC")
+
+
+def test_a_waiting_request_is_deferred_as_soon_as_the_quota_is_reported_spent(tmp_path: Path) -> None:
+    clock = FakeClock()
+    reporter = Pacer("av", [Rate(100.0)], tmp_path, clock=clock, sleep=clock.sleep)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.sleep(seconds)
+        if len(sleeps) == 1:  # another symbol's request got the quota body while this one waited
+            reporter.exhaust("spent")
+
+    waiting = Pacer("av", [Rate(100.0)], tmp_path, clock=clock, sleep=sleep)
+    waiting.acquire("AAA")
+    start = clock.now
+    with pytest.raises(QuotaExhaustedError, match="spent; deferred"):
+        waiting.acquire("BBB")  # its slot is 100 s away
+    assert clock.now - start <= POLL
+
+
+def test_the_state_directory_is_created_private(tmp_path: Path) -> None:
+    directory = tmp_path / "a" / "rate-limits"
+    clock = FakeClock()
+    pacer = Pacer("src", [Rate(0.01)], directory, per_day=1000, clock=clock, sleep=clock.sleep)
+    for _ in range(20):
+        pacer.acquire()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert sorted(p.name for p in directory.iterdir()) == ["src.json", "src.lock"]  # no temporary file is left
+    assert stat.S_IMODE((directory / "src.json").stat().st_mode) == 0o600
+    assert json.loads((directory / "src.json").read_text())["count"] == 20
+
+
+@pytest.mark.parametrize(("mode", "who"), [(0o770, "its group"), (0o703, "others"), (0o777, "its group and others")])
+def test_a_state_directory_others_can_write_is_refused(tmp_path: Path, mode: int, who: str) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    pacer = Pacer("src", [Rate(1.0)], directory, per_day=5)
+    with pytest.raises(ConfigError) as caught:
+        pacer.acquire()
+    message = str(caught.value)
+    assert f"{directory} is writable by {who} (mode {mode:04o})" in message
+    assert f"chmod 700 {directory}" in message and "MARKETPIPE__COLLECTION__RATE_LIMIT_DIR" in message
+    assert list(directory.iterdir()) == []  # nothing was written there
+
+
+def test_a_state_directory_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:  # root can give a directory away; anyone else finds one owned by root
+        directory = tmp_path / "theirs"
+        directory.mkdir(mode=0o700)
+        os.chown(directory, 54321, -1)
+        owner = 54321
+    else:
+        directory, owner = Path("/"), 0
+    with pytest.raises(ConfigError, match=f"{directory} is owned by uid {owner}, not by this process"):
+        Pacer("src", [Rate(1.0)], directory).check()
+
+
+def test_a_state_file_is_never_followed_through_a_symbolic_link(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("keep me")
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    (directory / "av.json").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match=r"av\.json is a symbolic link; pacing state is never read through one"):
+        Pacer("av", [Rate(1.0)], directory, per_day=25).acquire()
+    assert elsewhere.read_text() == "keep me"
 
 
 def retry_state(attempt: int, error: BaseException) -> tenacity.RetryCallState:

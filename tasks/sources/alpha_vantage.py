@@ -20,7 +20,13 @@ import pandas as pd
 
 from configs.settings import ConfigError
 from tasks.bars import OHLCV, conform, conform_actions, empty_bars, flag_missing, is_daily_or_longer, period_start
-from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
+from tasks.errors import (
+    PermanentSourceError,
+    QuotaExhaustedError,
+    RangeNotServedError,
+    RateLimitedError,
+    TransientSourceError,
+)
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
 PERIODIC_FUNCTIONS: dict[str, str] = {
@@ -40,6 +46,11 @@ SUPPORTED_INTERVALS = (*PERIODIC_FUNCTIONS, *INTRADAY_INTERVALS)
 
 # Alpha Vantage's throttling texts have changed wording over the years; these phrases cover them all.
 RATE_LIMIT_PHRASES = ("call frequency", "call volume", "rate limit", "requests per day", "per minute")
+# A text naming only a daily limit ("Our standard API rate limit is 25 requests per day") means the
+# day's quota is spent: retrying before it resets only spends requests. One naming a per-minute or
+# burst limit too (2018's "5 calls per minute and 500 calls per day") is a rate limit.
+DAILY_QUOTA = re.compile(r"\b(?:requests|calls)\s+(?:per|a)\s+day\b|\bdaily\s+(?:rate\s+)?limit", re.IGNORECASE)
+SHORT_LIMIT = re.compile(r"per\s+(?:minute|second)|burst|call\s+frequency", re.IGNORECASE)
 DEFAULT_ZONE = "US/Eastern"
 
 # Field names after the "N. " prefix, mapped to bar columns (dividend/split feed corporate actions).
@@ -194,7 +205,7 @@ class AlphaVantage(HttpSource):
         return payload
 
     def _check_messages(self, query: BarQuery, payload: dict[str, Any]) -> None:
-        """AV's in-body refusals: a bad call, throttling, or a premium-only endpoint."""
+        """AV's in-body refusals: a bad call, the day's quota spent, throttling, or a premium-only endpoint."""
         error = payload.get("Error Message")
         if error is not None:
             self._fail(query, f"Alpha Vantage rejected the call: {self._scrub(str(error))}")
@@ -204,6 +215,10 @@ class AlphaVantage(HttpSource):
                 continue
             quoted = self._scrub(str(text))
             lowered = quoted.lower()
+            if DAILY_QUOTA.search(quoted) and not SHORT_LIMIT.search(quoted):
+                raise QuotaExhaustedError(
+                    self.name, query.symbol, f"Alpha Vantage said the daily quota is used up: {quoted}"
+                )
             if any(phrase in lowered for phrase in RATE_LIMIT_PHRASES):
                 raise RateLimitedError(self.name, query.symbol, f"Alpha Vantage throttled us: {quoted}")
             if "premium" in lowered:

@@ -26,9 +26,9 @@ from prefect.logging import get_run_logger
 
 from configs.settings import ConfigError, SourceSettings
 from tasks.bars import conform, conform_actions, empty_actions, empty_bars
-from tasks.errors import SourceError, TransientSourceError
+from tasks.errors import QuotaExhaustedError, SourceError, TransientSourceError
 from tasks.redaction import redact_url
-from tasks.sources.pacing import Pacer, rates_for, sends_per_second
+from tasks.sources.pacing import Pacer, rates_for, sends_per_second, utc_text
 
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) marketpipe/0.1"
 
@@ -159,10 +159,23 @@ class HttpSource(Source):
         )
         for attempt in attempts:
             with attempt:
-                part = self.parse(query, self._paced_send(http, query, request))
+                part = self._parse(query, self._paced_send(http, query, request))
                 part.requests = attempt.retry_state.attempt_number
                 return part
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _parse(self, query: BarQuery, response: httpx.Response) -> Collected:
+        """Parse; a source saying its daily quota is spent is told to the pacer, which then defers
+        every later request of the day in every process sharing its state, without sending it."""
+        try:
+            return self.parse(query, response)
+        except QuotaExhaustedError as exc:
+            if self.pacer is None:
+                raise
+            until = self.pacer.exhaust(exc.message)
+            raise QuotaExhaustedError(
+                self.name, query.symbol, f"{exc.message}; deferred until {utc_text(until)}"
+            ) from None
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None

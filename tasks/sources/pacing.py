@@ -16,32 +16,55 @@ slot and writing to the socket, or how long a response took. It costs nothing wh
 less than the slack between five slots and the window. Below one request a second, the next slot
 is planned from the real send time instead, so a late sender cannot squeeze the ones after it.
 
-The state lives in a small JSON file under ``fcntl.flock``, so two ``marketpipe run`` processes on
-one machine share the pace. Across machines (pods), the Prefect concurrency limit on the source's
+The state lives in a small JSON file under ``fcntl.flock``, so every process that sees the
+directory shares the pace: two ``marketpipe run`` processes on one machine, and pods that mount
+the same volume. Across machines without one, the Prefect concurrency limit on the source's
 collect tag bounds how many collect tasks run at once.
+
+The same file keeps the daily quota: the count of today's requests, and a day the source itself
+said was used up (Alpha Vantage's "25 requests per day" body), so every later request of that day
+is deferred without being sent. The quota must outlive a run, and a pod's /tmp does not, so on
+Kubernetes the chart puts the directory on the spool's persistent volume. A file there needs no
+service that may be down (as the store may be), and unlike a Prefect concurrency limit with slot
+decay it resets at 00:00 UTC and can hold "the source said it is spent" (see the README's "Rate
+limits"). A file is replaced whole (written aside, then renamed), is never followed through a
+symbolic link, and lives in a directory only this user can write: whoever can rewrite it can reset
+the count. One that cannot be read (torn, empty, or not ours in shape) counts a configured quota
+as used up until 00:00 UTC rather than starting from 0; the pace may restart.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import math
+import os
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from configs.settings import ConfigError
 from tasks.errors import QuotaExhaustedError
 
 WINDOW = 1.0  # seconds: the window in which the server counts arrivals
 # Arrival order is bounded by our own send and answer times, so no allowance for the network is
 # needed; this only absorbs the difference between our clock and the one the server counts with.
 WINDOW_MARGIN = 0.01
+# A waiting taker looks at the state at least this often (seconds), so a quota the source reports
+# used up defers the symbols waiting behind it at once rather than at their slots.
+POLL = 1.0
+SETTING = "collection.rate_limit_dir (MARKETPIPE__COLLECTION__RATE_LIMIT_DIR)"
+
+logger = logging.getLogger("marketpipe.pacing")
 
 
 @dataclass(frozen=True)
@@ -90,7 +113,8 @@ class Pacer:
         self.per_day = per_day
         self.per_window = per_window
         self.stale_after = stale_after  # an unanswered request this old belongs to a process that died
-        self.path = Path(state_dir) / f"{source}.json"
+        self.directory = Path(state_dir)
+        self.path = self.directory / f"{source}.json"
         self.horizon = min(0.05, min((r.interval for r in rates), default=1.0) / 4)
         self._clock = clock
         self._sleep = sleep
@@ -112,7 +136,7 @@ class Pacer:
         with _thread_lock(self.path, "taker"):  # one thread of a process polls; the rest wait their turn
             slot, ticket = self._take(symbol)
             while ticket is None:
-                self._sleep(max(slot - self._clock() - self.horizon / 2, self.horizon / 4))
+                self._sleep(min(max(slot - self._clock() - self.horizon / 2, self.horizon / 4), POLL))
                 slot, ticket = self._take(symbol)
         wait = slot - self._clock()
         if wait > 0:
@@ -136,6 +160,22 @@ class Pacer:
                 window["floor"] = max(window["floor"], now)
             self._compact(window)
 
+    def exhaust(self, reason: str) -> float:
+        """The source said today's quota is used up: defer every later request until 00:00 UTC.
+
+        Returns when the quota is taken to reset (epoch seconds). ``reason`` is kept in the state
+        file and repeated to every symbol deferred by it, so it must hold no secret.
+        """
+        with self._locked_state() as state:
+            until = max(_next_midnight(self._clock()), _spent_until(state))
+            state["spent"] = {"until": until, "reason": reason}
+        return until
+
+    def check(self) -> None:
+        """Raise ConfigError if the state can't be kept safely here, before any symbol is tried."""
+        with self._locked_state():
+            pass
+
     def _plan_from_send(self) -> None:
         """Plan the next slots from the real send time, so a late sender can't squeeze the next ones."""
         with self._locked_state() as state:
@@ -151,6 +191,12 @@ class Pacer:
             today = datetime.fromtimestamp(now, UTC).date().isoformat()
             if state.get("day") != today:
                 state["day"], state["count"] = today, 0
+            spent = state.get("spent")
+            if spent is not None and now < spent["until"]:
+                raise QuotaExhaustedError(
+                    self.source, symbol, f"{spent['reason']}; deferred until {utc_text(spent['until'])}"
+                )
+            state.pop("spent", None)
             if self.per_day is not None and state["count"] >= self.per_day:
                 raise QuotaExhaustedError(
                     self.source,
@@ -205,21 +251,52 @@ class Pacer:
 
     @contextmanager
     def _locked_state(self) -> Iterator[dict[str, Any]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _thread_lock(self.path), self.path.open("a+", encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        """The state under an exclusive lock; it is saved when the body ends or defers a symbol."""
+        with _thread_lock(self.path), _state_dir(self.directory) as directory:
+            lock = _open_private(self.directory / f"{self.source}.lock", directory, os.O_RDWR | os.O_CREAT)
             try:
-                handle.seek(0)
-                state = _load(handle.read())
-                if not isinstance(state.get("tat"), dict):
-                    state["tat"] = {}
-                yield state
-                handle.seek(0)
-                handle.truncate()
-                handle.write(json.dumps(state))
-                handle.flush()
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                before = _read_private(self.path, directory)
+                state = self._parse(before)
+                try:
+                    yield state
+                except QuotaExhaustedError:  # a day's rollover or a fail-safe mark must still be kept
+                    self._save(state, before, directory)
+                    raise
+                self._save(state, before, directory)
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                os.close(lock)  # releases the flock
+
+    def _parse(self, raw: bytes | None) -> dict[str, Any]:
+        """The stored state; an unreadable one restarts, but for a quota counts as used up today."""
+        state, problem = _load(raw)
+        if not isinstance(state.get("tat"), dict):
+            state["tat"] = {}
+        if problem is not None and self.per_day is not None:
+            reason = (
+                f"the pacing state file {self.path} is unreadable ({problem}), so today's request count "
+                f"is unknown and the daily quota of {self.per_day} is counted as used up. If it is not, "
+                f"delete {self.path} to reset the count"
+            )
+            logger.warning("%s", reason)
+            state["spent"] = {"until": _next_midnight(self._clock()), "reason": reason}
+        return state
+
+    def _save(self, state: dict[str, Any], before: bytes | None, directory: int) -> None:
+        """Replace the file whole, so a crash leaves the old state or the new, never half of one."""
+        text = json.dumps(state).encode()
+        if text == before:
+            return
+        temporary = self.directory / f".{self.source}.{uuid.uuid4().hex}.tmp"
+        handle = _open_private(temporary, directory, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(text)
+            os.replace(temporary.name, self.path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(temporary.name, dir_fd=directory)
+            raise
 
 
 def _key(rate: Rate) -> str:
@@ -234,12 +311,116 @@ def _window(state: dict[str, Any]) -> dict[str, Any]:
     return window
 
 
-def _load(text: str) -> dict[str, Any]:
+def _load(raw: bytes | None) -> tuple[dict[str, Any], str | None]:
+    """The state and, if the file can't be trusted, why: a missing file is a fresh start, an empty
+    one is not (a crash can leave one; a write never does)."""
+    if raw is None:
+        return {}, None
+    if not raw.strip():
+        return {}, "it is empty"
     try:
-        state = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError:
-        state = {}  # a torn or foreign file: start afresh rather than block collection
-    return state if isinstance(state, dict) else {}
+        state = json.loads(raw.decode("utf-8"))
+    except ValueError:  # invalid UTF-8 or JSON
+        return {}, "it is not JSON: torn by a crash, or written by something else"
+    if not isinstance(state, dict):
+        return {}, "it is not a JSON object"
+    malformed = [key for key, valid in _QUOTA_FIELDS.items() if key in state and not valid(state[key])]
+    if malformed:
+        return {}, f"its {', '.join(malformed)} {'is' if len(malformed) == 1 else 'are'} malformed"
+    return state, None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_spent(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("until"), int | float)
+        and not isinstance(value.get("until"), bool)
+        and isinstance(value.get("reason"), str)
+    )
+
+
+# The fields the quota is decided by, and their valid shape; the pace's own fields may restart.
+_QUOTA_FIELDS = {"day": lambda v: isinstance(v, str), "count": _is_count, "spent": _is_spent}
+
+
+def _spent_until(state: dict[str, Any]) -> float:
+    spent = state.get("spent")
+    return float(spent["until"]) if spent is not None else 0.0
+
+
+def _next_midnight(now: float) -> float:
+    """00:00 UTC after ``now``: when a daily quota resets."""
+    today = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (today + timedelta(days=1)).timestamp()
+
+
+def utc_text(when: float) -> str:
+    """An instant for a message: 2025-11-25 00:00 UTC."""
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@contextmanager
+def _state_dir(directory: Path) -> Iterator[int]:
+    """The state directory, opened (created 0700 if missing) and checked that only we can write it."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use {directory} for pacing and quota state: {exc.strerror}. Set {SETTING} "
+            "to a directory this user can create and write"
+        ) from None
+    try:
+        _check_private_dir(os.fstat(handle), directory)
+        yield handle
+    finally:
+        os.close(handle)
+
+
+def _check_private_dir(info: os.stat_result, directory: Path) -> None:
+    if info.st_uid != os.geteuid():
+        raise ConfigError(
+            f"the pacing state directory {directory} is owned by uid {info.st_uid}, not by this process "
+            f"(uid {os.geteuid()}), so someone else could reset the quota count in it. Set {SETTING} to "
+            "a directory of this user's, or remove it so it is created afresh"
+        )
+    writable = [who for who, bit in (("its group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if info.st_mode & bit]
+    if writable:
+        raise ConfigError(
+            f"the pacing state directory {directory} is writable by {' and '.join(writable)} "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}), so they could reset the quota count in it. Run "
+            f"`chmod 700 {directory}`, or set {SETTING} to a directory only this user can write "
+            "(on Kubernetes, fsGroupChangePolicy: OnRootMismatch keeps kubelet from opening it to the fsGroup)"
+        )
+
+
+def _open_private(path: Path, directory: int, flags: int) -> int:
+    """A regular file of ours in the open ``directory``, opened without following a symbolic link."""
+    try:
+        handle = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=directory)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link; pacing state is never read through one: remove it") from None
+        raise
+    info = os.fstat(handle)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(handle)
+        raise ConfigError(f"{path} is not a regular file owned by this user (uid {os.geteuid()}): remove it")
+    return handle
+
+
+def _read_private(path: Path, directory: int) -> bytes | None:
+    """The file's bytes, or None when it does not exist yet."""
+    try:
+        handle = _open_private(path, directory, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(handle, "rb") as source:
+        return source.read()
 
 
 def rates_for(per_hour: int, per_minute: int | None, burst: int, headroom: float) -> list[Rate]:
