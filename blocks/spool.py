@@ -188,7 +188,7 @@ class Spool:
         """Write every spooled batch in append order; the store becoming unavailable stops it.
 
         A batch the store refuses for good (a StoreError that is not :class:`StoreUnavailableError`,
-        or one nothing can read) is set aside in ``rejected/`` and the replay goes on with the next.
+        or a file nothing can read) is set aside in ``rejected/`` and the replay goes on with the next.
         Raises :class:`ReplayStoppedError`, with what was done so far, when the store is unavailable.
         """
         batches = points = 0
@@ -196,28 +196,30 @@ class Spool:
         with self._locked(".replay.lock"):
             for batch in self.pending():
                 try:
-                    self._write_back(store, batch)
-                except FileNotFoundError as exc:
-                    if not batch.path.exists():
+                    table = self._read(batch)
+                    if table is None:
                         continue  # moved away meanwhile, by hand or by a replayer that took no lock
-                    rejected.append(self._set_aside(batch, exc))
-                    continue
+                    self._write_back(store, batch, table)
                 except StoreUnavailableError as exc:
                     raise ReplayStoppedError(str(exc), Replayed(batches, points, rejected)) from None
-                except Exception as exc:  # refused for good: kept aside, never in the way of the rest
+                except StoreError as exc:  # refused for good: kept aside, never in the way of the rest
                     rejected.append(self._set_aside(batch, exc))
                     continue
                 batch.path.unlink(missing_ok=True)
                 batches, points = batches + 1, points + batch.points
         return Replayed(batches, points, rejected)
 
-    def _write_back(self, store: BarStore, batch: SpooledBatch) -> None:
+    @staticmethod
+    def _read(batch: SpooledBatch) -> pa.Table | None:
+        """The batch's rows, or None when its file is gone; a file that is no Parquet is a StoreError."""
         try:
-            table = pq.read_table(batch.path)
+            return pq.read_table(batch.path)
         except FileNotFoundError:
-            raise
+            return None
         except (OSError, pa.ArrowException) as exc:
             raise StoreError(f"the spooled file cannot be read ({exc})") from None
+
+    def _write_back(self, store: BarStore, batch: SpooledBatch, table: pa.Table) -> None:
         rows = table.to_pandas()
         if batch.kind in WRITERS:
             getattr(store, WRITERS[batch.kind])(rows)
@@ -227,11 +229,11 @@ class Spool:
             meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
             self.handlers[batch.kind](store, rows, meta)
 
-    def _set_aside(self, batch: SpooledBatch, error: Exception) -> RejectedBatch:
+    def _set_aside(self, batch: SpooledBatch, error: StoreError) -> RejectedBatch:
         """Move a refused batch to ``rejected/`` with its reason beside it (written first, so a
         batch there always has one); called under the replay lock."""
         name = batch.path.name
-        reason = str(error) if isinstance(error, StoreError) else f"{type(error).__name__}: {error}"
+        reason = str(error)
         target = self.rejected_directory
         with self._os_errors(f"the store refuses spooled batch {batch.path} ({reason}), and it cannot be set aside"):
             target.mkdir(exist_ok=True)
