@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.errors import UsageError
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 # The pipeline's modules (pandas, Prefect, the calendars) are imported by the commands that use
 # them: they take seconds to load, and `--help`, a usage error or `sandbox` need none of them.
+
+if TYPE_CHECKING:
+    from blocks.spool import Replayed
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -177,6 +181,11 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
     for r in rows:
         if r["status"] != "ok":
             console.print(f"[red]{r['symbol']} {r['status']}:[/] {r['error']}", highlight=False, soft_wrap=True)
+    _print_spool_notes(rows, spool_dir)
+
+
+def _print_spool_notes(rows: list[dict[str, Any]], spool_dir: str) -> None:
+    """What waits in the spool after a run: points to replay, and batches the store refused."""
     spooled = sum(r["spooled"] for r in rows)
     if spooled:
         console.print(
@@ -185,6 +194,11 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    if rows and rows[0].get("spool_rejected"):
+        from flows.market_data import describe_rejected
+
+        line = describe_rejected(rows[0]["spool_rejected"], spool_dir)
+        console.print(f"[yellow]{escape(line)}[/]", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -343,7 +357,13 @@ def sandbox(
 
 @app.command()
 def replay(config: ConfigOption = None) -> None:
-    """Write the batches the store could not take, oldest first; exits 1 if any are left."""
+    """Write the batches the store could not take, oldest first.
+
+    A batch the store refuses for good is set aside in the spool's rejected/ directory, named with
+    its reason, and the rest go on. Exits 1 if any batch is left because the store is unavailable,
+    or if this replay set any aside.
+    """
+    from blocks.spool import ReplayStoppedError
     from blocks.store import StoreError
     from blocks.stores import store_from_settings
     from configs.settings import load_settings
@@ -357,6 +377,10 @@ def replay(config: ConfigOption = None) -> None:
         return
     try:
         done = spool.replay(store)
+    except ReplayStoppedError as exc:
+        _print_rejected(exc.replayed, spool.rejected_directory)
+        _error(f"{exc}; {spool.points()} points stay spooled in {spool.directory}")
+        raise typer.Exit(EXIT_FAILED) from None
     except StoreError as exc:
         _error(f"{exc}; {spool.points()} points stay spooled in {spool.directory}")
         raise typer.Exit(EXIT_FAILED) from None
@@ -365,6 +389,26 @@ def replay(config: ConfigOption = None) -> None:
         f"into {settings.storage.backend}",
         highlight=False,
     )
+    if done.rejected:
+        _print_rejected(done, spool.rejected_directory)
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_rejected(done: Replayed, directory: Path) -> None:
+    """Each batch a replay set aside, with the store's reason, and what to do about them."""
+    for batch in done.rejected:
+        console.print(
+            f"[red]set aside {escape(batch.name)}[/] ({batch.points} {batch.kind} rows): {escape(batch.reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if done.rejected:
+        console.print(
+            f"{len(done.rejected)} batch(es) the store refused were set aside in {directory}, each with its "
+            "reason in <name>.reason.txt: fix the cause and move them back to replay them",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

@@ -4,8 +4,9 @@ Without ``start`` each symbol resumes from its last stored bar (minus an overlap
 range is an explicit backfill. One symbol's failure never stops the others. A symbol whose source
 quota ran out is deferred, not failed: the next run picks it up. The run ends Failed when any
 symbol failed, or when the store could not take a symbol's bars: those wait in the local spool
-for `marketpipe replay` or the next run, which writes them before anything new. The per-symbol
-summary is published as a table artifact either way.
+for `marketpipe replay` or the next run, which writes them before anything new. Spooled batches the
+store refuses for good are set aside in the spool's `rejected/` and counted, never in the way. The
+per-symbol summary is published as a table artifact either way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from blocks.spool import REJECTED
 from configs.settings import load_settings
 from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import check_source, collect_bars
@@ -54,6 +56,7 @@ class SymbolResult:
     uncovered_sessions: int | None = None  # of missing_sessions, those before the first bar the window expected
     coverage: str = ""  # set when the series starts after its window's start: what is missing, what to do
     error: str = ""
+    spool_rejected: list[str] = field(default_factory=list)  # the run's, on every row: batches the store refused
 
 
 class SymbolsFailedError(Exception):
@@ -70,7 +73,17 @@ class SymbolsFailedError(Exception):
                 f"{spooled} points the store could not take are spooled in {spool_dir}: "
                 "run `marketpipe replay` once it is back (the next run replays them too)"
             )
+        if results and results[0].spool_rejected:
+            parts.append(describe_rejected(results[0].spool_rejected, spool_dir))
         super().__init__("; ".join(parts))
+
+
+def describe_rejected(names: list[str], spool_dir: str) -> str:
+    """The summary line for spooled batches the store refused for good, which wait aside."""
+    return (
+        f"{len(names)} spooled batch(es) refused by the store were set aside in {spool_dir}/{REJECTED}: "
+        f"{', '.join(names)}; fix the cause and move them back to replay"
+    )
 
 
 def collect_tag(source: str) -> str:
@@ -97,7 +110,7 @@ def market_data(
         raise UsageError(f"start {start} is after end {end}: swap them or widen the range")
     mode = f"{start} to {end or 'today'}" if start else "incremental"
     get_run_logger().info("%d symbol(s) from %s, %s bars, %s", len(checked), source, interval, mode)
-    replay_spool(settings)
+    replayed = replay_spool(settings)
 
     stages: dict[str, tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]] = {}
     policy = settings.collection  # collect tasks retry transient source errors this often
@@ -116,6 +129,13 @@ def market_data(
         stages[symbol] = (collected, processed, stored)
 
     results = [_summarise(symbol, *futures) for symbol, futures in stages.items()]
+    rejected = [b.name for b in replayed.rejected] + [
+        b.name for _, _, stored in stages.values() if stored.state.is_completed() for b in stored.result().rejected
+    ]
+    if rejected:
+        get_run_logger().warning(describe_rejected(rejected, settings.storage.spool_dir))
+    for result in results:
+        result.spool_rejected = rejected
     _publish(results, source, interval)
     record_metrics(run_metrics(results, source, interval, started), settings)
     if any(r.status in (FAILED, SPOOLED) for r in results):
@@ -173,6 +193,7 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
             "source": source,
             **{status: float(r.status == status) for status in (OK, FAILED, DEFERRED, SPOOLED)},
             "spooled_points": float(r.spooled),
+            "spool_rejected": float(len(r.spool_rejected)),  # batches of the run's spool the store refused
             "rows_written": float(r.rows_written),
             "bars_collected": float(r.bars_collected),
             "live_bars_skipped": float(r.live_bars_skipped),
@@ -200,5 +221,8 @@ def _count(value: int | None) -> float:
 
 def _publish(results: list[SymbolResult], source: str, interval: str) -> None:
     counted = ("quarantined", "repaired", "flagged", "dropped")
-    rows = [{**asdict(r), **{k: describe_counts(getattr(r, k)) for k in counted}} for r in results]
+    rows = [
+        {**asdict(r), **{k: describe_counts(getattr(r, k)) for k in counted}, "spool_rejected": len(r.spool_rejected)}
+        for r in results
+    ]
     create_table_artifact(key="market-data-summary", table=rows, description=f"{source} {interval} bars")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -10,8 +10,8 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.spool import Replayed, Spool, Written
-from blocks.store import BarStore, StoreUnavailableError
+from blocks.spool import RejectedBatch, Replayed, ReplayStoppedError, Spool, Written
+from blocks.store import BarStore, StoreError
 from blocks.stores import store_from_settings
 from configs.settings import Settings
 from tasks.bars import BAR_COLUMNS, conform
@@ -29,6 +29,7 @@ class Stored:
     actions: int
     quarantined: int
     spooled: int  # points the store could not take, kept in the spool for replay
+    rejected: list[RejectedBatch] = field(default_factory=list)  # earlier spooled batches the store refused
 
 
 def open_spool(settings: Settings) -> Spool:
@@ -56,7 +57,8 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
         spool.write(store, "corporate_actions", processed.actions),
     )
     bars, quarantined, actions = (o.written for o in outcomes)
-    return Stored(bars, actions, quarantined, spooled=postponed + sum(o.spooled for o in outcomes))
+    rejected = [batch for o in outcomes for batch in o.rejected]
+    return Stored(bars, actions, quarantined, postponed + sum(o.spooled for o in outcomes), rejected)
 
 
 @task(name="record-metrics", cache_policy=NO_CACHE, persist_result=False)
@@ -67,16 +69,23 @@ def record_metrics(metrics: pd.DataFrame, settings: Settings) -> Written:
 
 @task(name="replay-spool", cache_policy=NO_CACHE, persist_result=False)
 def replay_spool(settings: Settings) -> Replayed:
-    """Write what earlier runs spooled before anything new; a store still down leaves it spooled."""
+    """Write what earlier runs spooled before anything new; a store still down leaves it spooled.
+
+    Batches the store refuses for good are set aside (see :meth:`Spool.replay`): the flow reports them.
+    """
     spool = open_spool(settings)
     if not spool.pending():
         return Replayed(0, 0)
     try:
         replayed = spool.replay(store_from_settings(settings.storage))
-    except StoreUnavailableError as exc:
+    except ReplayStoppedError as exc:
         get_run_logger().warning("%d spooled points stay in %s: %s", spool.points(), spool.directory, exc)
+        replayed = exc.replayed
+    except StoreError as exc:  # the spool itself can't be used: this run's writes say so if they need it
+        get_run_logger().warning("the spool was not replayed: %s", exc)
         return Replayed(0, 0)
-    get_run_logger().info("replayed %d spooled points from %s", replayed.points, spool.directory)
+    else:
+        get_run_logger().info("replayed %d spooled points from %s", replayed.points, spool.directory)
     return replayed
 
 
