@@ -13,10 +13,12 @@ does both again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
+from typing import ClassVar
 
 import pandas as pd
 
@@ -42,8 +44,52 @@ PRECISION = "s"  # points are written in whole seconds, so deleted ranges are fl
 Send = Callable[[bytes], None]
 
 
+class DeletesApart:
+    """Writes share; a DELETE runs alone, in this process.
+
+    influxd 1.6 loses points written while a DELETE of other series of the same database runs: with
+    two threads each rewriting their own symbols (delete, then write), a symbol read back empty.
+    The flow's store tasks do exactly that in threads, so a DELETE here waits for the writes in
+    flight and holds new ones back until it is done. Processes on other hosts are not covered.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._writers = 0
+        self._deleting = False
+        self._waiting = 0  # DELETEs waiting: new writes queue behind them, so a DELETE is never starved
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._deleting and self._waiting == 0)
+            self._writers += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writers -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def deleting(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting += 1
+            self._changed.wait_for(lambda: not self._deleting and self._writers == 0)
+            self._waiting -= 1
+            self._deleting = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._deleting = False
+                self._changed.notify_all()
+
+
 class InfluxMeasurements:
     """The BarStore verbs over InfluxDB measurements; mixed into a backend's Block class."""
+
+    _apart: ClassVar[DeletesApart] = DeletesApart()
 
     def _sender(self) -> AbstractContextManager[Send]:
         """A callable sending one batch of lines (retried, raising StoreError), open for one write."""
@@ -70,8 +116,9 @@ class InfluxMeasurements:
         """Delete each series' range from bars and quarantine, then write (the BarStore contract)."""
         self._check_key(BARS, bars, BAR_KEY)
         spans = series_spans(bars, PRECISION)
-        for measurement in (BARS, QUARANTINE):
-            self._delete(measurement, spans)
+        with self._apart.deleting():
+            for measurement in (BARS, QUARANTINE):
+                self._delete(measurement, spans)
         return self._write(BARS, bars, BAR_KEY)
 
     def write_corporate_actions(self, actions: pd.DataFrame) -> int:
@@ -83,8 +130,9 @@ class InfluxMeasurements:
         A superseded duplicate (SUPERSEDED_RULES) leaves its clean bar alone.
         """
         self._check_key(QUARANTINE, bars, QUARANTINE_KEY)
-        self._delete(QUARANTINE, bar_points(bars, PRECISION))
-        self._delete(BARS, bar_points(bars, PRECISION, skip_superseded=True))
+        with self._apart.deleting():
+            self._delete(QUARANTINE, bar_points(bars, PRECISION))
+            self._delete(BARS, bar_points(bars, PRECISION, skip_superseded=True))
         return self._write(QUARANTINE, bars, QUARANTINE_KEY)
 
     def write_metrics(self, rows: pd.DataFrame) -> int:
@@ -98,7 +146,7 @@ class InfluxMeasurements:
         rows = rows.drop_duplicates(subset=list(key), keep="last")
         tags = [c for c in key if c != "time"]
         chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
-        with self._sender() as send, ThreadPoolExecutor(WRITERS) as pool:
+        with self._apart.writing(), self._sender() as send, ThreadPoolExecutor(WRITERS) as pool:
 
             def write_chunk(chunk: pd.DataFrame) -> int:
                 lines = serialize(chunk, measurement, tags, TEXT_FIELDS)

@@ -133,3 +133,37 @@ def _stop_once_bars_land(influxd: subprocess.Popen[bytes], url: str, database: s
         except httpx.TransportError:
             pass
         time.sleep(0.05)
+
+
+def test_rewrites_in_threads_lose_nothing(influxdb_url: str) -> None:
+    """influxd 1.6 drops points written while a DELETE of other series runs; the store keeps them apart.
+
+    Without that, S0 read back empty here: its write overlapped W0's or W1's delete.
+    """
+    store = InfluxDBV1Store(url=influxdb_url, database=f"apart_{uuid.uuid4().hex[:8]}", write_attempts=1)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def rewrite_until_done(symbol: str) -> None:
+        n = 0
+        try:
+            while not done.is_set():
+                n += 1
+                store.write_bars(frame(symbol, n=5).assign(close=float(n)))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    others = [threading.Thread(target=rewrite_until_done, args=(f"W{k}",)) for k in range(2)]
+    for thread in others:
+        thread.start()
+    try:
+        for i in range(60):
+            store.write_bars(frame(f"S{i % 3}", n=5).assign(close=float(i)))
+    finally:
+        done.set()
+        for thread in others:
+            thread.join()
+    assert errors == []
+    for k in range(3):
+        last = max(i for i in range(60) if i % 3 == k)
+        assert store.read_bars(f"S{k}")["close"].tolist() == [float(last)] * 5, f"S{k}"
