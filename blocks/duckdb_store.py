@@ -6,7 +6,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
 
@@ -284,6 +284,10 @@ class DuckDBStore(Block):
                 [symbol, interval, source],
             ).fetchone()
         return None if row is None or row[0] is None else pd.Timestamp(row[0]).tz_convert("UTC")
+
+    def retention(self) -> timedelta | None:
+        """None: DuckDB keeps what it is given; `retention.duration` is applied by deleting (apply_retention)."""
+        return None
 
     def apply_retention(self, duration: str | None) -> str:
         """Delete bars and quarantined bars older than ``duration`` now; corporate actions are kept."""

@@ -9,10 +9,15 @@ InfluxDB keeps the fields a rewrite does not send, and NaN fields are not sent; 
 first deletes its series' ranges (the BarStore contract), and only then writes. The two steps are
 not atomic: a failure of either raises, and the caller spools the whole frame for a replay that
 does both again.
+
+Points older than the retention policy (1.x) or bucket rule (2.x) are dropped by the server, which
+stores the rest and answers with a partial write. That write succeeded: a sender returns the count
+dropped, and a write returns an :class:`~blocks.store.Accepted` count carrying it.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +34,7 @@ from blocks.store import (
     BAR_KEY,
     METRICS_KEY,
     QUARANTINE_KEY,
+    Accepted,
     SeriesSpan,
     StoreError,
     bar_points,
@@ -41,7 +47,24 @@ ROWS_PER_CHUNK = 50_000
 WRITERS = 2
 PRECISION = "s"  # points are written in whole seconds, so deleted ranges are floored to seconds too
 
-Send = Callable[[bytes], None]
+# One batch of lines to the server; returns the points it dropped as older than its retention.
+Send = Callable[[bytes], int]
+
+# The partial write of points older than the retention: 1.x `partial write: points beyond retention
+# policy dropped=N` (400), 2.x the same inside its 422 message, or since 2.7.11 `partial write:
+# dropped N points outside retention policy of duration ... dropped=N`. Other partial writes (a field
+# type conflict) lost points the store would keep, and stay errors.
+_BEYOND_RETENTION = re.compile(
+    r"partial write: (?:points beyond retention policy|dropped [0-9]+ points outside retention policy)"
+    r".*?dropped=([0-9]+)",
+    re.DOTALL,
+)
+
+
+def beyond_retention(message: str) -> int | None:
+    """The points a partial write dropped as older than the retention, or None for any other answer."""
+    match = _BEYOND_RETENTION.search(message)
+    return int(match[1]) if match else None
 
 
 class DeletesApart:
@@ -138,24 +161,24 @@ class InfluxMeasurements:
     def write_metrics(self, rows: pd.DataFrame) -> int:
         return self._write(METRICS, rows, METRICS_KEY)
 
-    def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> int:
-        """Write every row that has a value; returns the points written (all-NaN rows have none)."""
+    def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> Accepted:
+        """Write every row that has a value; returns the points stored (all-NaN rows have none) and dropped."""
         if rows.empty:
-            return 0
+            return Accepted(0)
         self._check_key(measurement, rows, key)
         rows = rows.drop_duplicates(subset=list(key), keep="last")
         tags = [c for c in key if c != "time"]
         chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
         with self._apart.writing(), self._sender() as send, ThreadPoolExecutor(WRITERS) as pool:
 
-            def write_chunk(chunk: pd.DataFrame) -> int:
+            def write_chunk(chunk: pd.DataFrame) -> tuple[int, int]:
                 lines = serialize(chunk, measurement, tags, TEXT_FIELDS)
-                for body in batches(lines):
-                    send(body)
-                return len(lines)
+                dropped = sum(send(body) for body in batches(lines))
+                return len(lines), dropped
 
             # Serializing one chunk overlaps sending another; any failed chunk fails the write.
-            return sum(pool.map(write_chunk, chunks))
+            sent, dropped = (sum(counts) for counts in zip(*pool.map(write_chunk, chunks), strict=True))
+            return Accepted(sent - dropped, dropped)
 
     @staticmethod
     def _check_key(measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> None:

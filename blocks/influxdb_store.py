@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -40,7 +40,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from urllib3.exceptions import LocationValueError, MaxRetryError, ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
-from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send
+from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send, beyond_retention
 from blocks.store import (
     SeriesSpan,
     StoreError,
@@ -93,8 +93,12 @@ class InfluxDBStore(InfluxMeasurements, Block):
             writer = client.write_api(write_options=SYNCHRONOUS)
             yield lambda body: self._send(client, writer, body)
 
-    def _send(self, client: InfluxDBClient, writer: WriteApi, body: bytes) -> None:
-        """One batch, retried; a bucket that does not exist yet (404) is created once and the batch sent again."""
+    def _send(self, client: InfluxDBClient, writer: WriteApi, body: bytes) -> int:
+        """One batch, retried; a bucket that does not exist yet (404) is created once and the batch sent again.
+
+        Returns the points a 422 partial write dropped as older than the bucket's retention: the
+        server stored the rest.
+        """
 
         def post() -> None:
             # WritePrecision's members are annotated as plain str, its own parameter as WritePrecision.
@@ -102,14 +106,23 @@ class InfluxDBStore(InfluxMeasurements, Block):
             writer.write(bucket=self.bucket, org=self.org, record=body, write_precision=precision)
 
         try:
-            self._retrying(post)
+            try:
+                self._retrying(post)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self._ensure_bucket(client)
+                self._retrying(post)
         except ApiException as exc:
-            if exc.status != 404:
+            dropped = beyond_retention(str(exc.message or "")) if exc.status == 422 else None
+            if dropped is None:
                 raise self._failure("write", exc, self.write_attempts) from None
-            self._ensure_bucket(client)
-            self._call("write", lambda: self._retrying(post), self.write_attempts)
+            return dropped
+        except StoreError:
+            raise
         except Exception as exc:
             raise self._failure("write", exc, self.write_attempts) from None
+        return 0
 
     def _delete(self, measurement: str, spans: Sequence[SeriesSpan]) -> None:
         """One delete request per span, retried like a write; a bucket not created yet has nothing to delete.
@@ -201,6 +214,13 @@ class InfluxDBStore(InfluxMeasurements, Block):
             raise self._failure("query", exc) from None
 
     # --- administration ------------------------------------------------------------------------
+
+    def retention(self) -> timedelta | None:
+        """The bucket's expiry rule; None when it keeps data forever or does not exist yet."""
+        with self._client() as client:
+            bucket = self._call("look up the bucket", lambda: self._find_bucket(client.buckets_api()))
+        every = None if bucket is None else _expiry(bucket)
+        return None if every is None else timedelta(seconds=every)
 
     def apply_retention(self, duration: str | None) -> str:
         """The bucket's expiry rule becomes ``duration``; a missing bucket is created with it.

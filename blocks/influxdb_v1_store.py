@@ -2,7 +2,9 @@
 
 Writes are synchronous, gzip-compressed line protocol in batches of 5,000 points, precision
 seconds, retried with backoff on connection errors and 5xx; a batch that still fails raises
-:class:`StoreError`, so no point is dropped silently. Queries, DELETE included, are InfluxQL with
+:class:`StoreError`, so no point is dropped silently. The one partial write that is no failure,
+``400 partial write: points beyond retention policy dropped=N``, returns N: the server stored the
+points its retention policy keeps. Queries, DELETE included, are InfluxQL with
 bound parameters (`params`, honoured by DELETE too: checked on influxd 1.6), so no symbol or date
 is ever interpolated into query text. Credentials travel in the Authorization header, never in a URL.
 """
@@ -11,10 +13,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import httpx
@@ -24,7 +27,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send
+from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send, beyond_retention
 from blocks.store import (
     SeriesSpan,
     StoreError,
@@ -34,6 +37,8 @@ from blocks.store import (
 
 # DELETE statements sent in one /query request: a quarantine write deletes one instant per bar.
 DELETES_PER_REQUEST = 200
+# A Go duration as SHOW RETENTION POLICIES prints it: 8760h0m0s, 30m0s, 0s (forever).
+_GO_DURATION = re.compile(r"(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9.]+)s)?")
 
 
 def _retryable(error: BaseException) -> bool:
@@ -72,8 +77,10 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         with self._client() as client:
             yield lambda body: self._post(client, "/write", params, gzip.compress(body, compresslevel=1))
 
-    def _post(self, client: httpx.Client, path: str, params: dict[str, str], body: bytes) -> None:
+    def _post(self, client: httpx.Client, path: str, params: dict[str, str], body: bytes) -> int:
+        """Send one batch; returns the points the server dropped as older than its retention policy."""
         headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
+        dropped: int | None = None
         try:
             for attempt in Retrying(
                 retry=retry_if_exception(_retryable),
@@ -82,7 +89,11 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
                 reraise=True,
             ):
                 with attempt:
-                    client.post(path, params=params, content=body, headers=headers).raise_for_status()
+                    response = client.post(path, params=params, content=body, headers=headers)
+                    dropped = beyond_retention(response.text) if response.status_code == 400 else None
+                    if dropped is None:
+                        response.raise_for_status()
+            return dropped or 0
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
             # 5xx passes, and a fixed credential makes a replay succeed; a 4xx about the data never would.
@@ -136,6 +147,20 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         where, params = _where(filters, None, None)
         rows = self._rows(f"SELECT * FROM {self._source(BARS)} WHERE {where} ORDER BY time {order} LIMIT 1", params)
         return None if rows.empty else pd.Timestamp(rows["time"].iloc[0])
+
+    def retention(self) -> timedelta | None:
+        """The duration of the policy writes go to: the configured one, else the database's default.
+
+        None when it keeps points forever (``0s``), or when the database or policy does not exist
+        yet (the first write creates the database, with autogen: forever).
+        """
+        result = self._query(f"SHOW RETENTION POLICIES ON {_identifier(self.database)}", {})
+        policies = [dict(zip(s["columns"], row, strict=True)) for s in result.get("series", []) for row in s["values"]]
+        for policy in policies:
+            chosen = policy["name"] == self.retention_policy if self.retention_policy else policy["default"] is True
+            if chosen:
+                return _go_duration(str(policy["duration"]))
+        return None
 
     def apply_retention(self, duration: str | None) -> str:
         """The configured retention policy (autogen unless set) gets ``duration`` and stays the default.
@@ -255,6 +280,16 @@ def _rfc3339(bound: datetime) -> str:
     stamp = pd.Timestamp(bound)
     stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
     return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _go_duration(text: str) -> timedelta | None:
+    """``8760h0m0s`` as a timedelta; ``0s`` (forever) or anything unreadable as None."""
+    match = _GO_DURATION.fullmatch(text)
+    if not match or not text:
+        return None
+    hours, minutes, seconds = (float(part) if part else 0.0 for part in match.groups())
+    duration = timedelta(hours=hours, minutes=minutes, seconds=seconds)
+    return duration or None
 
 
 def _influx_duration(hours: float) -> str:

@@ -33,6 +33,27 @@ class StoreError(Exception):
     """The store refused or failed an operation; the message says what to check."""
 
 
+class Accepted(int):
+    """The points a write stored, plus ``dropped``: points older than the store's retention, dropped by it.
+
+    InfluxDB answers a write holding such points with a partial write (1.x: 400, 2.x: 422) and
+    stores the rest. Nothing the store would keep is lost, so the write succeeded; the count says
+    what it would not keep. An ``int``, so every caller that counts points still works.
+    """
+
+    dropped: int
+
+    def __new__(cls, written: int, dropped: int = 0) -> Accepted:
+        accepted = super().__new__(cls, written)
+        accepted.dropped = dropped
+        return accepted
+
+
+def dropped_by_retention(written: int) -> int:
+    """How many points a write's store dropped as older than its retention (0 for a plain count)."""
+    return written.dropped if isinstance(written, Accepted) else 0
+
+
 class StoreUnavailableError(StoreError):
     """The store could not take the operation for a reason that passes: down, timed out, 5xx, locked.
 
@@ -82,6 +103,15 @@ def bar_points(rows: pd.DataFrame, unit: str = "us", skip_superseded: bool = Fal
         SeriesSpan(str(symbol), str(interval), str(source), pd.Timestamp(time), pd.Timestamp(time))
         for time, symbol, interval, source in keys.itertuples(index=False, name=None)
     ]
+
+
+def describe_duration(duration: timedelta) -> str:
+    """A duration in the retention.duration grammar where it fits (``365d``, ``720h``), else as Python prints it."""
+    seconds = int(duration.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return str(duration)
 
 
 def duration_to_timedelta(duration: str) -> timedelta:
@@ -167,6 +197,15 @@ class BarStore(Protocol):
 
     def last_timestamp(self, symbol: str, interval: str, source: str) -> pd.Timestamp | None:
         """The newest stored bar's time, or None for an empty series."""
+        ...
+
+    def retention(self) -> timedelta | None:
+        """How long the store itself keeps points (an InfluxDB retention policy or bucket rule); None: forever.
+
+        A write of points older than this is partly dropped by the store, so collection does not ask
+        for them. A store that enforces no age itself (DuckDB: `retention.duration` is applied by
+        `marketpipe setup` and the maintenance flow) answers None.
+        """
         ...
 
     def apply_retention(self, duration: str | None) -> str:

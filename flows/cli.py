@@ -162,6 +162,7 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
             str(r["actions_written"]), str(r["requests"]), r["window"], r["history_from"],
         )  # fmt: skip
     console.print(table)
+    _print_retention(rows)
     for r in rows:
         if r.get("restated"):
             console.print(f"[yellow]{r['symbol']} restated:[/] {r['restated']}", highlight=False, soft_wrap=True)
@@ -199,6 +200,24 @@ def _print_spool_notes(rows: list[dict[str, Any]], spool_dir: str) -> None:
 
         line = describe_rejected(rows[0]["spool_rejected"], spool_dir)
         console.print(f"[yellow]{escape(line)}[/]", highlight=False, soft_wrap=True)
+
+
+def _print_retention(rows: list[dict[str, Any]]) -> None:
+    """Windows cut to the store's retention (one line for the symbols sharing one), and points it dropped."""
+    clamps: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("clamped"):
+            clamps.setdefault(r["clamped"], []).append(r["symbol"])
+    for clamp, symbols in clamps.items():
+        console.print(f"[yellow]{', '.join(symbols)}:[/] {clamp}", highlight=False, soft_wrap=True)
+    for r in rows:
+        if r.get("dropped_by_retention"):
+            console.print(
+                f"{r['symbol']}: the store dropped {r['dropped_by_retention']} point(s) older than its retention; "
+                "it keeps none that old, and the rest were written",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @app.command()

@@ -5,8 +5,10 @@ range is an explicit backfill. One symbol's failure never stops the others. A sy
 quota ran out is deferred, not failed: the next run picks it up. The run ends Failed when any
 symbol failed, or when the store could not take a symbol's bars: those wait in the local spool
 for `marketpipe replay` or the next run, which writes them before anything new. Spooled batches the
-store refuses for good are set aside in the spool's `rejected/` and counted, never in the way. The
-per-symbol summary is published as a table artifact either way.
+store refuses for good are set aside in the spool's `rejected/` and counted, never in the way. A
+write the store refused for good fails its symbol, but its other writes (corporate actions,
+quarantine) are still made. Points the store drops as older than its retention fail nothing: they
+are counted. The per-symbol summary is published as a table artifact either way.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class SymbolResult:
     status: str  # ok, failed, deferred, or spooled (kept locally until the store takes it)
     rows_written: int = 0
     spooled: int = 0
+    dropped_by_retention: int = 0  # points the store dropped as older than its retention (it keeps none such)
     bars_collected: int = 0
     live_bars_skipped: int = 0
     actions_written: int = 0
@@ -51,6 +54,7 @@ class SymbolResult:
     missing_sessions: int | None = None  # None: no calendar known for the symbol, or bars longer than a day
     gaps: str = ""
     window: str = ""
+    clamped: str = ""  # how the window was cut to the store's retention, if it was
     restated: str = ""  # why the stored series was re-collected and rewritten whole this run, if it was
     history_from: str = ""  # the series' first bar once stored, to read next to the window
     uncovered_sessions: int | None = None  # of missing_sessions, those before the first bar the window expected
@@ -158,11 +162,18 @@ def _summarise(
     written: Stored = stored.result()
     window = f"{raw.window.start} to {raw.window.end} ({raw.window.mode})" if raw.window else ""
     coverage = outcome.coverage
+    if written.refused:
+        status, error = FAILED, written.describe_refused()
+    elif written.spooled:
+        status, error = SPOOLED, "the store was unavailable, so its points wait in the spool"
+    else:
+        status, error = OK, ""
     return SymbolResult(
         symbol,
-        SPOOLED if written.spooled else OK,
+        status,
         rows_written=written.bars,
         spooled=written.spooled,
+        dropped_by_retention=written.dropped_by_retention,
         bars_collected=outcome.collected,
         live_bars_skipped=outcome.live_bars_skipped,
         actions_written=written.actions,
@@ -175,11 +186,12 @@ def _summarise(
         missing_sessions=outcome.missing_sessions,
         gaps=outcome.gaps.describe() if outcome.gaps else "",
         window=window,
+        clamped=raw.clamped,
         restated=raw.restated,
         history_from=coverage.first_bar_text() if coverage else "",
         uncovered_sessions=outcome.uncovered_sessions,
         coverage=coverage.describe() if coverage and coverage.short else "",
-        error="the store was unavailable, so its points wait in the spool" if written.spooled else "",
+        error=error,
     )
 
 
@@ -194,6 +206,8 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
             **{status: float(r.status == status) for status in (OK, FAILED, DEFERRED, SPOOLED)},
             "spooled_points": float(r.spooled),
             "spool_rejected": float(len(r.spool_rejected)),  # batches of the run's spool the store refused
+            "dropped_by_retention": float(r.dropped_by_retention),
+            "clamped": float(bool(r.clamped)),
             "rows_written": float(r.rows_written),
             "bars_collected": float(r.bars_collected),
             "live_bars_skipped": float(r.live_bars_skipped),

@@ -11,11 +11,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
 from blocks.credentials import SourceCredentials
-from blocks.store import BarStore, duration_to_timedelta
+from blocks.store import BarStore
 from blocks.stores import store_from_settings
 from configs.settings import CollectionSettings, Settings, SourceSettings
 from tasks.errors import TransientSourceError
 from tasks.restatement import restatement_reason
+from tasks.retention import clamp, retention_of
 from tasks.sources.base import BarQuery, Collected, HttpSource, Source, Window, load_source, pacer_for
 
 
@@ -73,22 +74,27 @@ def collect(
 
     An incremental run that finds the source has restated the past (a new split or dividend, or
     changed overlap bars) re-collects the whole stored series, so the run can rewrite it whole.
+    Every planned window, ``--start`` included, begins no earlier than the store keeps bars (see
+    :mod:`tasks.retention`): older ones would only be dropped. A restatement rewrites what is
+    stored as it is; points the store has since aged out are dropped by it and counted.
     """
     source_settings = resolve_credentials(settings.source(source))
     pacer = pacer_for(source, source_settings, settings.collection.rate_limit_dir)
     provider = load_source(source, source_settings, pacer)
-    last_stored = None
-    if start is None:
-        store = store or store_from_settings(settings.storage)
-        last_stored = store.last_timestamp(symbol, interval, source)
-    today = datetime.now(UTC).date()
+    store = store or store_from_settings(settings.storage)
+    last_stored = store.last_timestamp(symbol, interval, source) if start is None else None
+    now = datetime.now(UTC)
+    today = now.date()
     window = _servable(plan_window(last_stored, start, end, settings.collection, today), provider, interval, today)
-    if settings.retention.duration is not None:  # the store drops what is older: no history is expected there
-        window = window.not_before(today - duration_to_timedelta(settings.retention.duration), collect=False)
+    clamped = ""
+    retention = retention_of(settings.retention.duration, store)
+    if retention is not None:
+        window, clamped = clamp(window, retention, now)
     collected = provider.collect(BarQuery(symbol, interval, window.start, window.end))
     collected.window = window
-    if store is not None and last_stored is not None:
+    if last_stored is not None:
         collected = _restated_if_needed(collected, store, provider, symbol, interval, today)
+    collected.clamped = clamped
     return collected
 
 
@@ -145,6 +151,8 @@ def collect_bars(
     settings: Settings, source: str, symbol: str, interval: str, start: date | None, end: date | None
 ) -> Collected:
     collected = collect(settings, source, symbol, interval, start, end)
+    if collected.clamped:
+        get_run_logger().info("%s: %s", symbol, collected.clamped)
     if collected.restated and collected.window is not None:
         get_run_logger().warning("%s: %s; re-collected from %s", symbol, collected.restated, collected.window.start)
     return collected

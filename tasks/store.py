@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.spool import RejectedBatch, Replayed, ReplayStoppedError, Spool, Written
-from blocks.store import BarStore, StoreError
+from blocks.store import BarStore, StoreError, dropped_by_retention
 from blocks.stores import store_from_settings
 from configs.settings import Settings
 from tasks.bars import BAR_COLUMNS, conform
@@ -30,6 +30,19 @@ class Stored:
     quarantined: int
     spooled: int  # points the store could not take, kept in the spool for replay
     rejected: list[RejectedBatch] = field(default_factory=list)  # earlier spooled batches the store refused
+    # Points the store dropped as older than its retention: nothing it would keep was lost.
+    dropped_by_retention: int = 0
+    # What the store refused for good, by kind (bars, quarantine, corporate_actions), and why: lost.
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def describe_refused(self) -> str:
+        """Which writes the store refused and why, and what it took anyway."""
+        refused = [
+            f"the store refused the {kind.replace('_', ' ')}, not stored: {why}" for kind, why in self.refused.items()
+        ]
+        counts = (("bars", self.bars), ("quarantined bars", self.quarantined), ("corporate actions", self.actions))
+        took = [f"{n} {what}" for what, n in counts if n]
+        return "; ".join(refused) + (f"; written: {', '.join(took)}" if took else "")
 
 
 def open_spool(settings: Settings) -> Spool:
@@ -43,6 +56,8 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
 
     Bars go first: their write replaces the collected range, quarantined copies included, and the
     quarantine write then takes this run's rejected bars out of bars. The spool replays in the same order.
+    Each write is attempted whatever became of the one before: actions the store refused to pair
+    with bars would never be fetched again, since the next incremental run starts after them.
     """
     store = store_from_settings(settings.storage)
     spool = open_spool(settings)
@@ -51,14 +66,29 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
         raw = processed.unprocessed
         meta = {"symbol": symbol, "meta": raw.meta}
         postponed = spool.keep(COLLECTED, raw.bars, "the store could not give the history to process them", meta)
-    outcomes = (
-        spool.write(store, "bars", processed.bars),
-        spool.write(store, "quarantine", quarantine_rows(processed.quarantined)),
-        spool.write(store, "corporate_actions", processed.actions),
+    writes = {
+        "bars": processed.bars,
+        "quarantine": quarantine_rows(processed.quarantined),
+        "corporate_actions": processed.actions,
+    }
+    outcomes: dict[str, Written] = {}
+    refused: dict[str, str] = {}
+    for kind, rows in writes.items():
+        try:
+            outcomes[kind] = spool.write(store, kind, rows)
+        except StoreError as exc:  # refused for good, or neither the store nor the spool took it
+            get_run_logger().error("%s: %d %s rows not stored: %s", symbol, len(rows), kind, exc)
+            refused[kind] = str(exc)
+            outcomes[kind] = Written(0, 0)
+    return Stored(
+        outcomes["bars"].written,
+        outcomes["corporate_actions"].written,
+        outcomes["quarantine"].written,
+        spooled=postponed + sum(o.spooled for o in outcomes.values()),
+        rejected=[batch for o in outcomes.values() for batch in o.rejected],
+        dropped_by_retention=sum(dropped_by_retention(o.written) for o in outcomes.values()),
+        refused=refused,
     )
-    bars, quarantined, actions = (o.written for o in outcomes)
-    rejected = [batch for o in outcomes for batch in o.rejected]
-    return Stored(bars, actions, quarantined, postponed + sum(o.spooled for o in outcomes), rejected)
 
 
 @task(name="record-metrics", cache_policy=NO_CACHE, persist_result=False)

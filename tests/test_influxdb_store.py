@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -25,7 +25,7 @@ import pytest
 from blocks import influxdb_store
 from blocks.influxdb_store import InfluxDBStore, delete_predicate, first_time_query, last_time_query, select_query
 from blocks.line_protocol import serialize
-from blocks.store import BAR_KEY, QUARANTINE_KEY, StoreError, StoreUnavailableError
+from blocks.store import BAR_KEY, QUARANTINE_KEY, StoreError, StoreUnavailableError, dropped_by_retention
 from blocks.stores import store_from_settings
 from configs.settings import ConfigError, InfluxDBSettings, StorageSettings
 from tests.servers import free_port
@@ -458,3 +458,41 @@ def test_settings_backend_influxdb_builds_the_v2_store() -> None:
 def test_settings_without_a_token_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="set INFLUXDB_TOKEN"):
         store_from_settings(StorageSettings(backend="influxdb"))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "failure writing points to database: partial write: points beyond retention policy dropped=2",
+        "failure writing points to database: partial write: dropped 2 points outside retention policy of duration "
+        "8760h0m0s - oldest point bars,symbol=BRK-B at 2024-01-01T00:00:00Z dropped because it violates a "
+        "Retention Policy Lower Bound dropped=2 for database: 91040e1bf6671dfd for retention policy: autogen",
+    ],
+)
+def test_a_422_for_points_beyond_the_retention_is_a_write_with_those_points_dropped(message: str) -> None:
+    beyond = json_reply(422, {"code": "unprocessable entity", "message": message})
+    with fake_influx({("POST", "/api/v2/write"): [beyond], **DELETES}) as influx:
+        written = store_at(influx.url).write_bars(frame(n=5))
+    assert (written, dropped_by_retention(written)) == (3, 2)
+    assert len(influx.sent("POST", "/api/v2/write")) == 1
+
+
+def test_a_422_for_anything_else_is_a_plain_store_error() -> None:
+    conflict = json_reply(
+        422, {"code": "unprocessable entity", "message": "partial write: field type conflict dropped=5"}
+    )
+    with (
+        fake_influx({("POST", "/api/v2/write"): [conflict], **DELETES}) as influx,
+        pytest.raises(StoreError, match="field type conflict") as caught,
+    ):
+        store_at(influx.url).write_bars(frame(n=5))
+    assert not isinstance(caught.value, StoreUnavailableError)
+
+
+@pytest.mark.parametrize(
+    ("found", "retention"),
+    [([], None), ([bucket(0)], None), ([bucket(365 * 86400)], timedelta(days=365))],
+)
+def test_retention_is_the_buckets_expiry_rule(found: list[dict[str, Any]], retention: timedelta | None) -> None:
+    with fake_influx({("GET", "/api/v2/buckets"): [json_reply(200, {"buckets": found})]}) as influx:
+        assert store_at(influx.url).retention() == retention

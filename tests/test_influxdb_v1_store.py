@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,8 @@ import pytest
 
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.spool import Spool
-from blocks.store import StoreError
+from blocks.store import StoreError, StoreUnavailableError, dropped_by_retention
+from tasks.bars import conform_actions
 from tests.conftest import Sandbox, marketpipe, query_csv
 from tests.servers import free_port, influxdb_process
 from tests.test_store_conformance import frame
@@ -167,3 +169,61 @@ def test_rewrites_in_threads_lose_nothing(influxdb_url: str) -> None:
     for k in range(3):
         last = max(i for i in range(60) if i % 3 == k)
         assert store.read_bars(f"S{k}")["close"].tolist() == [float(last)] * 5, f"S{k}"
+
+
+def _database_keeping(influxdb_url: str, duration: str) -> InfluxDBV1Store:
+    store = InfluxDBV1Store(url=influxdb_url, database=f"rp_{uuid.uuid4().hex[:12]}")
+    store.apply_retention(duration)
+    return store
+
+
+def test_a_write_partly_beyond_the_retention_policy_stores_the_rest_and_counts_the_dropped(influxdb_url: str) -> None:
+    store = _database_keeping(influxdb_url, "365d")
+    today = pd.Timestamp.now(tz="UTC").normalize()
+    bars = frame(n=730, start=(today - pd.Timedelta(days=729)).strftime("%Y-%m-%d"))
+    cutoff = pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=365)
+    written = store.write_bars(bars)
+    dropped = dropped_by_retention(written)
+    # influxd drops what is older than now - 365d unless a shard group made for the same write
+    # (7 days here) reaches back over it: every bar inside is kept, and a few just outside.
+    assert written + dropped == len(bars)
+    assert len(bars.loc[bars["time"] < cutoff]) - 7 <= dropped <= len(bars.loc[bars["time"] < cutoff])
+    assert list(store.read_bars("BRK-B")["time"]) == list(bars["time"].iloc[dropped:])
+
+    actions = conform_actions(
+        pd.DataFrame(
+            {
+                "time": [today - pd.Timedelta(days=400), today - pd.Timedelta(days=30)],
+                "symbol": "BRK-B",
+                "source": "yahoo_finance",
+                "kind": "dividend",
+                "ratio": float("nan"),
+                "amount": [0.5, 0.6],
+            }
+        )
+    )
+    kept = store.write_corporate_actions(actions)
+    assert (kept, dropped_by_retention(kept)) == (1, 1)
+    assert list(store.read_corporate_actions("BRK-B")["amount"]) == [0.6]
+
+
+def test_a_partial_write_for_another_reason_stays_an_error(influxdb_url: str) -> None:
+    store = _database_keeping(influxdb_url, "365d")
+    start = (pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=3)).strftime("%Y-%m-%d")
+    bars = frame(n=3, start=start)
+    conflict = f'bars,symbol=OTHER,interval=1d,source=x close="text" {int(bars["time"].iloc[0].timestamp())}'
+    httpx.post(f"{influxdb_url}/write", params={"db": store.database, "precision": "s"}, content=conflict)
+    with pytest.raises(StoreError, match="field type conflict") as caught:
+        store.write_bars(bars)
+    assert not isinstance(caught.value, StoreUnavailableError)
+
+
+def test_retention_reads_the_policy_writes_go_to(influxdb_url: str) -> None:
+    database = f"rp_{uuid.uuid4().hex[:12]}"
+    assert InfluxDBV1Store(url=influxdb_url, database=database).retention() is None  # no database yet
+    InfluxDBV1Store(url=influxdb_url, database=database).write_bars(frame(n=1))
+    assert InfluxDBV1Store(url=influxdb_url, database=database).retention() is None  # autogen keeps everything
+    InfluxDBV1Store(url=influxdb_url, database=database, retention_policy="short").apply_retention("720h")
+    assert InfluxDBV1Store(url=influxdb_url, database=database).retention() == timedelta(hours=720)  # the default
+    named = InfluxDBV1Store(url=influxdb_url, database=database, retention_policy="autogen")
+    assert named.retention() is None  # a policy named in the settings is the one written to

@@ -80,6 +80,7 @@ class Collected:
     meta: dict[str, object] = field(default_factory=dict)
     window: Window | None = None
     restated: str = ""  # why the whole stored series was re-collected (see tasks/restatement.py), if it was
+    clamped: str = ""  # how the window was cut to the store's retention (see tasks/retention.py), if it was
 
     @staticmethod
     def merge(parts: list[Collected]) -> Collected:
