@@ -5,7 +5,7 @@ export UV_LINK_MODE := copy
 
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test drills lint format clean
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -28,8 +28,12 @@ lint: install
 # Two workers for the suite (most of its time is spent waiting on servers and child processes), then
 # the tests that measure a pace, alone.
 test: lint
-	$(UV) run --frozen pytest -n 2 -m "not serial"
-	$(UV) run --frozen pytest -m serial
+	$(UV) run --frozen pytest -n 2 -m "not serial and not drill"
+	$(UV) run --frozen pytest -m "serial and not drill"
+
+# Fault drills against the real parts; each prints what it injected and what survived, then the table.
+drills: install
+	$(UV) run --frozen pytest tests/drills -m drill
 
 format: install
 	$(UV) run --frozen ruff format .
