@@ -71,25 +71,33 @@ def test_a_batch_the_store_refuses_for_good_is_set_aside_and_the_rest_replay(
     assert len(list(spool.rejected_directory.glob("*.parquet"))) == 2
 
 
-def test_points_beyond_the_retention_policy_are_set_aside_on_a_real_influxd(influxdb_url: str, tmp_path: Path) -> None:
-    """InfluxDB 1.x answers `400 partial write: points beyond retention policy` for bars older than
-    the policy: such a batch would fail every replay, so it waits aside and the newer one is written."""
+def test_a_refused_batch_waits_aside_and_one_beyond_retention_replays_on_a_real_influxd(
+    influxdb_url: str, tmp_path: Path
+) -> None:
+    """A field type conflict (`400 partial write: field type conflict`) would fail every replay, so
+    that batch waits aside and the next is written. Points older than the retention policy are no
+    refusal: InfluxDB 1.x drops them with a partial write, and their batch replays like any other."""
     database = f"rp_{uuid.uuid4().hex[:12]}"
     statements = (
-        f"CREATE DATABASE {database}; CREATE RETENTION POLICY hour ON {database} DURATION 1h REPLICATION 1 DEFAULT"
+        f"CREATE DATABASE {database}; CREATE RETENTION POLICY year ON {database} DURATION 365d REPLICATION 1 DEFAULT"
     )
     httpx.post(f"{influxdb_url}/query", data={"q": statements}).raise_for_status()
     store = InfluxDBV1Store(url=influxdb_url, database=database)
+    days_ago = (pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=100)).normalize()
+    conflict = f'bars,symbol=OTHER,interval=1d,source=x close="text" {int(days_ago.timestamp())}'
+    httpx.post(f"{influxdb_url}/write", params={"db": database, "precision": "s"}, content=conflict).raise_for_status()
     spool = Spool(tmp_path / "spool")
-    old = spool.append("bars", frame("AAPL", n=10))  # 2024: long past the hour the policy keeps
+    spool.append("bars", frame("AAPL", n=10))  # 2024: long past the year the policy keeps
+    refused = spool.append("bars", frame("NVDA", n=3, start=days_ago.strftime("%Y-%m-%d")))  # same shard as OTHER
     recent = recent_bars("MSFT")
     spool.append("bars", recent)
 
     replayed = spool.replay(store)
-    assert (replayed.batches, replayed.points) == (1, 3)
-    assert [(b.name, b.points) for b in replayed.rejected] == [(old.path.name, 10)]
-    assert "points beyond retention policy dropped=10" in replayed.rejected[0].reason
-    assert (spool.rejected_directory / old.path.name).exists() and spool.pending() == []
+    assert (replayed.batches, replayed.points) == (2, 13)
+    assert [(b.name, b.points) for b in replayed.rejected] == [(refused.path.name, 3)]
+    assert "field type conflict" in replayed.rejected[0].reason
+    assert (spool.rejected_directory / refused.path.name).exists() and spool.pending() == []
+    assert store.read_bars("AAPL").empty and store.read_bars("NVDA").empty
     assert store.read_bars("MSFT")["close"].tolist() == recent["close"].tolist()
     later = recent.assign(close=recent["close"] + 1)
     assert spool.write(store, "bars", later) == Written(3, 0)
@@ -97,7 +105,7 @@ def test_points_beyond_the_retention_policy_are_set_aside_on_a_real_influxd(infl
 
 
 def recent_bars(symbol: str) -> pd.DataFrame:
-    """Three bars of the last half hour, which a retention policy of an hour keeps."""
+    """Three bars of the last half hour, inside any retention policy."""
     now = pd.Timestamp.now(tz="UTC").floor("s")
     times = pd.DatetimeIndex([now - pd.Timedelta(minutes=m) for m in (30, 20, 10)]).astype("datetime64[ns, UTC]")
     return frame(symbol, n=3).assign(time=times)
