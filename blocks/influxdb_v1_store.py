@@ -37,6 +37,9 @@ from blocks.store import (
 
 # DELETE statements sent in one /query request: a quarantine write deletes one instant per bar.
 DELETES_PER_REQUEST = 200
+# Rows per chunk of a streamed SELECT: large enough to keep the chunks few, small enough to stay
+# under any max-row-limit a server is likely to set.
+CHUNK_ROWS = 5_000
 # A Go duration as SHOW RETENTION POLICIES prints it: 8760h0m0s, 30m0s, 0s (forever).
 _GO_DURATION = re.compile(r"(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9.]+)s)?")
 
@@ -219,16 +222,55 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         return rows.sort_values(order, kind="stable").reset_index(drop=True)
 
     def _rows(self, query: str, params: dict[str, str]) -> pd.DataFrame:
-        result = self._query(query, params)
-        frames = [pd.DataFrame(s["values"], columns=s["columns"]) for s in result.get("series", [])]
+        """Every row a SELECT matches, read in chunks: a whole answer is cut at the server's `max-row-limit`."""
+        frames = [pd.DataFrame(s["values"], columns=s["columns"]) for s in self._chunked_series(query, params)]
         if not frames:
             return pd.DataFrame()
         rows = pd.concat(frames, ignore_index=True)
         rows["time"] = pd.to_datetime(rows["time"], unit="s", utc=True).astype("datetime64[ns, UTC]")
         return rows
 
+    def _chunked_series(self, query: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """The series of one statement, streamed as JSON lines of at most CHUNK_ROWS rows each.
+
+        InfluxDB 1.x caps a non-chunked answer at `max-row-limit` (10,000 by default) and marks it
+        ``partial``; chunked answers are not capped. Each chunk but the last is ``partial`` too, so an
+        answer whose last chunk still says ``partial`` was cut: that is an error, never a short result.
+        """
+        request = {**self._request(query, params), "chunked": "true", "chunk_size": str(CHUNK_ROWS)}
+        series: list[dict[str, Any]] = []
+        partial = False
+        try:
+            with self._client() as client, client.stream("GET", "/query", params=request) as response:
+                if response.is_error:
+                    response.read()
+                    response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    for result in json.loads(line).get("results", []):
+                        if "error" in result and "database not found" in result["error"]:
+                            return []
+                        if "error" in result:
+                            raise StoreError(f"InfluxDB query failed: {result['error']}")
+                        series.extend(result.get("series", []))
+                        partial = _partial(result)
+        except httpx.HTTPStatusError as exc:
+            raise self._refused(exc.response.status_code) from None
+        except httpx.TransportError as exc:
+            raise StoreUnavailableError(f"InfluxDB at {self.url} is unreachable ({exc}): check that it runs") from None
+        except json.JSONDecodeError:
+            raise StoreUnavailableError(f"InfluxDB at {self.url} sent an answer that is no JSON: try again") from None
+        if partial:
+            raise StoreUnavailableError(
+                f"InfluxDB at {self.url} cut a read short (its last chunk is partial): try again, "
+                "and check the server's log and its max-row-limit / max-select-point settings"
+            )
+        return series
+
     def _query(self, query: str, params: dict[str, str], method: str = "GET") -> dict[str, Any]:
-        request = {"db": self.database, "q": query, "epoch": "s", "params": json.dumps(params)}
+        """The first statement's result of a statement that answers with little: SHOW, CREATE, DELETE."""
+        request = self._request(query, params)
         try:
             with self._client() as client:
                 # A POST carries its statements in the body: a batch of DELETEs outgrows a URL.
@@ -238,9 +280,7 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
                     response = client.request(method, "/query", params=request)
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            status = exc.response.status_code
-            error = StoreUnavailableError if status >= 500 or status in (401, 403) else StoreError
-            raise error(f"InfluxDB at {self.url} refused a query ({status})") from None
+            raise self._refused(exc.response.status_code) from None
         except httpx.TransportError as exc:
             raise StoreUnavailableError(f"InfluxDB at {self.url} is unreachable ({exc}): check that it runs") from None
         results: list[dict[str, Any]] = response.json()["results"]
@@ -249,7 +289,16 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
                 return {}
             if "error" in result:
                 raise StoreError(f"InfluxDB query failed: {result['error']}")
+            if _partial(result):
+                raise StoreError(f"InfluxDB at {self.url} cut an answer at its max-row-limit: raise the limit")
         return results[0]
+
+    def _request(self, query: str, params: dict[str, str]) -> dict[str, str]:
+        return {"db": self.database, "q": query, "epoch": "s", "params": json.dumps(params)}
+
+    def _refused(self, status: int) -> StoreError:
+        error = StoreUnavailableError if status >= 500 or status in (401, 403) else StoreError
+        return error(f"InfluxDB at {self.url} refused a query ({status})")
 
     def _source(self, measurement: str) -> str:
         """The measurement, qualified by the configured retention policy when one is set."""
@@ -260,6 +309,12 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
     def _client(self) -> httpx.Client:
         auth = (self.username, self.password.get_secret_value()) if self.username and self.password else None
         return httpx.Client(base_url=self.url, timeout=self.timeout, auth=auth)
+
+
+def _partial(result: Mapping[str, Any]) -> bool:
+    """Whether a statement's result says more rows follow: on the result, or on its last series."""
+    series = result.get("series") or [{}]
+    return bool(result.get("partial") or series[-1].get("partial"))
 
 
 def _where(

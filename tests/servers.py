@@ -104,6 +104,7 @@ bind-address = "127.0.0.1:{rpc_port}"
 [http]
   bind-address = "127.0.0.1:{port}"
   log-enabled = false
+  max-row-limit = {max_row_limit}
 [monitor]
   store-enabled = false
 """
@@ -118,13 +119,15 @@ def influxd_binary() -> str:
 
 
 @contextmanager
-def influxdb_process(home: Path, port: int | None = None, timeout: float = 60) -> Iterator[subprocess.Popen[bytes]]:
+def influxdb_process(
+    home: Path, port: int | None = None, timeout: float = 60, max_row_limit: int = 0
+) -> Iterator[subprocess.Popen[bytes]]:
     """A real InfluxDB 1.x on loopback with its data under ``home``; the same ``home`` and ``port``
-    make a restart of the same server."""
+    make a restart of the same server. ``max_row_limit`` caps its non-chunked answers (0: no cap)."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config = home / "influxdb.conf"
-    config.write_text(INFLUXD_CONFIG.format(home=home, port=port, rpc_port=free_port()))
+    config.write_text(INFLUXD_CONFIG.format(home=home, port=port, rpc_port=free_port(), max_row_limit=max_row_limit))
     command = [influxd_binary(), "-config", str(config)]
     with _serving("influxd", command, home / "influxd.log", f"http://127.0.0.1:{port}/ping", 204, timeout, None) as p:
         yield p

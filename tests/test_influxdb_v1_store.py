@@ -227,3 +227,27 @@ def test_retention_reads_the_policy_writes_go_to(influxdb_url: str) -> None:
     assert InfluxDBV1Store(url=influxdb_url, database=database).retention() == timedelta(hours=720)  # the default
     named = InfluxDBV1Store(url=influxdb_url, database=database, retention_policy="autogen")
     assert named.retention() is None  # a policy named in the settings is the one written to
+
+
+def test_reads_are_whole_against_a_max_row_limit_of_100(tmp_path: Path) -> None:
+    """influxd cuts a plain answer at `max-row-limit` and marks it partial; reads stream in chunks instead."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with influxdb_process(tmp_path / "influxd", port, max_row_limit=100):
+        store = InfluxDBV1Store(url=url, database="capped")
+        bars = frame(n=300)
+        assert store.write_bars(bars) == 300
+        plain = httpx.get(f"{url}/query", params={"db": "capped", "q": "SELECT * FROM bars"}).json()["results"][0]
+        plain = plain["series"][0]
+        assert (len(plain["values"]), plain.get("partial")) == (100, True)  # what a plain read gets
+
+        read = store.read_bars("BRK-B")
+        assert list(read["time"]) == list(bars["time"])
+        env = {
+            **os.environ,
+            "MARKETPIPE__STORAGE__BACKEND": "influxdb_v1",
+            "MARKETPIPE__STORAGE__INFLUXDB_V1__URL": url,
+            "MARKETPIPE__STORAGE__INFLUXDB_V1__DATABASE": "capped",
+        }
+        printed = query_csv(env, "BRK-B")
+        assert list(pd.to_datetime(printed["time"], utc=True)) == list(bars["time"])
