@@ -24,7 +24,7 @@ from blocks.store import BarStore, StoreUnavailableError
 from blocks.stores import store_from_settings
 from configs.settings import IndicatorSpec, QualitySettings, Settings
 from tasks.adjust import add_adjusted_prices, add_returns
-from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED, flag_missing
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED, flag_missing, is_daily_or_longer
 from tasks.calendars import SessionGaps, calendar_for, missing_sessions
 from tasks.coverage import Coverage, check_coverage
 from tasks.indicators import compute_indicators, lookback_bars
@@ -156,14 +156,33 @@ class StoredHistory:
 def read_stored(
     store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
 ) -> StoredHistory:
-    """The last ``bars`` stored bars before the first collected one, and where the stored series starts."""
+    """The last ``bars`` stored bars before the first collected one, and where the stored series starts.
+
+    Reads only a window that should hold ``bars`` bars, widened until it does or reaches the
+    series' start, so a run never reads years of history for a lookback of a few hundred bars.
+    """
     if collected.bars.empty:
         return StoredHistory(None, None)
-    first_new = collected.bars["time"].min()
-    stored = store.read_bars(symbol, interval, source, end=first_new.to_pydatetime())
-    if stored.empty:
+    first_new = pd.Timestamp(collected.bars["time"].min())
+    first = store.first_timestamp(symbol, interval, source)
+    if first is None or first >= first_new:
         return StoredHistory(None, None)
-    return StoredHistory(stored.tail(bars), pd.Timestamp(stored["time"].min()))
+    span = _span_holding(bars, interval)
+    while True:
+        start = max(first, first_new - span)
+        stored = store.read_bars(symbol, interval, source, start=start.to_pydatetime(), end=first_new.to_pydatetime())
+        if len(stored) >= bars or start <= first:
+            return StoredHistory(stored.tail(bars) if not stored.empty else None, first)
+        span *= 4
+
+
+def _span_holding(bars: int, interval: str) -> pd.Timedelta:
+    """A stretch of calendar time likely to hold ``bars`` bars: trading days are about 5/7 of all
+    days less holidays, and an intraday session a fraction of its day."""
+    if is_daily_or_longer(interval):
+        length = {"1wk": 7, "5d": 7, "1mo": 31, "3mo": 92}.get(interval, 1)
+        return pd.Timedelta(days=int(bars * length * 1.6) + 10)
+    return pd.Timedelta(interval.replace("m", "min")) * bars * 8 + pd.Timedelta(days=4)
 
 
 def read_history(
