@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 if TYPE_CHECKING:
     from blocks.spool import Replayed
+    from flows.scoped_token import ScopedTokenTarget
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -431,17 +432,62 @@ def _print_rejected(done: Replayed, directory: Path) -> None:
 
 
 @app.command()
-def setup(config: ConfigOption = None) -> None:
+def setup(
+    config: ConfigOption = None,
+    scoped_token_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--scoped-token-secret",
+            help="Kubernetes Secret to keep the flow runs' InfluxDB token in: a token setup creates with "
+            "$INFLUXDB_OPERATOR_TOKEN that may only read and write the bucket, and saves in the store block",
+        ),
+    ] = None,
+    scoped_token_namespace: Annotated[
+        str | None,
+        typer.Option("--scoped-token-namespace", help="the Secret's namespace (default: the pod's own)"),
+    ] = None,
+) -> None:
     """Create what deployments rely on, idempotently: per-source concurrency limits and block types."""
+    # Checked first: a usage error here needs none of the pipeline's slow imports.
+    scoped = _or_exit(lambda: _scoped_token_target(scoped_token_secret, scoped_token_namespace))
     from configs.settings import load_settings
     from flows.local_prefect import local_prefect
     from flows.maintenance import setup as run_setup
+    from flows.scoped_token import ScopedTokenError
 
     settings = _or_exit(lambda: load_settings(config))
     with local_prefect(_note):
-        changes = run_setup(settings)
+        try:
+            changes = _or_exit(lambda: run_setup(settings, scoped))
+        except ScopedTokenError as exc:
+            _error(str(exc))
+            raise typer.Exit(EXIT_FAILED) from None
     for change in changes:
         console.print(f"{change.outcome:>9}  {change.what}", highlight=False)
+
+
+def _scoped_token_target(secret: str | None, namespace: str | None) -> ScopedTokenTarget | None:
+    """Where setup keeps the flow runs' scoped token, or None when not asked to make one."""
+    import os
+
+    from pydantic import SecretStr
+
+    from flows.scoped_token import OPERATOR_TOKEN_ENV, ScopedTokenTarget, current_namespace
+
+    if secret is None:
+        if namespace is not None:
+            raise UsageError("--scoped-token-namespace needs --scoped-token-secret")
+        return None
+    operator = os.environ.get(OPERATOR_TOKEN_ENV, "")
+    if not operator:
+        raise UsageError(
+            f"--scoped-token-secret needs the InfluxDB operator token in {OPERATOR_TOKEN_ENV}: it creates the "
+            "flow runs' bucket-scoped token and is saved nowhere"
+        )
+    namespace = namespace or current_namespace()
+    if not namespace:
+        raise UsageError("--scoped-token-secret needs --scoped-token-namespace outside a Kubernetes pod")
+    return ScopedTokenTarget(secret=secret, namespace=namespace, operator_token=SecretStr(operator))
 
 
 def main() -> None:

@@ -23,6 +23,15 @@ from blocks.store import StoreError
 from blocks.stores import BLOCK_TYPES, store_block, store_from_settings
 from configs.settings import ConfigError, Settings, load_settings
 from flows.market_data import collect_tag
+from flows.scoped_token import (
+    SECRET_KEY,
+    ScopedTokenTarget,
+    authorization_description,
+    ensure_scoped_authorization,
+    read_secret_token,
+    retire_authorizations,
+    store_token_in_secret,
+)
 from tasks.store import open_spool, replay_spool
 
 BLOCK_CLASSES: tuple[type[Block], ...] = (SourceCredentials, DuckDBStore, InfluxDBStore, InfluxDBV1Store)
@@ -122,12 +131,54 @@ def apply_retention(settings: Settings) -> list[Change]:
     return [Change(f"retention ({settings.storage.backend}): {detail}", outcome)]
 
 
-def setup(settings: Settings) -> list[Change]:
+def provision_scoped_token(settings: Settings, target: ScopedTokenTarget) -> tuple[SecretStr, list[Change]]:
+    """The bucket's read/write token, kept in the target Secret; older ones setup made are deleted."""
+    v2 = settings.storage.influxdb
+    where = f"secret {target.namespace}/{target.secret} key {SECRET_KEY}"
+    current = read_secret_token(target.secret, target.namespace)
+    auth = ensure_scoped_authorization(v2.url, v2.org, v2.bucket, target.operator_token, current)
+    described = f"influxdb authorization '{authorization_description(v2.bucket)}'"
+    changes = [Change(described, "created" if auth.created else "unchanged")]
+    if auth.created:
+        store_token_in_secret(target.secret, target.namespace, auth.token)
+    changes.append(Change(where, "updated" if auth.created else "unchanged"))
+    if auth.stale:
+        retired = retire_authorizations(v2.url, v2.org, target.operator_token, auth.stale)
+        changes.append(Change(f"influxdb authorizations replaced by the new token: {retired} deleted", "updated"))
+    return auth.token, changes
+
+
+def _with_token(settings: Settings, token: SecretStr, block: str | None) -> Settings:
+    storage = settings.storage
+    influxdb = storage.influxdb.model_copy(update={"token": token})
+    return settings.model_copy(update={"storage": storage.model_copy(update={"influxdb": influxdb, "block": block})})
+
+
+def setup(settings: Settings, scoped: ScopedTokenTarget | None = None) -> list[Change]:
+    """Everything deployments need. With ``scoped``, the operator token only makes the bucket and the
+    flow runs' token, and what setup saves holds that scoped token."""
+    if scoped is None:
+        return [
+            *ensure_concurrency_limits(settings),
+            *register_blocks(),
+            *save_blocks(settings),
+            *apply_retention(settings),
+        ]
+    if settings.storage.backend != "influxdb":
+        raise ConfigError(
+            f"a scoped token is made for InfluxDB 2.x only, but storage.backend is {settings.storage.backend!r}: "
+            "drop --scoped-token-secret or use storage.backend influxdb"
+        )
+    # The bucket first (with the operator token, never saved): the authorization is made for its ID.
+    changes = apply_retention(_with_token(settings, scoped.operator_token, block=None))
+    token, made = provision_scoped_token(settings, scoped)
+    flow_runs = _with_token(settings, token, block=settings.storage.block)
     return [
-        *ensure_concurrency_limits(settings),
+        *changes,
+        *made,
+        *ensure_concurrency_limits(flow_runs),
         *register_blocks(),
-        *save_blocks(settings),
-        *apply_retention(settings),
+        *save_blocks(flow_runs),
     ]
 
 

@@ -203,11 +203,14 @@ def test_the_chart_renders_what_each_case_needs(case: tuple[str, list[Doc]]) -> 
     kinds = sorted(d["kind"] for d in docs)
     assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
     assert kinds.count("Deployment") == 1 and kinds.count("ConfigMap") == 1 and kinds.count("Job") == 1
-    assert kinds.count("Role") == 1 and kinds.count("RoleBinding") == 1 and kinds.count("ServiceAccount") == 2
+    # the setup Job's Role (and its NetworkPolicy to the Kubernetes API) exist where it writes the scoped token
+    scoped = int(name == "default")
+    assert kinds.count("Role") == 1 + scoped and kinds.count("RoleBinding") == 1 + scoped
+    assert kinds.count("ServiceAccount") == 3
     in_chart_influxdb = name != "external-influxdb"
     assert kinds.count("StatefulSet") == int(in_chart_influxdb)
     assert kinds.count("Service") == 2 * int(in_chart_influxdb)
-    assert kinds.count("NetworkPolicy") == 2 + int(in_chart_influxdb)
+    assert kinds.count("NetworkPolicy") == 2 + int(in_chart_influxdb) + scoped
     # secrets are generated only when nothing names an existing one
     assert kinds.count("Secret") == (2 if name == "default" else 0)
 
@@ -242,7 +245,7 @@ def assert_hardened_pod(pod: Doc, where: str) -> None:
 
 def test_the_worker_role_is_namespaced_and_minimal(case: tuple[str, list[Doc]]) -> None:
     _, docs = case
-    role = one(docs, "Role")
+    role = one(docs, "Role", "-worker")
     grants = {
         (g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
     }
@@ -252,7 +255,7 @@ def test_the_worker_role_is_namespaced_and_minimal(case: tuple[str, list[Doc]]) 
     assert grants[("", "events")] <= {"get", "list", "watch"}
     assert set(grants) == {("batch", "jobs"), ("", "pods"), ("", "pods/log"), ("", "events")}
     assert all("*" not in verbs for verbs in grants.values())
-    binding = one(docs, "RoleBinding")
+    binding = one(docs, "RoleBinding", "-worker")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
@@ -266,13 +269,17 @@ def test_the_worker_role_is_namespaced_and_minimal(case: tuple[str, list[Doc]]) 
     assert env_of(worker["containers"][0])["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"] == NAMESPACE
 
 
-def test_only_the_worker_gets_a_service_account_token(case: tuple[str, list[Doc]]) -> None:
-    _, docs = case
+def test_only_the_worker_and_the_token_writing_setup_job_get_a_service_account_token(
+    case: tuple[str, list[Doc]],
+) -> None:
+    name, docs = case
     for doc in docs:
         if doc["kind"] in WORKLOADS and not doc["metadata"]["name"].endswith("-worker"):
-            assert doc["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-    flow_run_account = one(docs, "ServiceAccount", "-flow-run")
-    assert flow_run_account["automountServiceAccountToken"] is False
+            # the setup Job needs one only to write the flow runs' scoped token (default case)
+            expected = name == "default" and doc["metadata"]["name"].endswith("-setup")
+            assert doc["spec"]["template"]["spec"]["automountServiceAccountToken"] is expected, doc["metadata"]["name"]
+    for suffix in ("-flow-run", "-setup"):
+        assert one(docs, "ServiceAccount", suffix)["automountServiceAccountToken"] is False
 
 
 def test_network_policies_confine_clients_and_influxdb(case: tuple[str, list[Doc]]) -> None:
@@ -374,7 +381,7 @@ def test_values_yaml_holds_no_secret() -> None:
     assert list(walk(planted, "", False)) == ["influxdb.auth.adminToken='s3cr3t'", "prefect.apiKeySecret.value='pnu_x'"]
 
 
-def test_generated_influxdb_credentials_are_random_and_shared(default_docs: list[Doc]) -> None:
+def test_generated_influxdb_credentials_are_random_and_stay_with_influxdb(default_docs: list[Doc]) -> None:
     auth = one(default_docs, "Secret", "-influxdb-auth")
     env = one(default_docs, "Secret", "-flow-run-env")
     for secret in (auth, env):
@@ -382,10 +389,111 @@ def test_generated_influxdb_credentials_are_random_and_shared(default_docs: list
     token = base64.b64decode(auth["data"]["admin-token"]).decode()
     password = base64.b64decode(auth["data"]["admin-password"]).decode()
     assert len(token) == 64 and len(password) == 32 and token.isalnum()
-    # flow runs get the same token under the name envFrom needs
-    assert env["data"] == {"INFLUXDB_TOKEN": auth["data"]["admin-token"]}
+    # the flow runs' Secret starts empty: the setup Job writes the bucket-scoped token into it
+    assert env["data"] == {"INFLUXDB_TOKEN": ""}
     again = one(render(MINIMAL), "Secret", "-influxdb-auth")
     assert again["data"]["admin-token"] != auth["data"]["admin-token"]  # no cluster to look up: fresh
+
+
+def secret_refs(node: Any) -> Iterator[tuple[str, str | None]]:
+    """(Secret, key) of every secretKeyRef, and (Secret, None) of every secretRef (envFrom), in ``node``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "secretKeyRef":
+                yield value["name"], value["key"]
+            elif key == "secretRef":
+                yield value["name"], None
+            else:
+                yield from secret_refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from secret_refs(item)
+
+
+def test_only_influxdb_and_the_setup_job_get_the_operator_token(case: tuple[str, list[Doc]]) -> None:
+    """Flow runs (their template, their Job, their env Secret) never carry the operator token or a
+    reference to it: a flow run's token can do no more than read and write the bucket."""
+    name, docs = case
+    operator = {"default": ("mp-marketpipe-influxdb-auth", "admin-token"), "production": ("influxdb-admin", "token")}
+    template = base_job_template(docs)
+    flow_run_job = resolve(template, {}).job_manifest
+    worker = one(docs, "Deployment", "-worker")
+    flow_run_side: list[Any] = [template, flow_run_job, worker]
+    if name == "default":
+        auth = one(docs, "Secret", "-influxdb-auth")
+        env_secret = one(docs, "Secret", "-flow-run-env")
+        flow_run_side.append(env_secret)
+        token = auth["data"]["admin-token"]
+        for part in flow_run_side:
+            text = json.dumps(part)
+            assert token not in text and base64.b64decode(token).decode() not in text
+    auth_secret = operator.get(name, ("", ""))[0]
+    for part in flow_run_side:
+        assert all(secret != auth_secret for secret, _ in secret_refs(part)), secret_refs(part)
+    holders = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs if operator.get(name) in set(secret_refs(d)))
+    if name == "default":  # the setup Job makes the flow runs' token with it, under a name no config reads
+        assert holders == ["Job/mp-marketpipe-setup", "StatefulSet/mp-marketpipe-influxdb"]
+        setup = one(docs, "Job", "-setup")["spec"]["template"]["spec"]["containers"][0]
+        assert env_of(setup)["INFLUXDB_OPERATOR_TOKEN"] == {
+            "secretKeyRef": {"name": operator[name][0], "key": "admin-token"}
+        }
+    elif name == "production":  # a user-brought envSecret: setup has no use for the operator token
+        assert holders == ["StatefulSet/mp-marketpipe-influxdb"]
+    else:
+        assert holders == []
+
+
+def test_the_setup_job_alone_may_patch_the_flow_run_env_secret(case: tuple[str, list[Doc]]) -> None:
+    name, docs = case
+    setup_pod = one(docs, "Job", "-setup")["spec"]["template"]["spec"]
+    flow_run_account = base_job_template(docs)["variables"]["properties"]["service_account_name"]["default"]
+    assert setup_pod["serviceAccountName"] == one(docs, "ServiceAccount", "-setup")["metadata"]["name"]
+    assert setup_pod["serviceAccountName"] != flow_run_account
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    bound = {s["name"] for b in bindings for s in b["subjects"]}
+    assert flow_run_account not in bound  # flow runs may do nothing with the Kubernetes API
+    if name != "default":  # nothing to write: no Role for the setup Job
+        assert bound == {one(docs, "ServiceAccount", "-worker")["metadata"]["name"]}
+        assert [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-setup")] == []
+        return
+    role = one(docs, "Role", "-setup")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": [one(docs, "Secret", "-flow-run-env")["metadata"]["name"]],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    binding = one(docs, "RoleBinding", "-setup")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": setup_pod["serviceAccountName"], "namespace": NAMESPACE}
+    ]
+    # and it may reach the Kubernetes API, which the flow runs may not
+    policy = one(docs, "NetworkPolicy", "-setup")["spec"]
+    labels = one(docs, "Job", "-setup")["spec"]["template"]["metadata"]["labels"]
+    flow_run = base_job_template(docs)["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["podSelector"], labels) and not selects(policy["podSelector"], flow_run)
+    assert {p["port"] for rule in policy["egress"] for p in rule["ports"]} == {443, 6443}
+
+
+def test_a_production_release_needs_a_persistent_spool() -> None:
+    message = render_error(merged(MINIMAL, {"environment": "production"}))
+    assert "spool.existingClaim" in message and "lost with its pod" in message
+    claimed = merged(MINIMAL, {"environment": "production", "spool": {"existingClaim": "marketpipe-spool"}})
+    pod = resolve(base_job_template(render(claimed)), {}).job_manifest["spec"]["template"]["spec"]
+    spool = next(v for v in pod["volumes"] if v["name"] == "spool")
+    assert spool == {"name": "spool", "persistentVolumeClaim": {"claimName": "marketpipe-spool"}}
+    assert "schema" in render_error(merged(MINIMAL, {"environment": "prod"}))
+    # elsewhere an emptyDir still renders, with NOTES.txt saying what it loses
+    notes = render_files(merged(MINIMAL, {"environment": "staging"}))["marketpipe/templates/NOTES.txt"]
+    assert "emptyDir and is lost with each flow-run pod" in notes
 
 
 # --- workloads --------------------------------------------------------------------------------
@@ -452,7 +560,18 @@ def test_setup_job_is_a_hook_with_the_flow_run_environment(case: tuple[str, list
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     setup = next(c for c in pod["containers"] if c["name"] == "setup")
-    assert setup["args"] == ["marketpipe", "setup"]
+    if name == "default":  # the chart generated InfluxDB's credentials: setup makes the flow runs' token
+        secret = one(docs, "Secret", "-flow-run-env")["metadata"]["name"]
+        assert setup["args"] == [
+            "marketpipe",
+            "setup",
+            "--scoped-token-secret",
+            secret,
+            "--scoped-token-namespace",
+            NAMESPACE,
+        ]
+    else:
+        assert setup["args"] == ["marketpipe", "setup"]
     env = env_of(setup)
     template = base_job_template(docs)
     defaults = template["variables"]["properties"]
@@ -461,7 +580,8 @@ def test_setup_job_is_a_hook_with_the_flow_run_environment(case: tuple[str, list
         assert env[key] == flow_env[key], key
     assert env["MARKETPIPE_ENV"] == "production"
     assert env["PREFECT_API_URL"] == CASES[name]["prefect"]["apiUrl"]
-    # INFLUXDB_TOKEN comes from the same Secret the flow runs use
+    # INFLUXDB_TOKEN comes from the same Secret the flow runs use (the operator token, if any, apart)
+    assert "INFLUXDB_TOKEN" not in env
     assert setup["envFrom"] == [{"secretRef": {"name": defaults["env_secret"]["default"]}}]
     if name == "production":
         assert env["ALPHA_VANTAGE_API_KEY"] == {"secretKeyRef": {"name": "alpha-vantage", "key": "api-key"}}
@@ -539,6 +659,7 @@ def test_missing_prefect_api_url_fails_with_a_clear_message() -> None:
             {"networkPolicy": {"prefectApi": {"namespaceSelector": None, "podSelector": None}}},
             "networkPolicy.prefectApi needs",
         ),
+        ({"setup": {"enabled": False}}, "setup.enabled=false leaves the flow runs without an InfluxDB token"),
     ],
     ids=[
         "cloud-without-key",
@@ -547,6 +668,7 @@ def test_missing_prefect_api_url_fails_with_a_clear_message() -> None:
         "no-env-secret",
         "external-without-cidrs",
         "no-prefect-peer",
+        "generated-token-without-setup",
     ],
 )
 def test_inconsistent_values_fail_with_a_message(extra: dict[str, Any], expected: str) -> None:

@@ -80,6 +80,10 @@ matchExpressions:
 {{- include "marketpipe.componentName" (dict "ctx" . "suffix" "flow-run") }}
 {{- end }}
 
+{{- define "marketpipe.setupServiceAccountName" -}}
+{{- include "marketpipe.componentName" (dict "ctx" . "suffix" "setup") }}
+{{- end }}
+
 {{- define "marketpipe.baseJobTemplateName" -}}
 {{- include "marketpipe.componentName" (dict "ctx" . "suffix" "base-job-template") }}
 {{- end }}
@@ -104,6 +108,14 @@ matchExpressions:
 {{/* True ("true") when the chart generates the InfluxDB credentials itself. */}}
 {{- define "marketpipe.generatesInfluxdbAuth" -}}
 {{- if and .Values.influxdb.enabled (not .Values.influxdb.auth.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/*
+True ("true") when the setup Job creates the flow runs' bucket-scoped InfluxDB token and writes it
+into the flow-run env Secret: the chart generates both InfluxDB's credentials and that Secret.
+*/}}
+{{- define "marketpipe.createsScopedToken" -}}
+{{- if and (include "marketpipe.generatesInfluxdbAuth" .) (not .Values.workPool.jobDefaults.envSecret) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -142,6 +154,12 @@ from, as environment variables (envFrom).
 {{- end }}
 {{- $_ := include "marketpipe.influxdbUrl" . }}
 {{- $_ := include "marketpipe.envSecretName" . }}
+{{- if and (include "marketpipe.createsScopedToken" .) (not .Values.setup.enabled) }}
+{{- fail "setup.enabled=false leaves the flow runs without an InfluxDB token: the setup Job creates their bucket-scoped token when the chart generates InfluxDB's credentials. Keep setup.enabled, or set workPool.jobDefaults.envSecret to an existing Secret whose INFLUXDB_TOKEN may read and write the bucket" }}
+{{- end }}
+{{- if and (eq .Values.environment "production") (not .Values.spool.existingClaim) }}
+{{- fail "environment is production but spool.existingClaim is empty: set spool.existingClaim to a ReadWriteMany PersistentVolumeClaim. On an emptyDir the spool (the batches InfluxDB could not take, which `marketpipe replay` stores later) is lost with its pod" }}
+{{- end }}
 {{- if .Values.networkPolicy.enabled }}
 {{- $api := .Values.networkPolicy.prefectApi }}
 {{- if not (or $api.cidrs $api.namespaceSelector $api.podSelector) }}
