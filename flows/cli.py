@@ -133,6 +133,12 @@ def run(
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, SymbolsFailedError):
         _print_summary([r.__dict__ for r in outcome.results], settings.storage.spool_dir)
+        if outcome.metrics_error:
+            from flows.market_data import describe_metrics_error
+
+            console.print(
+                f"[red]{escape(describe_metrics_error(outcome.metrics_error))}[/]", highlight=False, soft_wrap=True
+            )
         raise typer.Exit(EXIT_FAILED)
     if isinstance(outcome, BaseException):
         _error(f"the flow failed: {outcome}")
