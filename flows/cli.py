@@ -348,7 +348,7 @@ def sandbox(
     ] = None,
     fault_rate: Annotated[float, typer.Option(help="Probability that a request gets a fault")] = 0.0,
     fault_kinds: Annotated[
-        str, typer.Option(help="Faults to draw from: 5xx,timeout,malformed,html")
+        str, typer.Option(help="Faults to draw from: 5xx,timeout,malformed,html,429")
     ] = "5xx,timeout,malformed,html",
     fault: Annotated[list[str] | None, typer.Option(help="SYMBOL=KIND: that symbol always gets that fault")] = None,
     timeout_delay: Annotated[float, typer.Option(help="Seconds a 'timeout' fault stalls before its 504")] = 5.0,
