@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,6 +19,7 @@ from rich.table import Table
 from tasks.errors import UsageError
 
 if TYPE_CHECKING:
+    import httpx
     import pandas as pd
 
     from configs.settings import Settings
@@ -118,27 +119,51 @@ def run(
 
     if first and last and first > last:
         _or_exit(lambda: _raise(UsageError(f"--start {first} is after --end {last}: swap them")))
+    import httpx
+
     from flows.local_prefect import local_prefect
     from flows.market_data import SymbolsFailedError, market_data
 
     with local_prefect(_note):
-        state = market_data(
-            symbols=checked,
-            source=source,
-            interval=interval,
-            start=first,
-            end=last,
-            config=str(config) if config else None,
-            return_state=True,
-        )
+        try:
+            state = market_data(
+                symbols=checked,
+                source=source,
+                interval=interval,
+                start=first,
+                end=last,
+                config=str(config) if config else None,
+                return_state=True,
+            )
+        except httpx.TransportError as exc:  # the API went away and its client's retries ran out
+            _api_lost(exc, settings.storage.spool_dir)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, SymbolsFailedError):
         _print_summary([r.__dict__ for r in outcome.results], settings.storage.spool_dir)
+        if outcome.metrics_error:
+            from flows.market_data import describe_metrics_error
+
+            console.print(
+                f"[red]{escape(describe_metrics_error(outcome.metrics_error))}[/]", highlight=False, soft_wrap=True
+            )
         raise typer.Exit(EXIT_FAILED)
     if isinstance(outcome, BaseException):
         _error(f"the flow failed: {outcome}")
         raise typer.Exit(EXIT_FAILED)
     _print_summary(outcome, settings.storage.spool_dir)
+
+
+def _api_lost(error: httpx.TransportError, spool_dir: str) -> NoReturn:
+    from prefect.settings import get_current_settings
+
+    from flows.local_prefect import exit_without_api
+
+    _error(
+        f"the Prefect API at {get_current_settings().api.url} became unreachable during the run "
+        f"({type(error).__name__}: {error}): the bars written are stored and those spooled wait in {spool_dir}; "
+        "run the same command again once the server is back: it collects again what this run did not store"
+    )
+    exit_without_api(EXIT_FAILED)
 
 
 def _raise(error: Exception) -> None:
@@ -324,7 +349,7 @@ def sandbox(
     ] = None,
     fault_rate: Annotated[float, typer.Option(help="Probability that a request gets a fault")] = 0.0,
     fault_kinds: Annotated[
-        str, typer.Option(help="Faults to draw from: 5xx,timeout,malformed,html")
+        str, typer.Option(help="Faults to draw from: 5xx,timeout,malformed,html,429")
     ] = "5xx,timeout,malformed,html",
     fault: Annotated[list[str] | None, typer.Option(help="SYMBOL=KIND: that symbol always gets that fault")] = None,
     timeout_delay: Annotated[float, typer.Option(help="Seconds a 'timeout' fault stalls before its 504")] = 5.0,

@@ -12,9 +12,12 @@ set (environment, profile or ``.env``) always wins.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from filelock import FileLock
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings, temporary_settings
@@ -63,3 +66,23 @@ def local_prefect(say: Callable[[str], None]) -> Iterator[None]:
         return
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT}):
         yield
+
+
+# Seconds Prefect's event and log queues get to send what they hold once the API is unreachable.
+UNREACHABLE_API_GRACE = 5
+
+
+def exit_without_api(code: int) -> NoReturn:
+    """End the process when the Prefect API has gone: at exit, Prefect's queues would otherwise try
+    each event they hold in turn (about 7 s each against a refused connection), for minutes.
+
+    What the run wrote is written by then: only the API's record of the run is incomplete.
+    """
+    from prefect.events.worker import EventsWorker  # noqa: PLC0415 (only on this path)
+    from prefect.logging.handlers import APILogWorker  # noqa: PLC0415
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=UNREACHABLE_API_GRACE)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -24,6 +24,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.spool import REJECTED
+from blocks.store import StoreError
 from configs.settings import load_settings
 from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import check_source, collect_bars
@@ -64,10 +65,12 @@ class SymbolResult:
 
 
 class SymbolsFailedError(Exception):
-    """Some symbols failed or were spooled; the others were stored. Carries the whole summary."""
+    """Some symbols failed or were spooled, or the run's metrics could not be kept; the others were
+    stored. Carries the whole summary."""
 
-    def __init__(self, results: list[SymbolResult], spool_dir: str = "") -> None:
+    def __init__(self, results: list[SymbolResult], spool_dir: str = "", metrics_error: str = "") -> None:
         self.results = results
+        self.metrics_error = metrics_error
         failed = [r for r in results if r.status == FAILED]
         spooled = sum(r.spooled for r in results)
         parts = [f"{len(failed)} of {len(results)} symbol(s) failed"] if failed else []
@@ -79,7 +82,13 @@ class SymbolsFailedError(Exception):
             )
         if results and results[0].spool_rejected:
             parts.append(describe_rejected(results[0].spool_rejected, spool_dir))
+        if metrics_error:
+            parts.append(describe_metrics_error(metrics_error))
         super().__init__("; ".join(parts))
+
+
+def describe_metrics_error(error: str) -> str:
+    return f"the run's pipeline_metrics were not recorded: {error}"
 
 
 def describe_rejected(names: list[str], spool_dir: str) -> str:
@@ -141,9 +150,13 @@ def market_data(
     for result in results:
         result.spool_rejected = rejected
     _publish(results, source, interval)
-    record_metrics(run_metrics(results, source, interval, started), settings)
-    if any(r.status in (FAILED, SPOOLED) for r in results):
-        raise SymbolsFailedError(results, settings.storage.spool_dir)
+    metrics_error = ""
+    try:  # neither store nor spool taking the metrics must not hide which symbols' bars they lost
+        record_metrics(run_metrics(results, source, interval, started), settings)
+    except StoreError as exc:
+        metrics_error = str(exc)
+    if metrics_error or any(r.status in (FAILED, SPOOLED) for r in results):
+        raise SymbolsFailedError(results, settings.storage.spool_dir, metrics_error)
     return [asdict(r) for r in results]
 
 

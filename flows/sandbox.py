@@ -9,7 +9,8 @@ the status code their error body implies.
 Faithful to the failure modes that matter: an enforced rate limit (Yahoo answers 429, Alpha
 Vantage a 200 with a ``Note`` body), Alpha Vantage's daily quota (a 200 with its "N requests per
 day" ``Information`` body once N calls were answered that UTC day), per-request latency, faults
-injected by probability or per symbol (5xx, timeout, malformed JSON, HTML with status 200),
+injected by probability or per symbol (5xx, timeout, malformed JSON, HTML with status 200, and
+Yahoo's 429 with Retry-After, which also comes when the client is not too fast by any count),
 Yahoo's real 404 body for unknown symbols, and a JSON-lines request log with secrets redacted.
 """
 
@@ -38,7 +39,8 @@ CHART_PREFIX = "/v8/finance/chart/"
 AV_PATH = "/query"
 SERIES_START = "2000-01-03"
 SERIES_END = "2035-12-31"
-FAULT_KINDS = ("5xx", "timeout", "malformed", "html")
+FAULT_KINDS = ("5xx", "timeout", "malformed", "html", "429")
+FAULT_RETRY_AFTER = "1"  # seconds, the Retry-After of a "429" fault
 NOT_FOUND_BODY = {
     "chart": {"result": None, "error": {"code": "Not Found", "description": "No data found, symbol may be delisted"}}
 }
@@ -341,6 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b'{"chart": {"result": [{"meta": ')
         if kind == "html":
             return self._send(200, b"<html><body>Too Many Requests</body></html>", "text/html")
+        if kind == "429":
+            return self._send(429, b"Too Many Requests\r\n", "text/plain", {"Retry-After": FAULT_RETRY_AFTER})
         raise ValueError(f"unknown fault kind {kind!r}: use one of {', '.join(FAULT_KINDS)}")
 
     def _send(

@@ -76,20 +76,29 @@ def migrated_prefect_database(env: dict[str, str], timeout: float) -> Path:
 
 
 @contextmanager
-def prefect_server(home: Path, timeout: float = 300) -> Iterator[str]:
-    """`prefect server start` (SQLite under ``home``); yields its API URL.
+def prefect_process(home: Path, port: int, timeout: float = 300) -> Iterator[subprocess.Popen[bytes]]:
+    """`prefect server start` (SQLite under ``home``) on ``port``; the same ``home`` and ``port`` make
+    a restart of the same server, its database kept.
 
     The timeout allows for two servers starting at once on two cores that other work keeps busy.
     """
-    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(migrated_prefect_database(env, timeout), home / "prefect.db")
+    if not (home / "prefect.db").exists():
+        shutil.copyfile(migrated_prefect_database(env, timeout), home / "prefect.db")
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"]
-    with _serving("Prefect server", command, home / "server.log", f"{url}/health", 200, timeout, env):
-        yield url
+    with _serving("Prefect server", command, home / "server.log", f"{url}/health", 200, timeout, env) as process:
+        yield process
+
+
+@contextmanager
+def prefect_server(home: Path, timeout: float = 300) -> Iterator[str]:
+    """`prefect server start` (SQLite under ``home``) on a free port; yields its API URL."""
+    port = free_port()
+    with prefect_process(home, port, timeout):
+        yield f"http://127.0.0.1:{port}/api"
 
 
 INFLUXD_CONFIG = """\

@@ -16,6 +16,7 @@ from blocks.duckdb_store import DuckDBStore
 from configs.settings import ConfigError
 from flows.market_data import SymbolsFailedError, market_data
 from tests.conftest import YAHOO, Sandbox
+from tests.servers import free_port
 
 
 @pytest.fixture
@@ -145,3 +146,27 @@ def test_a_source_that_cannot_work_fails_the_run_before_any_symbol(
     error = state.result(raise_on_failure=False)
     assert isinstance(error, ConfigError)
     assert "ALPHA_VANTAGE_API_KEY" in str(error)
+
+
+def test_a_store_and_spool_that_take_nothing_still_give_the_summary(
+    configured: DuckDBStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The run's metrics fail like its bars; that must not hide which symbols lost their bars and why."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("MARKETPIPE__STORAGE__BACKEND", "influxdb_v1")
+    monkeypatch.setenv("MARKETPIPE__STORAGE__INFLUXDB_V1__URL", f"http://127.0.0.1:{free_port()}")  # nothing there
+    monkeypatch.setenv("MARKETPIPE__STORAGE__SPOOL_DIR", str(blocker / "spool"))
+    state = market_data(["AAPL", "MSFT"], start=date(2024, 1, 1), end=date(2024, 1, 31), return_state=True)
+    assert state.is_failed()
+    outcome = state.result(raise_on_failure=False)
+    assert isinstance(outcome, SymbolsFailedError), outcome
+    for result in outcome.results:
+        assert result.status == "failed"
+        assert "the store could not give the history" in result.error and "could not be spooled" in result.error
+    assert (
+        "is unreachable" in outcome.metrics_error
+        and "pipeline_metrics rows could not be spooled" in outcome.metrics_error
+    )
+    assert str(outcome).startswith("2 of 2 symbol(s) failed; AAPL: ")
+    assert "the run's pipeline_metrics were not recorded" in str(outcome)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 from configs.settings import RetrySettings, SourceSettings
+from flows.sandbox import SandboxConfig, read_request_log, start_sandbox
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, load_source, redact_url
 from tasks.sources.yahoo_finance import YahooFinance, request_windows, served_at
@@ -349,3 +351,28 @@ def test_429_is_a_rate_limit_honouring_retry_after() -> None:
     with pytest.raises(RateLimitedError) as caught:
         YahooFinance(SETTINGS).parse(BarQuery("AAPL", "1d", *WIDE), response)
     assert caught.value.retry_after == 7.0
+
+
+def test_the_sandboxs_429_fault_is_retried_no_sooner_than_its_retry_after(tmp_path: Path) -> None:
+    """The sandbox's `429` fault answers as Yahoo does; the source waits its Retry-After, then gets the bars."""
+    log = tmp_path / "requests.jsonl"
+    config = SandboxConfig(fault_rate=0.5, fault_kinds=("429",), seed=4, symbol_faults={"ALWAYS": "429"})
+    config.request_log, config.access_log = log, False
+    server = start_sandbox(0, config)  # seed 4: one fault, then none
+    try:
+        settings = SETTINGS.model_copy(
+            update={"base_url": server.base_url, "retry": RetrySettings(max_attempts=3, initial_wait=0.01, max_wait=5)}
+        )
+        collected = YahooFinance(settings).collect(BarQuery("AAPL", "1d", date(2024, 1, 1), date(2024, 1, 31)))
+        with pytest.raises(RateLimitedError) as caught:
+            YahooFinance(SETTINGS.model_copy(update={"base_url": server.base_url})).collect(
+                BarQuery("ALWAYS", "1d", date(2024, 1, 1), date(2024, 1, 31))
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(collected.bars) == 23 and collected.requests == 2
+    first, second = (e for e in read_request_log(log) if e["symbol"] == "AAPL")
+    assert (first["status"], first["fault"], second["status"], second.get("fault")) == (429, "429", 200, None)
+    assert second["t"] - first["t"] >= 1.0  # Retry-After: 1
+    assert caught.value.retry_after == 1.0 and "rate limited by Yahoo (HTTP 429)" in str(caught.value)
