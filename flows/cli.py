@@ -157,9 +157,10 @@ def _api_lost(error: httpx.TransportError, spool_dir: str) -> NoReturn:
     from prefect.settings import get_current_settings
 
     from flows.local_prefect import exit_without_api
+    from tasks.redaction import redact_url
 
     _error(
-        f"the Prefect API at {get_current_settings().api.url} became unreachable during the run "
+        f"the Prefect API at {redact_url(str(get_current_settings().api.url))} became unreachable during the run "
         f"({type(error).__name__}: {error}): the bars written are stored and those spooled wait in {spool_dir}; "
         "run the same command again once the server is back: it collects again what this run did not store"
     )

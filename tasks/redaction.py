@@ -13,7 +13,9 @@ def redact_params(params: dict[str, str]) -> dict[str, str]:
 
 
 def redact_url(url: str) -> str:
-    """The URL with secret query parameters replaced, for logs and error messages."""
+    """The URL with its password and secret query parameters replaced, for logs and error messages."""
     parts = urlsplit(url)
     query = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    if parts.password is not None:
+        parts = parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))

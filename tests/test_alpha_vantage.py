@@ -746,3 +746,9 @@ def test_a_period_keyed_twice_in_one_body_keeps_the_latest_key() -> None:
     bars = parse(json.dumps(body_).encode(), interval="1wk").bars
     assert list(bars["time"]) == [pd.Timestamp("2018-08-13", tz="UTC")]
     assert (bars["close"].iloc[0], bars["volume"].iloc[0]) == (2.5, 30.0)
+
+
+def test_a_url_printed_in_an_error_keeps_no_password_and_no_key() -> None:
+    printed = redact_url(f"https://user:{KEY}@prefect.example:4200/api?apikey={KEY}&function=X")
+    assert KEY not in printed
+    assert printed == "https://user:***@prefect.example:4200/api?apikey=***&function=X"
