@@ -59,7 +59,8 @@ def test_influxd_restarted_during_a_run(
         output = run.output()
         spooled = spooled_points(faulted)
         replayed = marketpipe("replay", env=faulted)
-        drill.notes.append(f"run exit {code}, {spooled} points spooled, replay exit {replayed.returncode}")
+        said = replayed.stdout.strip().splitlines()[:1] or ["no output"]
+        drill.notes.append(f"run exit {code}, {spooled} points spooled; replay exit {replayed.returncode}: {said[0]}")
         clean = influxdb_v1_env(env, url, "clean", tmp_path / "spool-clean")
         # The pace changes no bar: the run without stops may go faster.
         clean |= {"MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RATE_LIMIT": str(PACE * 4)}
