@@ -11,6 +11,9 @@ import math
 import os
 import random
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from configs.settings import ConfigError
 from tasks.errors import QuotaExhaustedError, RateLimitedError
 from tasks.sources.base import RedactSecrets, full_jitter_backoff
 from tasks.sources.pacing import POLL, Pacer, Rate, rates_for
+from tests.conftest import REPO
 
 
 class FakeClock:
@@ -367,3 +371,17 @@ def test_an_unanswered_request_blocks_the_window_until_its_process_is_taken_for_
     pacer.acquire()
     assert clock.now - lost.slot >= 30.0  # waited for the lost request to be written off
     assert clock.now - start < 31.0
+
+
+def test_a_request_left_unanswered_by_a_killed_process_holds_no_one_back(tmp_path: Path) -> None:
+    """A run after a `kill -9` sent nothing for two minutes: it waited for the dead process's answer."""
+    child = (
+        "import os, sys; from tasks.sources.pacing import Pacer, Rate; "
+        "Pacer('src', [Rate(0.25)], sys.argv[1], per_window=1, stale_after=120.0).acquire(); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=True, cwd=REPO, timeout=60)
+    state = json.loads((tmp_path / "src.json").read_text())
+    assert [entry["done"] for entry in state["window"]["requests"]] == [None]  # it never finished its request
+    started = time.monotonic()
+    Pacer("src", [Rate(0.25)], tmp_path, per_window=1, stale_after=120.0).acquire()
+    assert time.monotonic() - started < 5  # not the 120 s a process on another host gets

@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import socket
 import stat
 import threading
 import time
@@ -223,7 +224,7 @@ class Pacer:
                 tats[_key(rate)] = max(tats.get(_key(rate), now), slot) + rate.interval
             ticket = Ticket(slot, uuid.uuid4().hex)
             if window is not None:
-                window["requests"].append({"id": ticket.id, "taken": now, "done": None})
+                window["requests"].append({"id": ticket.id, "taken": now, "done": None, **_taker()})
             state["count"] += 1
             return slot, ticket
 
@@ -233,7 +234,7 @@ class Pacer:
         assert self.per_window is not None
         requests: list[dict[str, Any]] = window["requests"]
         for entry in requests:
-            if entry["done"] is None and entry["taken"] + self.stale_after <= now:
+            if entry["done"] is None and (entry["taken"] + self.stale_after <= now or _taker_exited(entry)):
                 entry["done"] = now  # its process died: whatever it sent has arrived by now
         self._compact(window)
         older = requests[: max(len(requests) - (self.per_window - 1), 0)]
@@ -297,6 +298,41 @@ class Pacer:
             with suppress(OSError):
                 os.unlink(temporary.name, dir_fd=directory)
             raise
+
+
+def _host() -> str:
+    """This host and PID namespace: where a taker's process id means that process."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
+
+
+_HOST = _host()
+
+
+def _taker() -> dict[str, Any]:
+    return {"host": _HOST, "pid": os.getpid()}
+
+
+def _taker_exited(entry: dict[str, Any]) -> bool:
+    """Whether the request was taken by a process of this host that is gone, so it will never finish it.
+
+    A `kill -9` leaves its request unanswered; without this, every run after it waited for
+    ``stale_after`` (two minutes by default) before sending. Entries of other hosts, of older
+    versions, or of a process that may still run keep waiting for ``stale_after``.
+    """
+    pid = entry.get("pid")
+    if entry.get("host") != _HOST or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, as another user
+        return False
+    return False
 
 
 def _key(rate: Rate) -> str:
