@@ -55,6 +55,7 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
 
     _block_type_name: ClassVar[str] = "marketpipe InfluxDB v1 store"
     _description: ClassVar[str] = "InfluxDB 1.x (or 3.x's v1 API): database, retention policy, user, password."
+    _reads_before_deleting: ClassVar[bool] = True  # influxd 1.6 hides series rewritten after a DELETE
 
     url: str = Field(default="http://localhost:8086", description="base URL of the InfluxDB HTTP API")
     database: str = "market_data"

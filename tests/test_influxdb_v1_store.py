@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from blocks.influx_measurements import BARS, PRECISION
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.spool import Spool
-from blocks.store import StoreError, StoreUnavailableError, dropped_by_retention
+from blocks.store import StoreError, StoreUnavailableError, dropped_by_retention, series_spans
 from tasks.bars import conform_actions
 from tests.conftest import Sandbox, marketpipe, query_csv
-from tests.servers import free_port, influxdb_process
+from tests.servers import free_port, influxdb_process, influxdb_server
 from tests.test_store_conformance import frame
 
 
@@ -251,3 +252,20 @@ def test_reads_are_whole_against_a_max_row_limit_of_100(tmp_path: Path) -> None:
         }
         printed = query_csv(env, "BRK-B")
         assert list(pd.to_datetime(printed["time"], utc=True)) == list(bars["time"])
+
+
+def test_a_rerun_after_series_were_emptied_reads_back_whole(tmp_path: Path) -> None:
+    """What a rerun after a `kill -9` between a write's DELETE and its points meets: influxd 1.6 hid
+    series rewritten with DELETE-then-write a few seconds after other series were emptied, until it
+    restarted (influxdb#9431). A rewrite of the same bars now sends no DELETE."""
+    with influxdb_server(tmp_path / "influxd") as url:
+        store = InfluxDBV1Store(url=url, database="rerun")
+        series = [frame(f"S{k:02d}", n=260) for k in range(24)]
+        for bars in series:
+            store.write_bars(bars)
+        store._delete(BARS, series_spans(pd.concat(series[:4]), PRECISION))  # what the killed run left
+        time.sleep(3)
+        for bars in series:
+            store.write_bars(bars)
+        for bars in series:
+            assert list(store.read_bars(bars["symbol"].iloc[0])["time"]) == list(bars["time"]), bars["symbol"].iloc[0]
