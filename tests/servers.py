@@ -1,4 +1,5 @@
-"""Real servers for tests and benchmarks, on free loopback ports, stopped by PID."""
+"""Real servers for tests and benchmarks, on free loopback ports, stopped by PID; and the loopback
+HTTP server that stands in for the external APIs no test can reach."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -148,3 +152,36 @@ def influxdb_server(home: Path, timeout: float = 60) -> Iterator[str]:
     port = free_port()
     with influxdb_process(home, port, timeout):
         yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def serving_http(handle: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[str]:
+    """A threaded HTTP server on a free loopback port passing every GET, POST, PATCH and DELETE to
+    ``handle``; yields its URL. For the external APIs a test can't reach (InfluxDB 2.x, Kubernetes)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            handle(self)
+
+        def do_POST(self) -> None:
+            handle(self)
+
+        def do_PATCH(self) -> None:
+            handle(self)
+
+        def do_DELETE(self) -> None:
+            handle(self)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.block_on_close = False
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -28,7 +27,7 @@ from blocks.line_protocol import serialize
 from blocks.store import BAR_KEY, QUARANTINE_KEY, StoreError, StoreUnavailableError, dropped_by_retention
 from blocks.stores import store_from_settings
 from configs.settings import ConfigError, InfluxDBSettings, StorageSettings
-from tests.servers import free_port
+from tests.servers import free_port, serving_http
 from tests.test_store_conformance import frame
 
 TOKEN = "tok-s3cret-Zq9"
@@ -91,45 +90,24 @@ def json_reply(status: int, data: Any) -> Reply:
 def fake_influx(routes: dict[tuple[str, str], list[Reply]]) -> Iterator[FakeInflux]:
     fake = FakeInflux(routes)
 
-    class Handler(BaseHTTPRequestHandler):
-        def _handle(self) -> None:
-            parts = urlsplit(self.path)
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            reply = fake.reply(Request(self.command, parts.path, parse_qs(parts.query), headers, body))
-            time.sleep(reply.delay)
-            try:
-                self.send_response(reply.status)
-                self.send_header("Content-Type", reply.content_type)
-                self.send_header("Content-Length", str(len(reply.body)))
-                self.end_headers()
-                self.wfile.write(reply.body)
-            except OSError:  # the client gave up waiting
-                pass
-
-        def do_GET(self) -> None:
-            self._handle()
-
-        def do_POST(self) -> None:
-            self._handle()
-
-        def do_PATCH(self) -> None:
-            self._handle()
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+    def handle(http: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(http.path)
+        body = http.rfile.read(int(http.headers.get("Content-Length") or 0))
+        headers = {k.lower(): v for k, v in http.headers.items()}
+        reply = fake.reply(Request(http.command, parts.path, parse_qs(parts.query), headers, body))
+        time.sleep(reply.delay)
+        try:
+            http.send_response(reply.status)
+            http.send_header("Content-Type", reply.content_type)
+            http.send_header("Content-Length", str(len(reply.body)))
+            http.end_headers()
+            http.wfile.write(reply.body)
+        except OSError:  # the client gave up waiting
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.block_on_close = False
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving_http(handle) as url:
+        fake.url = url
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def store_at(url: str, **options: Any) -> InfluxDBStore:

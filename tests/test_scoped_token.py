@@ -14,11 +14,10 @@ import base64
 import gzip
 import json
 import secrets
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
@@ -37,6 +36,7 @@ from flows.scoped_token import (
     store_token_in_secret,
 )
 from tests.conftest import marketpipe
+from tests.servers import serving_http
 
 ORG, ORG_ID = "marketpipe", "0123456789abcdef"
 BUCKET, BUCKET_ID = "market_data", "fedcba9876543210"
@@ -70,53 +70,30 @@ class Fake:
     def serving(cls, **kwargs: Any) -> Iterator[Any]:
         fake = cls(**kwargs)
 
-        class Handler(BaseHTTPRequestHandler):
-            def _handle(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    raw = gzip.decompress(raw)
-                parts = urlsplit(self.path)
-                request = Request(
-                    self.command,
-                    parts.path,
-                    parse_qs(parts.query),
-                    {k.lower(): v for k, v in self.headers.items()},
-                    json.loads(raw) if raw else None,
-                )
-                fake.requests.append(request)
-                status, payload = fake.respond(request)
-                body = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def handle(http: BaseHTTPRequestHandler) -> None:
+            raw = http.rfile.read(int(http.headers.get("Content-Length") or 0))
+            if http.headers.get("Content-Encoding") == "gzip":
+                raw = gzip.decompress(raw)
+            parts = urlsplit(http.path)
+            request = Request(
+                http.command,
+                parts.path,
+                parse_qs(parts.query),
+                {k.lower(): v for k, v in http.headers.items()},
+                json.loads(raw) if raw else None,
+            )
+            fake.requests.append(request)
+            status, payload = fake.respond(request)
+            body = b"" if payload is None else json.dumps(payload).encode()
+            http.send_response(status)
+            http.send_header("Content-Type", "application/json")
+            http.send_header("Content-Length", str(len(body)))
+            http.end_headers()
+            http.wfile.write(body)
 
-            def do_GET(self) -> None:
-                self._handle()
-
-            def do_POST(self) -> None:
-                self._handle()
-
-            def do_PATCH(self) -> None:
-                self._handle()
-
-            def do_DELETE(self) -> None:
-                self._handle()
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        try:
+        with serving_http(handle) as url:
+            fake.url = url
             yield fake
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join()
 
 
 def permission(action: str, kind: str = "buckets", resource_id: str | None = BUCKET_ID) -> dict[str, Any]:
