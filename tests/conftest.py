@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,10 @@ class Sandbox:
         self._log.close()
 
 
-def marketpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def marketpipe(
+    *args: str, env: dict[str, str], timeout: float = 180, preexec: Callable[[], None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`marketpipe ...` as a child process, optionally with ``preexec`` run in it before it starts."""
     return subprocess.run(
         [str(BIN / "marketpipe"), *args],
         env=env,
@@ -82,6 +85,7 @@ def marketpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subproc
         text=True,
         timeout=timeout,
         check=False,
+        preexec_fn=preexec,
     )
 
 

@@ -18,25 +18,15 @@ import pandas as pd
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.store import BarStore
 from tests.conftest import BIN, REPO, Sandbox
+from tests.conftest import marketpipe as run_marketpipe
 from tests.servers import free_port, prefect_process
 
 Preexec = Callable[[], None]
 
 
-def marketpipe(
-    *args: str, env: dict[str, str], timeout: float = 240, preexec: Preexec | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`marketpipe ...` as a child process, optionally with ``preexec`` run in it before it starts."""
-    return subprocess.run(
-        [str(BIN / "marketpipe"), *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        preexec_fn=preexec,
-    )
+def marketpipe(*args: str, env: dict[str, str], preexec: Preexec | None = None) -> subprocess.CompletedProcess[str]:
+    """`marketpipe ...` as a child process, with a drill's longer allowance for a faulted run."""
+    return run_marketpipe(*args, env=env, timeout=240, preexec=preexec)
 
 
 def start_marketpipe(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[str]:
