@@ -9,13 +9,17 @@ SECRET_PARAMS = frozenset({"apikey", "api_key", "token", "password", "key"})
 
 def redact_params(params: dict[str, str]) -> dict[str, str]:
     """The query parameters with secret values replaced by ``***``."""
-    return {k: ("***" if k.lower() in SECRET_PARAMS else v) for k, v in params.items()}
+    return {k: _shown(k, v) for k, v in params.items()}
 
 
 def redact_url(url: str) -> str:
     """The URL with its password and secret query parameters replaced, for logs and error messages."""
     parts = urlsplit(url)
-    query = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    query = [(k, _shown(k, v)) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     if parts.password is not None:
         parts = parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+
+
+def _shown(key: str, value: str) -> str:
+    return "***" if key.lower() in SECRET_PARAMS else value
