@@ -86,6 +86,16 @@ class CollectionSettings(_Section):
         0, ge=0, description="collect-task retries once its requests' own retries are spent; transient errors only"
     )
     task_retry_delay: float = Field(60, ge=0, description="seconds before a collect task is retried")
+    workers: int = Field(
+        8, ge=1, le=64, description="symbols in flight at once: each goes collect -> process -> store in its own thread"
+    )
+    symbols_per_flow_run: int = Field(
+        300,
+        ge=1,
+        le=330,
+        description="a run over more symbols runs them in child flow runs of this many, three task runs each, so "
+        "no flow run holds more than about 1,000 task runs (Prefect servers slow down past a few thousand)",
+    )
 
 
 def trading_calendar_name(name: str) -> str:

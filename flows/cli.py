@@ -107,13 +107,11 @@ def run(
     """Run the market-data flow locally and print a per-symbol summary."""
     from configs.settings import load_settings
     from tasks.bars import validate_interval, validate_symbols
-    from tasks.collect import check_source
 
     settings = _or_exit(lambda: load_settings(config))
     wanted = symbols.split(",") if symbols else settings.symbols
     checked = _or_exit(lambda: validate_symbols(wanted))
     _or_exit(lambda: validate_interval(interval))
-    _or_exit(lambda: check_source(settings, source))
     first = _or_exit(lambda: _parse_date(start, "--start"))
     last = _or_exit(lambda: _parse_date(end, "--end"))
 
@@ -121,10 +119,19 @@ def run(
         _or_exit(lambda: _raise(UsageError(f"--start {first} is after --end {last}: swap them")))
     import httpx
 
-    from flows.local_prefect import local_prefect
-    from flows.market_data import SymbolsFailedError, market_data
+    from flows.local_prefect import started_early
 
-    with local_prefect(_note):
+    # The temporary Prefect server starts while the flow's modules import, on the other core.
+    with started_early(_note) as server_ready:
+        from flows.market_data import SymbolsFailedError, market_data
+        from tasks.collect import check_source
+
+        _or_exit(lambda: check_source(settings, source))
+        try:
+            server_ready()
+        except RuntimeError as exc:
+            _error(str(exc))
+            raise typer.Exit(EXIT_FAILED) from None
         try:
             state = market_data(
                 symbols=checked,

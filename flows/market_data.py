@@ -13,15 +13,17 @@ are counted. The per-symbol summary is published as a table artifact either way.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextvars import copy_context
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import pandas as pd
-from prefect import flow, get_run_logger, tags
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.client.schemas.objects import State
 
 from blocks.spool import REJECTED
 from blocks.store import StoreError
@@ -29,6 +31,7 @@ from configs.settings import load_settings
 from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import check_source, collect_bars
 from tasks.errors import QuotaExhaustedError, UsageError
+from tasks.job import Job
 from tasks.processing import Processed, describe_counts, process_bars
 from tasks.sources.base import Collected
 from tasks.store import Stored, record_metrics, replay_spool, store_bars
@@ -104,7 +107,7 @@ def collect_tag(source: str) -> str:
     return f"collect:{source}"
 
 
-@flow(name="market-data", log_prints=True, task_runner=ThreadPoolTaskRunner[Any](max_workers=16))  # type: ignore[arg-type]
+@flow(name="market-data", log_prints=True)
 def market_data(
     symbols: list[str] | None = None,
     source: str = "yahoo_finance",
@@ -125,26 +128,15 @@ def market_data(
     get_run_logger().info("%d symbol(s) from %s, %s bars, %s", len(checked), source, interval, mode)
     replayed = replay_spool(settings)
 
-    stages: dict[str, tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]] = {}
-    policy = settings.collection  # collect tasks retry transient source errors this often
-    collect = collect_bars.with_options(retries=policy.task_retries, retry_delay_seconds=policy.task_retry_delay)
-    # Every collect is queued before any process or store task. A task whose argument is an upstream
-    # future waits for it inside a worker thread, so queued per symbol in turn, two of every three
-    # workers would sit waiting and the pace would be set by how fast the few collects start.
-    collects: dict[str, PrefectFuture[Any]] = {}
-    for symbol in checked:
-        with tags(collect_tag(source)):
-            collects[symbol] = collect.submit(settings, source, symbol, interval, start, end)
-    for symbol, collected in collects.items():
-        # Prefect resolves a future passed as an argument into its result, which mypy can't see.
-        processed = process_bars.submit(collected, settings, source, symbol, interval)  # type: ignore[call-overload]
-        stored = store_bars.submit(processed, settings, symbol)
-        stages[symbol] = (collected, processed, stored)
-
-    results = [_summarise(symbol, *futures) for symbol, futures in stages.items()]
-    rejected = [b.name for b in replayed.rejected] + [
-        b.name for _, _, stored in stages.values() if stored.state.is_completed() for b in stored.result().rejected
-    ]
+    per_run = settings.collection.symbols_per_flow_run
+    if len(checked) <= per_run:
+        results = run_symbols(Job.build(settings, source, interval, start, end), checked)
+    else:  # child flow runs, one after another, each with its own bounded number of task runs
+        parts = [checked[i : i + per_run] for i in range(0, len(checked), per_run)]
+        results = []
+        for number, part in enumerate(parts, 1):
+            results += _run_part(part, f"{number}-of-{len(parts)}", source, interval, start, end, config)
+    rejected = [b.name for b in replayed.rejected] + [name for r in results for name in r.spool_rejected]
     if rejected:
         get_run_logger().warning(describe_rejected(rejected, settings.storage.spool_dir))
     for result in results:
@@ -160,19 +152,85 @@ def market_data(
     return [asdict(r) for r in results]
 
 
-def _summarise(
-    symbol: str, collected: PrefectFuture[Any], processed: PrefectFuture[Any], stored: PrefectFuture[Any]
-) -> SymbolResult:
-    for stage in (collected, processed, stored):
-        stage.wait()
-        if not stage.state.is_completed():
-            error = stage.state.result(raise_on_failure=False)
-            status = DEFERRED if isinstance(error, QuotaExhaustedError) else FAILED
-            message = str(error) if isinstance(error, BaseException) else (stage.state.message or "")
-            return SymbolResult(symbol, status, error=message or f"{stage.state.name}")
-    raw: Collected = collected.result()
-    outcome: Processed = processed.result()
-    written: Stored = stored.result()
+@flow(name="market-data-part", flow_run_name="market-data-{source}-{interval}-part-{part}", log_prints=True)
+def market_data_part(
+    symbols: list[str],
+    part: str,
+    source: str,
+    interval: str,
+    start: date | None,
+    end: date | None,
+    config: str | None,
+) -> list[SymbolResult]:
+    """Some of a large run's symbols, in a child flow run of their own (see `collection.symbols_per_flow_run`)."""
+    return run_symbols(Job.build(load_settings(config), source, interval, start, end), symbols)
+
+
+def _run_part(
+    symbols: list[str], part: str, source: str, interval: str, start: date | None, end: date | None, config: str | None
+) -> list[SymbolResult]:
+    state = market_data_part(symbols, part, source, interval, start, end, config, return_state=True)
+    if state.is_completed():
+        results: list[SymbolResult] = state.result()
+        return results
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, httpx.TransportError):
+        raise error  # the API went away: the CLI says what was stored and what to do
+    message = f"its part of the run ({part}) ended {state.name}: {error}"
+    return [SymbolResult(symbol, FAILED, error=message) for symbol in symbols]
+
+
+def run_symbols(job: Job, symbols: list[str]) -> list[SymbolResult]:
+    """Each symbol through collect -> process -> store in turn, ``collection.workers`` at a time.
+
+    A symbol's tasks run one after another in one worker thread, so its frames are released as
+    soon as its bars are written: memory holds ``workers`` symbols, never the whole run. One
+    symbol's failure ends only its own pipeline.
+    """
+    policy = job.settings.collection
+    collect = collect_bars.with_options(
+        retries=policy.task_retries, retry_delay_seconds=policy.task_retry_delay, tags=[collect_tag(job.source)]
+    )
+    with ThreadPoolExecutor(max_workers=min(policy.workers, len(symbols) or 1), thread_name_prefix="symbol") as pool:
+        # Each thread runs in a copy of the flow run's context, so its task runs belong to this flow run.
+        futures = {pool.submit(copy_context().run, _pipeline, job, collect, s): s for s in symbols}
+        for done in as_completed(futures):
+            if isinstance(done.exception(), httpx.TransportError):
+                pool.shutdown(cancel_futures=True)
+                raise cast(httpx.TransportError, done.exception())
+    return [_outcome(symbol, future) for future, symbol in futures.items()]
+
+
+def _outcome(symbol: str, future: Future[SymbolResult]) -> SymbolResult:
+    error = future.exception()
+    if error is None:
+        return future.result()
+    return SymbolResult(symbol, FAILED, error=f"{type(error).__name__}: {error}")
+
+
+def _pipeline(job: Job, collect: Task[[Job, str], Collected], symbol: str) -> SymbolResult:
+    collected = collect(job, symbol, return_state=True)
+    if not collected.is_completed():
+        return _not_done(symbol, collected)
+    raw = collected.result()
+    processed = process_bars(raw, job, symbol, return_state=True)
+    if not processed.is_completed():
+        return _not_done(symbol, processed)
+    outcome = processed.result()
+    stored = store_bars(outcome, job, symbol, return_state=True)
+    if not stored.is_completed():
+        return _not_done(symbol, stored)
+    return _summarise(symbol, raw, outcome, stored.result())
+
+
+def _not_done(symbol: str, state: State[Any]) -> SymbolResult:
+    error = state.result(raise_on_failure=False)
+    status = DEFERRED if isinstance(error, QuotaExhaustedError) else FAILED
+    message = str(error) if isinstance(error, BaseException) else (state.message or "")
+    return SymbolResult(symbol, status, error=message or f"{state.name}")
+
+
+def _summarise(symbol: str, raw: Collected, outcome: Processed, written: Stored) -> SymbolResult:
     window = f"{raw.window.start} to {raw.window.end} ({raw.window.mode})" if raw.window else ""
     coverage = outcome.coverage
     if written.refused:
@@ -205,6 +263,7 @@ def _summarise(
         uncovered_sessions=outcome.uncovered_sessions,
         coverage=coverage.describe() if coverage and coverage.short else "",
         error=error,
+        spool_rejected=[batch.name for batch in written.rejected],  # the flow puts the run's whole list here
     )
 
 

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import pandas as pd
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
-from blocks.credentials import SourceCredentials
-from blocks.store import BarStore
-from blocks.stores import store_from_settings
-from configs.settings import CollectionSettings, Settings, SourceSettings
-from tasks.errors import TransientSourceError
+from blocks.store import BarStore, StoreUnavailableError
+from configs.settings import CollectionSettings, Settings
+from tasks.bars import empty_bars, is_daily_or_longer
+from tasks.errors import HistoryUnavailableError, TransientSourceError
+from tasks.job import Job
 from tasks.restatement import restatement_reason
-from tasks.retention import clamp, retention_of
+from tasks.retention import clamp
 from tasks.sources.base import BarQuery, Collected, HttpSource, Source, Window, load_source, pacer_for
 
 
@@ -53,24 +54,14 @@ def check_source(settings: Settings, source: str) -> None:
         pacer_for(source, source_settings, settings.collection.rate_limit_dir).check()
 
 
-def resolve_credentials(settings: SourceSettings) -> SourceSettings:
-    """Fill ``api_key`` from the named Prefect block when the environment did not set it."""
-    if settings.api_key is not None or not settings.api_key_block:
-        return settings
-    block = cast(SourceCredentials, SourceCredentials.load(settings.api_key_block))
-    return settings.model_copy(update={"api_key": block.api_key})
+def collect(job: Job, symbol: str) -> Collected:
+    """Fetch and parse, with the stored bars processing needs; raises a SourceError (permanent,
+    transient or quota) or :class:`HistoryUnavailableError` naming what went wrong.
 
-
-def collect(
-    settings: Settings,
-    source: str,
-    symbol: str,
-    interval: str,
-    start: date | None = None,
-    end: date | None = None,
-    store: BarStore | None = None,
-) -> Collected:
-    """Fetch and parse; raises a SourceError (permanent, transient or quota) naming what went wrong.
+    The store is read here, once, and what processing needs travels on with the bars: the last
+    ``job.lookback`` stored bars before the new ones and where the stored series starts. A store
+    that can't be read fails the symbol before anything is fetched, or before its bars go on: the
+    next run collects them again (intraday bars only while the source still serves them).
 
     An incremental run that finds the source has restated the past (a new split or dividend, or
     changed overlap bars) re-collects the whole stored series, so the run can rewrite it whole.
@@ -78,22 +69,35 @@ def collect(
     :mod:`tasks.retention`): older ones would only be dropped. A restatement rewrites what is
     stored as it is; points the store has since aged out are dropped by it and counted.
     """
-    source_settings = resolve_credentials(settings.source(source))
-    pacer = pacer_for(source, source_settings, settings.collection.rate_limit_dir)
-    provider = load_source(source, source_settings, pacer)
-    store = store or store_from_settings(settings.storage)
-    last_stored = store.last_timestamp(symbol, interval, source) if start is None else None
+    settings, store, provider, interval = job.settings, job.store, job.provider, job.interval
     now = datetime.now(UTC)
     today = now.date()
-    window = _servable(plan_window(last_stored, start, end, settings.collection, today), provider, interval, today)
+    try:  # before anything is fetched: a store that can't answer costs no request (nor quota)
+        first_stored = store.first_timestamp(symbol, interval, job.source)
+        last_stored = None
+        if job.start is None and first_stored is not None:
+            last_stored = store.last_timestamp(symbol, interval, job.source)
+    except StoreUnavailableError as exc:
+        raise HistoryUnavailableError(symbol, exc, fetched=False) from None
+    window = _servable(
+        plan_window(last_stored, job.start, job.end, settings.collection, today), provider, interval, today
+    )
     clamped = ""
-    retention = retention_of(settings.retention.duration, store)
-    if retention is not None:
-        window, clamped = clamp(window, retention, now)
+    if job.retention is not None:
+        window, clamped = clamp(window, job.retention, now)
     collected = provider.collect(BarQuery(symbol, interval, window.start, window.end))
     collected.window = window
-    if last_stored is not None:
-        collected = _restated_if_needed(collected, store, provider, symbol, interval, today)
+    try:
+        stored = stored_before(
+            store, collected, symbol, interval, job.source, job.lookback, first_stored, overlap=last_stored is not None
+        )
+        if stored.first is not None and last_stored is not None:
+            collected = _restated_if_needed(collected, stored, store, provider, symbol, interval, today)
+    except StoreUnavailableError as exc:
+        raise HistoryUnavailableError(symbol, exc, fetched=True) from None
+    if not collected.restated:
+        collected.history = stored.bars
+    collected.stored_from = stored.first
     collected.clamped = clamped
     return collected
 
@@ -108,31 +112,98 @@ def _servable(window: Window, provider: Source, interval: str, today: date) -> W
 
 def _restated_if_needed(
     collected: Collected,
+    stored: StoredHistory,
     store: BarStore,
     provider: Source,
     symbol: str,
     interval: str,
     today: date,
 ) -> Collected:
-    first_stored = store.first_timestamp(symbol, interval, provider.name)
-    if first_stored is None or collected.window is None:
+    if stored.first is None or collected.window is None:
         return collected
-    overlap = store.read_bars(symbol, interval, provider.name, start=pd.Timestamp(collected.window.start, tz="UTC"))
     currency = collected.meta.get("currency")
     reason = restatement_reason(
         collected.bars,
         collected.actions,
         currency if isinstance(currency, str) else None,
-        overlap,
+        stored.overlap if stored.overlap is not None else empty_bars(),
         store.read_corporate_actions(symbol, provider.name),
-        first_stored,
+        stored.first,
     )
     if reason is None:
         return collected
-    window = _servable(Window(first_stored.date(), collected.window.end, "restated"), provider, interval, today)
+    window = _servable(Window(stored.first.date(), collected.window.end, "restated"), provider, interval, today)
     again = provider.collect(BarQuery(symbol, interval, window.start, window.end))
     again.window, again.restated, again.requests = window, reason, again.requests + collected.requests
     return again
+
+
+@dataclass(frozen=True)
+class StoredHistory:
+    bars: pd.DataFrame | None  # the last stored bars before the first collected one
+    first: pd.Timestamp | None  # the series' first stored bar
+    overlap: pd.DataFrame | None = None  # stored bars from the window's start on, when asked for
+
+
+def read_stored(
+    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
+) -> StoredHistory:
+    """The last ``bars`` stored bars before the first collected one, and where the stored series starts."""
+    first = None if collected.bars.empty else store.first_timestamp(symbol, interval, source)
+    return stored_before(store, collected, symbol, interval, source, bars, first)
+
+
+def stored_before(
+    store: BarStore,
+    collected: Collected,
+    symbol: str,
+    interval: str,
+    source: str,
+    bars: int,
+    first: pd.Timestamp | None,
+    overlap: bool = False,
+) -> StoredHistory:
+    """:func:`read_stored` for a series known to start at ``first``; with ``overlap``, also the stored
+    bars from the window's start on, which a restatement check compares, in the same read.
+
+    Reads only a window that should hold ``bars`` bars, widened until it does or reaches the
+    series' start, so a run never reads years of history for a lookback of a few hundred bars.
+    """
+    if collected.bars.empty or first is None:
+        return StoredHistory(None, None)
+    first_new = pd.Timestamp(collected.bars["time"].min())
+    if first >= first_new and not overlap:
+        return StoredHistory(None, None)
+    window_start = first_new
+    if overlap and collected.window is not None:
+        window_start = min(first_new, pd.Timestamp(collected.window.start, tz="UTC"))
+    span = _span_holding(bars, interval)
+    while True:
+        start = max(first, min(window_start, first_new - span))
+        end = None if overlap else first_new.to_pydatetime()
+        rows = store.read_bars(symbol, interval, source, start=start.to_pydatetime(), end=end)
+        before = rows.loc[rows["time"] < first_new] if overlap else rows
+        if len(before) >= bars or start <= first:
+            history = before.tail(bars) if not before.empty else None
+            stored_overlap = rows.loc[rows["time"] >= window_start].reset_index(drop=True) if overlap else None
+            return StoredHistory(history, first, stored_overlap)
+        span *= 4
+
+
+def _span_holding(bars: int, interval: str) -> pd.Timedelta:
+    """A stretch of calendar time likely to hold ``bars`` bars: trading days are about 5/7 of all
+    days less holidays, and an intraday session a fraction of its day."""
+    if is_daily_or_longer(interval):
+        length = {"1wk": 7, "5d": 7, "1mo": 31, "3mo": 92}.get(interval, 1)
+        return pd.Timedelta(days=int(bars * length * 1.6) + 10)
+    return pd.Timedelta(interval.replace("m", "min")) * bars * 8 + pd.Timedelta(days=4)
+
+
+def read_history(
+    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
+) -> pd.DataFrame | None:
+    """The last ``bars`` stored bars before the first collected one."""
+    return read_stored(store, collected, symbol, interval, source, bars).bars
 
 
 def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -142,15 +213,13 @@ def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -
 
 @task(
     name="collect",
-    task_run_name="collect-{source}-{symbol}-{interval}",
+    task_run_name="collect-{job.source}-{symbol}-{job.interval}",
     cache_policy=NO_CACHE,
     persist_result=False,
     retry_condition_fn=transient_only,
 )
-def collect_bars(
-    settings: Settings, source: str, symbol: str, interval: str, start: date | None, end: date | None
-) -> Collected:
-    collected = collect(settings, source, symbol, interval, start, end)
+def collect_bars(job: Job, symbol: str) -> Collected:
+    collected = collect(job, symbol)
     if collected.clamped:
         get_run_logger().info("%s: %s", symbol, collected.clamped)
     if collected.restated and collected.window is not None:

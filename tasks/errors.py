@@ -51,3 +51,16 @@ class RateLimitedError(TransientSourceError):
 
 class QuotaExhaustedError(SourceError):
     """The source's daily quota is used up: the symbol is deferred to the next run, not failed."""
+
+
+class HistoryUnavailableError(MarketpipeError):
+    """The store could not say what it holds for a symbol, so none of its bars went on to be
+    processed: the symbol fails, and the next run collects it again."""
+
+    def __init__(self, symbol: str, cause: Exception, fetched: bool) -> None:
+        self.symbol = symbol
+        done = "its collected bars were not processed" if fetched else "nothing was fetched"
+        super().__init__(
+            f"the store could not give the history the indicators need ({cause}): {done}; the next run collects "
+            f"{symbol} again once the store answers (intraday bars only while the source still serves them)"
+        )

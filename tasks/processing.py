@@ -20,14 +20,13 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.store import BarStore, StoreUnavailableError
-from blocks.stores import store_from_settings
-from configs.settings import IndicatorSpec, QualitySettings, Settings
+from configs.settings import IndicatorSpec, QualitySettings
 from tasks.adjust import add_adjusted_prices, add_returns
-from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED, flag_missing, is_daily_or_longer
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED, flag_missing
 from tasks.calendars import SessionGaps, calendar_for, missing_sessions
 from tasks.coverage import Coverage, check_coverage
-from tasks.indicators import compute_indicators, lookback_bars
+from tasks.indicators import compute_indicators
+from tasks.job import Job
 from tasks.missing import apply_missing_policy
 from tasks.sources.base import Collected
 from tasks.ticks import FLAG_SPIKE, FLAG_UNIT_REPAIRED, FLAG_ZERO_VOLUME, check_ticks, to_major_unit
@@ -53,9 +52,6 @@ class Processed:
     currency: str | None = None
     gaps: SessionGaps | None = None
     coverage: Coverage | None = None  # where the series starts against its window; None: not known
-    # Set when the store could not give the history the indicators need: the collected bars are
-    # spooled as they are and processed on replay, so no value is computed from a partial past.
-    unprocessed: Collected | None = None
 
     @property
     def missing_sessions(self) -> int | None:
@@ -67,18 +63,6 @@ class Processed:
     def uncovered_sessions(self) -> int | None:
         coverage = self.coverage
         return None if coverage is None or coverage.sessions is None else coverage.sessions
-
-    @staticmethod
-    def postponed(collected: Collected) -> Processed:
-        nothing = collected.bars.iloc[:0]
-        return Processed(
-            bars=nothing,
-            actions=collected.actions,
-            quarantined=nothing,
-            collected=len(collected.bars),
-            live_bars_skipped=collected.live_bars_skipped,
-            unprocessed=collected,
-        )
 
 
 def process(
@@ -147,75 +131,27 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-@dataclass(frozen=True)
-class StoredHistory:
-    bars: pd.DataFrame | None  # the last stored bars before the first collected one
-    first: pd.Timestamp | None  # the series' first stored bar
-
-
-def read_stored(
-    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
-) -> StoredHistory:
-    """The last ``bars`` stored bars before the first collected one, and where the stored series starts.
-
-    Reads only a window that should hold ``bars`` bars, widened until it does or reaches the
-    series' start, so a run never reads years of history for a lookback of a few hundred bars.
-    """
-    if collected.bars.empty:
-        return StoredHistory(None, None)
-    first_new = pd.Timestamp(collected.bars["time"].min())
-    first = store.first_timestamp(symbol, interval, source)
-    if first is None or first >= first_new:
-        return StoredHistory(None, None)
-    span = _span_holding(bars, interval)
-    while True:
-        start = max(first, first_new - span)
-        stored = store.read_bars(symbol, interval, source, start=start.to_pydatetime(), end=first_new.to_pydatetime())
-        if len(stored) >= bars or start <= first:
-            return StoredHistory(stored.tail(bars) if not stored.empty else None, first)
-        span *= 4
-
-
-def _span_holding(bars: int, interval: str) -> pd.Timedelta:
-    """A stretch of calendar time likely to hold ``bars`` bars: trading days are about 5/7 of all
-    days less holidays, and an intraday session a fraction of its day."""
-    if is_daily_or_longer(interval):
-        length = {"1wk": 7, "5d": 7, "1mo": 31, "3mo": 92}.get(interval, 1)
-        return pd.Timedelta(days=int(bars * length * 1.6) + 10)
-    return pd.Timedelta(interval.replace("m", "min")) * bars * 8 + pd.Timedelta(days=4)
-
-
-def read_history(
-    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
-) -> pd.DataFrame | None:
-    """The last ``bars`` stored bars before the first collected one."""
-    return read_stored(store, collected, symbol, interval, source, bars).bars
-
-
 # Processing holds the GIL for most of its time, so a flow's 16 worker threads processing at once
 # gain nothing on a few cores and keep the threads that send paced requests waiting to run: their
 # sends then go out late. At most one processing task per core runs at a time.
 _cpu_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
 
 
-@task(name="process", task_run_name="process-{source}-{symbol}", cache_policy=NO_CACHE, persist_result=False)
-def process_bars(collected: Collected, settings: Settings, source: str, symbol: str, interval: str) -> Processed:
-    """One symbol's collected bars through :func:`process`, with the stored history its indicators need."""
+@task(name="process", task_run_name="process-{job.source}-{symbol}", cache_policy=NO_CACHE, persist_result=False)
+def process_bars(collected: Collected, job: Job, symbol: str) -> Processed:
+    """One symbol's collected bars through :func:`process`, with the stored history collect brought along."""
+    quality = job.settings.quality
     with _cpu_slots:
-        return _process_bars(collected, settings, source, symbol, interval)
-
-
-def _process_bars(collected: Collected, settings: Settings, source: str, symbol: str, interval: str) -> Processed:
-    store = store_from_settings(settings.storage)
+        processed = process(
+            collected,
+            symbol,
+            job.interval,
+            quality,
+            job.settings.indicators,
+            collected.history,
+            stored_from=collected.stored_from,
+        )
     logger = get_run_logger()
-    try:
-        stored = read_stored(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
-    except StoreUnavailableError as exc:
-        logger.warning("%s: %s; its collected bars are spooled and processed on replay", symbol, exc)
-        return Processed.postponed(collected)
-    processed = process(
-        collected, symbol, interval, settings.quality, settings.indicators, stored.bars, stored_from=stored.first
-    )
     if processed.rejected:
         logger.warning("%s: quarantined %s", symbol, describe_counts(processed.rejected))
     for what, counts in (("repaired", processed.repaired), ("flagged", processed.flagged)):
@@ -223,7 +159,7 @@ def _process_bars(collected: Collected, settings: Settings, source: str, symbol:
             logger.info("%s: %s %s", symbol, what, describe_counts(counts))
     if processed.dropped:
         logger.warning(
-            "%s: dropped %s (quality.missing: %s)", symbol, describe_counts(processed.dropped), settings.quality.missing
+            "%s: dropped %s (quality.missing: %s)", symbol, describe_counts(processed.dropped), quality.missing
         )
     if processed.gaps is not None and processed.gaps.count:
         logger.warning("%s: %s", symbol, processed.gaps.describe())

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.spool import RejectedBatch, Replayed, ReplayStoppedError, Spool, Written
-from blocks.store import BarStore, StoreError, dropped_by_retention
-from blocks.stores import store_from_settings
+from blocks.store import StoreError, dropped_by_retention
 from configs.settings import Settings
-from tasks.bars import BAR_COLUMNS, conform
-from tasks.indicators import lookback_bars
-from tasks.processing import Processed, process, read_history
-from tasks.sources.base import Collected
+from tasks.bars import BAR_COLUMNS
+from tasks.job import Job, store_for
+from tasks.processing import Processed
 from tasks.validation import QUARANTINE_COLUMNS
-
-COLLECTED = "collected"  # raw bars whose history the store could not give; processed on replay
 
 
 @dataclass(frozen=True)
@@ -46,12 +40,12 @@ class Stored:
 
 
 def open_spool(settings: Settings) -> Spool:
-    """The spool of ``storage.spool_dir``, able to replay collected bars that still need processing."""
-    return Spool(settings.storage.spool_dir, handlers={COLLECTED: partial(_process_and_write, settings)})
+    """The spool of ``storage.spool_dir``: writes the store could not take, replayed in order."""
+    return Spool(settings.storage.spool_dir)
 
 
 @task(name="store", task_run_name="store-{symbol}", cache_policy=NO_CACHE, persist_result=False)
-def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
+def store_bars(processed: Processed, job: Job, symbol: str) -> Stored:
     """Write bars, then quarantined bars, then corporate actions; what the store can't take is spooled.
 
     Bars go first: their write replaces the collected range, quarantined copies included, and the
@@ -59,13 +53,7 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
     Each write is attempted whatever became of the one before: actions the store refused to pair
     with bars would never be fetched again, since the next incremental run starts after them.
     """
-    store = store_from_settings(settings.storage)
-    spool = open_spool(settings)
-    postponed = 0
-    if processed.unprocessed is not None and not processed.unprocessed.bars.empty:
-        raw = processed.unprocessed
-        meta = {"symbol": symbol, "meta": raw.meta}
-        postponed = spool.keep(COLLECTED, raw.bars, "the store could not give the history to process them", meta)
+    store, spool = job.store, job.spool()
     writes = {
         "bars": processed.bars,
         "quarantine": quarantine_rows(processed.quarantined),
@@ -84,7 +72,7 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
         outcomes["bars"].written,
         outcomes["corporate_actions"].written,
         outcomes["quarantine"].written,
-        spooled=postponed + sum(o.spooled for o in outcomes.values()),
+        spooled=sum(o.spooled for o in outcomes.values()),
         rejected=[batch for o in outcomes.values() for batch in o.rejected],
         dropped_by_retention=sum(dropped_by_retention(o.written) for o in outcomes.values()),
         refused=refused,
@@ -94,7 +82,7 @@ def store_bars(processed: Processed, settings: Settings, symbol: str) -> Stored:
 @task(name="record-metrics", cache_policy=NO_CACHE, persist_result=False)
 def record_metrics(metrics: pd.DataFrame, settings: Settings) -> Written:
     """The run's per-symbol counts into `pipeline_metrics`, spooled like bars when the store is away."""
-    return open_spool(settings).write(store_from_settings(settings.storage), "pipeline_metrics", metrics)
+    return open_spool(settings).write(store_for(settings.storage), "pipeline_metrics", metrics)
 
 
 @task(name="replay-spool", cache_policy=NO_CACHE, persist_result=False)
@@ -107,7 +95,7 @@ def replay_spool(settings: Settings) -> Replayed:
     if not spool.pending():
         return Replayed(0, 0)
     try:
-        replayed = spool.replay(store_from_settings(settings.storage))
+        replayed = spool.replay(store_for(settings.storage))
     except ReplayStoppedError as exc:
         get_run_logger().warning("%d spooled points stay in %s: %s", spool.points(), spool.directory, exc)
         replayed = exc.replayed
@@ -117,18 +105,6 @@ def replay_spool(settings: Settings) -> Replayed:
     else:
         get_run_logger().info("replayed %d spooled points from %s", replayed.points, spool.directory)
     return replayed
-
-
-def _process_and_write(settings: Settings, store: BarStore, rows: pd.DataFrame, meta: dict[str, Any]) -> int:
-    """Process spooled collected bars against the history now in the store, and write the result."""
-    collected = Collected(conform(rows), meta=meta.get("meta", {}))
-    symbol = meta["symbol"]
-    interval, source = (str(collected.bars[c].iloc[0]) for c in ("interval", "source"))
-    history = read_history(store, collected, symbol, interval, source, lookback_bars(settings.indicators))
-    processed = process(collected, symbol, interval, settings.quality, settings.indicators, history)
-    written = store.write_bars(processed.bars)  # bars first, as in store_bars
-    store.write_quarantine(quarantine_rows(processed.quarantined))
-    return written
 
 
 def quarantine_rows(quarantined: pd.DataFrame) -> pd.DataFrame:

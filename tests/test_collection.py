@@ -352,7 +352,7 @@ def test_a_store_block_that_was_never_saved_is_a_config_error(env: dict[str, str
 def test_the_api_key_can_come_from_a_saved_block(prefect_env: dict[str, str]) -> None:
     from blocks.credentials import SourceCredentials
     from configs.settings import SourceSettings
-    from tasks.collect import resolve_credentials
+    from tasks.job import resolve_credentials
 
     SourceCredentials(api_key="key-from-block").save("alpha-vantage-test", overwrite=True)
     resolved = resolve_credentials(SourceSettings(base_url="http://x/query", api_key_block="alpha-vantage-test"))

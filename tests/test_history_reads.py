@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from blocks.duckdb_store import DuckDBStore
-from tasks.processing import read_stored
+from tasks.collect import read_stored
 from tasks.sources.base import Collected
 from tests.test_processing import bars
 

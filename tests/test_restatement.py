@@ -22,8 +22,9 @@ from blocks.duckdb_store import DuckDBStore
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.store import BarStore
 from configs.settings import QualitySettings, default_indicators
+from tasks.collect import read_history
 from tasks.indicators import lookback_bars
-from tasks.processing import process, read_history
+from tasks.processing import process
 from tasks.restatement import restatement_reason
 from tasks.sources.base import Collected
 from tasks.sources.yahoo_finance import parse_chart_result

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -21,9 +20,6 @@ from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.spool import Spool, Written
 from blocks.store import BarStore, StoreError
 from configs.settings import Settings, load_settings
-from tasks.processing import process
-from tasks.sources.base import Collected
-from tasks.store import COLLECTED, open_spool
 from tests import spool_load
 from tests.conftest import REPO, Sandbox, marketpipe
 from tests.test_store_conformance import frame, unavailable
@@ -248,24 +244,6 @@ def test_an_empty_frame_touches_neither_store_nor_spool(tmp_path: Path, store: D
     with unavailable(store) as down:
         assert spool.write(down, "bars", frame(n=0)) == Written(0, 0)
     assert not (tmp_path / "spool").exists()
-
-
-def test_collected_bars_spooled_before_processing_are_processed_on_replay(tmp_path: Path, store: DuckDBStore) -> None:
-    """History in the store, new raw bars spooled: replay computes what an uninterrupted run computes."""
-    settings = test_settings(tmp_path)
-    bars = frame(n=120).drop(columns=["rsi_14"])
-    history, new = bars.iloc[:100], bars.iloc[100:].reset_index(drop=True)
-    expected = process(Collected(bars), "BRK-B", "1d", settings.quality, settings.indicators).bars.iloc[100:]
-    store.write_bars(process(Collected(history), "BRK-B", "1d", settings.quality, settings.indicators).bars)
-
-    spool = open_spool(settings)
-    spool.keep(COLLECTED, new, "the store could not give the history", {"symbol": "BRK-B", "meta": {}})
-    spool.replay(store)
-
-    stored = store.read_bars("BRK-B").iloc[100:].reset_index(drop=True)
-    assert len(stored) == 20 and spool.pending() == []
-    for column in expected.columns.drop(["time", "symbol", "interval", "source"]):
-        np.testing.assert_allclose(stored[column], expected[column], rtol=1e-9, atol=1e-12, err_msg=column)
 
 
 def test_settings(tmp_path: Path) -> Settings:

@@ -81,6 +81,10 @@ class Collected:
     window: Window | None = None
     restated: str = ""  # why the whole stored series was re-collected (see tasks/restatement.py), if it was
     clamped: str = ""  # how the window was cut to the store's retention (see tasks/retention.py), if it was
+    # Filled by the collect step from the store, for processing: the stored bars the indicators
+    # need before the new ones, and the stored series' first bar (None: nothing stored).
+    history: pd.DataFrame | None = None
+    stored_from: pd.Timestamp | None = None
 
     @staticmethod
     def merge(parts: list[Collected]) -> Collected:

@@ -1,0 +1,84 @@
+"""What one run does for each of its symbols, resolved once per run instead of once per task.
+
+A run's tasks share the same settings, store, source, pace, retention and indicator lookback.
+Built per task (a store block, a credentials block, a pacer, a query of the store's retention),
+they cost more than the work itself over thousands of symbols, so the flow builds one :class:`Job`
+and hands it to every task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from datetime import date
+from typing import cast
+
+from blocks.credentials import SourceCredentials
+from blocks.spool import Spool
+from blocks.store import BarStore
+from blocks.stores import store_from_settings
+from configs.settings import Settings, SourceSettings, StorageSettings
+from tasks.indicators import lookback_bars
+from tasks.retention import Retention, retention_of
+from tasks.sources.base import Source, load_source, pacer_for
+
+
+@dataclass(frozen=True, repr=False)
+class Job:
+    """One run's shared state: what to collect, from where, and where it goes."""
+
+    settings: Settings
+    source: str
+    interval: str
+    start: date | None  # None: each symbol resumes after its last stored bar
+    end: date | None
+    store: BarStore
+    provider: Source  # paced, with its credentials resolved
+    retention: Retention | None  # how far back the store keeps bars; None: forever
+    lookback: int  # stored bars the indicators need before the first new one
+
+    @staticmethod
+    def build(settings: Settings, source: str, interval: str, start: date | None, end: date | None) -> Job:
+        source_settings = resolve_credentials(settings.source(source))
+        pacer = pacer_for(source, source_settings, settings.collection.rate_limit_dir)
+        store = store_for(settings.storage)
+        return Job(
+            settings,
+            source,
+            interval,
+            start,
+            end,
+            store,
+            load_source(source, source_settings, pacer),
+            retention_of(settings.retention.duration, store),
+            lookback_bars(settings.indicators),
+        )
+
+    def spool(self) -> Spool:
+        return Spool(self.settings.storage.spool_dir)
+
+    def __repr__(self) -> str:  # shown wherever a task's parameters are; never the settings' secrets
+        return f"Job({self.source} {self.interval}, {self.start or 'incremental'} to {self.end or 'today'})"
+
+
+def resolve_credentials(settings: SourceSettings) -> SourceSettings:
+    """Fill ``api_key`` from the named Prefect block when the environment did not set it."""
+    if settings.api_key is not None or not settings.api_key_block:
+        return settings
+    block = cast(SourceCredentials, SourceCredentials.load(settings.api_key_block))
+    return settings.model_copy(update={"api_key": block.api_key})
+
+
+_stores: dict[str, BarStore] = {}
+_stores_guard = threading.Lock()
+
+
+def store_for(storage: StorageSettings) -> BarStore:
+    """The process's store for these settings: one block, its connections kept, for every run and task."""
+    secrets = (s.get_secret_value() for s in (storage.influxdb.token, storage.influxdb_v1.password) if s is not None)
+    key = hashlib.sha256("\0".join([storage.model_dump_json(), *secrets]).encode()).hexdigest()
+    with _stores_guard:
+        if key not in _stores:
+            _stores[key] = store_from_settings(storage)
+        return _stores[key]
