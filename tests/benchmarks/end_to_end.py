@@ -52,6 +52,7 @@ START, END = "2015-01-01", "2024-12-31"
 FAST = 3_600_000  # requests per hour: no pacing to speak of, the job's own speed is measured
 INFLUX_DATABASE = "bench"
 BATCH_SIZE = 50
+ARGV_LIMIT = 100_000  # characters of --symbols; Linux takes 128 KiB in one argument
 
 WALL_TARGET = 30.0  # seconds, 500 symbols into DuckDB
 SCALE_TARGET = 10.5  # ten times the symbols may take at most this many times as long
@@ -277,14 +278,29 @@ def measure(command: Sequence[str], env: dict[str, str], logs: Path, timeout: fl
             code = process.wait(timeout=timeout)
             wall = time.perf_counter() - started
         except subprocess.TimeoutExpired:
-            raise RunFailedError(f"{command[0]} still running after {timeout:.0f} s: stopped") from None
+            code, wall = -1, time.perf_counter() - started
         finally:
             done.set()
             sampler.join()
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)  # its own session: this run's processes only
-                process.wait()
+            _stop_session(process)
+    measured = Measured(wall, peak, code, stdout, stderr)
+    if code == -1:
+        raise RunFailedError(f"{command[0]} still running after {timeout:.0f} s: stopped\n{measured.tail()}")
     return Measured(wall, peak, code, stdout, stderr)
+
+
+def _stop_session(process: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of a run's own session: the run if it outlived its timeout, and whatever
+    it started and left behind (a temporary server), which would skew the next run's figures."""
+    finished = process.poll() is not None
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # nothing left: the usual case
+    else:
+        if finished:
+            say(f"pid {process.pid} left processes behind in its session: stopped")
+    process.wait()
 
 
 # --- the runs ------------------------------------------------------------------------------------
@@ -318,13 +334,10 @@ class Bench:
         """`marketpipe run` over ``names``: a config file holds them once argv would be too long."""
         args = ["run", "--start", start, "--end", end]
         joined = ",".join(names)
-        if len(joined) < 100_000:
+        if len(joined) < ARGV_LIMIT:
             args += ["--symbols", joined]
         else:
-            config = self.work / tag / "symbols.yaml"
-            config.parent.mkdir(parents=True, exist_ok=True)
-            settings = yaml.safe_load((REPO / "configs" / "development.yaml").read_text())
-            config.write_text(yaml.safe_dump({**settings, "symbols": list(names)}))
+            config = symbols_config(self.work / tag / "symbols.yaml", names)
             args += ["--config", str(config)]
         timeout = 300 + 1.0 * len(names)
         say(f"{tag}: marketpipe run, {len(names)} symbols, {start}..{end} (timeout {timeout:.0f} s)")
@@ -341,6 +354,14 @@ class Bench:
         say(f"naive: exit {measured.code} after {measured.wall:.1f} s, peak RSS {measured.peak_rss / 2**20:.0f} MiB")
         require_success("naive loop", measured)
         return measured
+
+
+def symbols_config(path: Path, names: Sequence[str]) -> Path:
+    """The development config with ``names`` as its symbols, for a list too long for one argument."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = yaml.safe_load((REPO / "configs" / "development.yaml").read_text())
+    path.write_text(yaml.safe_dump({**settings, "symbols": list(names)}))
+    return path
 
 
 def require_success(what: str, measured: Measured) -> None:
