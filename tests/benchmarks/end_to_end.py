@@ -1,6 +1,6 @@
 """Benchmark: the whole job, measured side by side in one run, against the targets it must meet.
 
-    .venv/bin/python tests/benchmarks/end_to_end.py [--quick] [--influx] [--keep]
+    .venv/bin/python tests/benchmarks/end_to_end.py [--quick] [--influx] [--keep] [--sizes SMALL,LARGE]
 
 Against the sandbox (Yahoo's v8 chart API, synthetic symbols S0000, S0001 ..., 2015-01-01..2024-12-31,
 about 2,609 daily bars each) it times:
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -569,20 +570,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"RUN FAILED: {exc}")
         code = 2
     finally:
-        _cleanup(work, options.keep or code == 2, say)
+        _cleanup(work, options.keep or code == 2)
     mode = "quick" if options.quick else "full"
     print(f"End to end, {mode}: {small_n:,} and {large_n:,} symbols, {START}..{END}\n")
     print(report.table())
     return code or (0 if report.all_passed() else 1)
 
 
-def _cleanup(work: Path, keep: bool, note: Callable[[str], None]) -> None:
-    import shutil
-
+def _cleanup(work: Path, keep: bool) -> None:
     if keep:
-        note(f"kept {work}")
-        return
-    shutil.rmtree(work, ignore_errors=True)
+        say(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
