@@ -68,15 +68,18 @@ class _Display:
                 parts.append(f"[yellow]{count} {status}[/]" if markup else f"{count} {status}")
         return ", ".join(parts)
 
-    def summary(self) -> str:
-        """One plain line for output that gets no live bar: counts, rate and time taken."""
+    def summary(self) -> str | None:
+        """One plain line for output that gets no live bar: counts, rate and time taken; None if nothing was told."""
         task = self.progress.tasks[0]
         done = int(task.completed)
+        if task.total is None and not done:  # a flow that reports nothing: a line of zeros would mislead
+            return None
         elapsed = time.monotonic() - self.started
         of = f"{done}/{int(task.total)}" if task.total is not None else str(done)
+        noun = "symbol" if (task.total if task.total is not None else done) == 1 else "symbols"
         rate = done / elapsed if elapsed > 0 else 0.0
         took = timedelta(seconds=round(elapsed))
-        return f"{of} symbols done: {self.counts['ok']} ok, {self._outcome(markup=False)}; {rate:.1f} symbols/s, {took}"
+        return f"{of} {noun} done: {self.counts['ok']} ok, {self._outcome(markup=False)}; {rate:.1f} symbols/s, {took}"
 
 
 class _RateColumn(ProgressColumn):
@@ -204,5 +207,6 @@ def shown(console: Console, verbose: bool) -> Iterator[None]:
     finally:
         with _activation:
             _active = None
-        if not live:  # also when the run ends in an error: what was done by then
-            console.print(display.summary(), highlight=False, markup=False, soft_wrap=True)
+        line = None if live else display.summary()  # also when the run ends in an error: what was done by then
+        if line is not None:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -180,7 +180,14 @@ def test_without_a_bar_report_and_expect_do_nothing() -> None:
     with progress.shown(Console(file=out, width=200), verbose=False):  # what came before is not counted
         progress.report("ok")
     progress.report("failed")
-    assert out.getvalue().startswith("1 symbols done: 1 ok, 0 failed;"), out.getvalue()
+    assert out.getvalue().startswith("1 symbol done: 1 ok, 0 failed;"), out.getvalue()
+
+
+def test_a_flow_that_reports_nothing_gets_no_line_of_zeros() -> None:
+    out = io.StringIO()
+    with progress.shown(Console(file=out), verbose=False):
+        pass
+    assert out.getvalue() == ""
 
 
 def test_reports_from_many_threads_are_all_counted() -> None:
