@@ -8,7 +8,9 @@ while still sending them to the API, so the UI keeps every line.
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +20,8 @@ from typing import IO, cast
 
 from prefect.logging.configuration import ensure_logging_setup
 from prefect.logging.handlers import PrefectConsoleHandler
+from rich.ansi import AnsiDecoder
 from rich.console import Console
-from rich.file_proxy import FileProxy
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -119,42 +121,72 @@ def report(status: str) -> None:
         display.report(status)
 
 
-def console_handlers() -> list[logging.Handler]:
-    """Prefect's terminal handlers: the one logging.yml names `console`, and any other PrefectConsoleHandler."""
+def _all_handlers() -> list[logging.Handler]:
     loggers = [logging.getLogger()]
     loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
-    found: dict[int, logging.Handler] = {}
+    found = {id(h): h for logger in loggers for h in logger.handlers}
     named = logging.getHandlerByName("console")
     if named is not None:
         found[id(named)] = named
-    for logger in loggers:
-        for handler in logger.handlers:
-            if isinstance(handler, PrefectConsoleHandler):
-                found[id(handler)] = handler
     return list(found.values())
+
+
+def console_handlers() -> list[logging.Handler]:
+    """Prefect's terminal handlers: the one logging.yml names `console`, and any other PrefectConsoleHandler."""
+    return [
+        h for h in _all_handlers() if isinstance(h, PrefectConsoleHandler) or h is logging.getHandlerByName("console")
+    ]
+
+
+class _AboveBar(io.TextIOBase):
+    """A stream whose lines the bar's console prints above the live bar, their colours kept.
+
+    Not rich's FileProxy: a rich Console given a FileProxy as its file unwraps it and writes to the
+    terminal underneath, which is how Prefect's console handler writes.
+    """
+
+    def __init__(self, console: Console, terminal: IO[str]) -> None:
+        self._console = console
+        self._terminal = terminal
+        self._partial = ""
+        self._decoder = AnsiDecoder()
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            self._console.print(Text("\n").join(self._decoder.decode_line(line) for line in lines))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return self._terminal.isatty()
+
+    def fileno(self) -> int:
+        return self._terminal.fileno()
+
+
+def _is_terminal(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty()) if callable(isatty) else False
 
 
 @contextmanager
 def _through(console: Console, handler: logging.Handler) -> Iterator[None]:
-    """While the bar is live, a terminal handler prints through the bar's console, above the bar.
+    """While the bar is live, a handler writing to a terminal prints through the bar's console, above the bar.
 
-    A line written straight to the terminal would land in the middle of the bar and leave a torn
-    copy of it behind. Rich's own redirection only covers `sys.stderr`, not a stream a handler holds.
+    A line written straight to the terminal would land on the bar's line and leave a torn copy of
+    the bar behind. Rich's own redirection covers `sys.stderr`, not a stream a handler already holds.
     """
-    rich_console = getattr(handler, "console", None)
-    if isinstance(rich_console, Console):
+    rich_console = getattr(handler, "console", None)  # PrefectConsoleHandler writes through its own
+    if isinstance(rich_console, Console) and _is_terminal(rich_console.file):
         original = rich_console.file
-        if not original.isatty():
-            yield
-            return
-        rich_console.file = cast(IO[str], FileProxy(console, original))
+        rich_console.file = cast(IO[str], _AboveBar(console, original))  # a text stream, as rich casts its own
         try:
             yield
         finally:
             rich_console.file = original
-    elif isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "isatty", lambda: False)():
+    elif isinstance(handler, logging.StreamHandler) and _is_terminal(handler.stream):
         stream = handler.stream
-        handler.setStream(FileProxy(console, stream))
+        handler.setStream(_AboveBar(console, stream))
         try:
             yield
         finally:
@@ -186,6 +218,7 @@ def shown(console: Console, verbose: bool) -> Iterator[None]:
         TimeRemainingColumn(),
         console=console,
         disable=not live,
+        redirect_stderr=sys.stderr.isatty(),  # `2>file` keeps what is written to stderr in the file
     )
     quiet = _QuietRuns()
     handlers = console_handlers()
@@ -199,8 +232,8 @@ def shown(console: Console, verbose: bool) -> Iterator[None]:
                 for handler in handlers:
                     handler.addFilter(quiet)
                     stack.callback(handler.removeFilter, quiet)
-            if live:
-                for handler in handlers:
+            if live:  # any handler writing to a terminal, e.g. Prefect's internal debug one, too
+                for handler in _all_handlers():
                     stack.enter_context(_through(console, handler))
             with progress:
                 yield

@@ -59,7 +59,9 @@ print(f"flow run id {run_id}", flush=True)
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 HIDE_CURSOR = "\x1b[?25l"  # what rich's live display writes first
+ERASE_LINE = "\x1b[2K"
 RUN_ID = re.compile(r"flow run id ([0-9a-f-]{36})")
+LOG_LINE = re.compile(r"\d\d:\d\d:\d\d\.\d{3} \| ")  # the start of Prefect's console format
 
 
 def _child_env(prefect_env: dict[str, str]) -> dict[str, str]:
@@ -113,6 +115,17 @@ def _plain(output: str) -> str:
     return ANSI.sub("", output).replace("\r", "")
 
 
+def _torn_lines(output: str) -> list[str]:
+    """Log lines written onto the bar's line instead of above it: what precedes each one is not a new line."""
+    colours = re.compile(r"\x1b\[[0-9;]*m")
+    torn = []
+    for line in LOG_LINE.finditer(output):
+        before = colours.sub("", output[: line.start()])
+        if not before.endswith((ERASE_LINE, "\n")):  # rich erases the bar's line before printing above it
+            torn.append(_plain(before[-120:] + output[line.start() : line.end() + 60]))
+    return torn
+
+
 def _api_messages(output: str) -> list[str]:
     """What the API holds of the child's flow run's log: the records the UI shows."""
     from prefect import get_client
@@ -140,6 +153,7 @@ def test_on_a_terminal_the_bar_replaces_prefects_info_lines(prefect_env: dict[st
     assert "BAD has no data" in plain, plain  # warnings still print
     assert "Finished in state" not in plain, plain
     assert "Beginning flow run" not in plain, plain
+    assert not _torn_lines(output), _torn_lines(output)
     # Kept off the terminal only: the API got every task's and the flow's state line.
     messages = _api_messages(output)
     assert sum("Finished in state" in m for m in messages) == 4, messages
@@ -153,6 +167,7 @@ def test_verbose_keeps_prefects_info_lines(prefect_env: dict[str, str], tmp_path
     assert "3/3" in plain, plain
     assert plain.count("Finished in state") == 4, plain  # three tasks and the flow
     assert "Beginning flow run" in plain, plain
+    assert not _torn_lines(output), _torn_lines(output)  # each printed above the bar
 
 
 def test_piped_output_gets_one_line_of_counts_and_no_live_display(prefect_env: dict[str, str], tmp_path: Path) -> None:
