@@ -122,6 +122,7 @@ def report(status: str) -> None:
 
 
 def _all_handlers() -> list[logging.Handler]:
+    """Every handler on a logger, and the one named `console` even if no logger holds it (yet)."""
     loggers = [logging.getLogger()]
     loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
     found = {id(h): h for logger in loggers for h in logger.handlers}
@@ -133,9 +134,8 @@ def _all_handlers() -> list[logging.Handler]:
 
 def console_handlers() -> list[logging.Handler]:
     """Prefect's terminal handlers: the one logging.yml names `console`, and any other PrefectConsoleHandler."""
-    return [
-        h for h in _all_handlers() if isinstance(h, PrefectConsoleHandler) or h is logging.getHandlerByName("console")
-    ]
+    named = logging.getHandlerByName("console")
+    return [h for h in _all_handlers() if isinstance(h, PrefectConsoleHandler) or h is named]
 
 
 class _AboveBar(io.TextIOBase):
@@ -218,7 +218,7 @@ def shown(console: Console, verbose: bool) -> Iterator[None]:
         TimeRemainingColumn(),
         console=console,
         disable=not live,
-        redirect_stderr=sys.stderr.isatty(),  # `2>file` keeps what is written to stderr in the file
+        redirect_stderr=_is_terminal(sys.stderr),  # `2>file` keeps what is written to stderr in the file
     )
     quiet = _QuietRuns()
     handlers = console_handlers()
