@@ -103,6 +103,7 @@ def run(
     ] = None,
     end: Annotated[str | None, typer.Option(help="Last date, YYYY-MM-DD, inclusive (default: today)")] = None,
     config: ConfigOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's per-task log lines")] = False,
 ) -> None:
     """Run the market-data flow locally and print a per-symbol summary."""
     from configs.settings import load_settings
@@ -119,6 +120,7 @@ def run(
         _or_exit(lambda: _raise(UsageError(f"--start {first} is after --end {last}: swap them")))
     import httpx
 
+    from flows import progress
     from flows.local_prefect import started_early
 
     # The temporary Prefect server starts while the flow's modules import, on the other core.
@@ -133,15 +135,16 @@ def run(
             _error(str(exc))
             raise typer.Exit(EXIT_FAILED) from None
         try:
-            state = market_data(
-                symbols=checked,
-                source=source,
-                interval=interval,
-                start=first,
-                end=last,
-                config=str(config) if config else None,
-                return_state=True,
-            )
+            with progress.shown(console, verbose):  # left before _api_lost ends the process: the cursor comes back
+                state = market_data(
+                    symbols=checked,
+                    source=source,
+                    interval=interval,
+                    start=first,
+                    end=last,
+                    config=str(config) if config else None,
+                    return_state=True,
+                )
         except httpx.TransportError as exc:  # the API went away and its client's retries ran out
             _api_lost(exc, settings.storage.spool_dir)
     outcome = state.result(raise_on_failure=False)

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextvars import copy_context
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pandas as pd
@@ -28,6 +28,7 @@ from prefect.client.schemas.objects import State
 from blocks.spool import REJECTED
 from blocks.store import StoreError
 from configs.settings import load_settings
+from flows import progress
 from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import check_source, collect_bars
 from tasks.errors import QuotaExhaustedError, UsageError
@@ -127,6 +128,7 @@ def market_data(
     mode = f"{start} to {end or 'today'}" if start else "incremental"
     get_run_logger().info("%d symbol(s) from %s, %s bars, %s", len(checked), source, interval, mode)
     replayed = replay_spool(settings)
+    progress.expect(len(checked))
 
     per_run = settings.collection.symbols_per_flow_run
     if len(checked) <= per_run:
@@ -195,9 +197,11 @@ def run_symbols(job: Job, symbols: list[str]) -> list[SymbolResult]:
         # Each thread runs in a copy of the flow run's context, so its task runs belong to this flow run.
         futures = {pool.submit(copy_context().run, _pipeline, job, collect, s): s for s in symbols}
         for done in as_completed(futures):
-            if isinstance(done.exception(), httpx.TransportError):
+            error = done.exception()
+            if isinstance(error, httpx.TransportError):
                 pool.shutdown(cancel_futures=True)
-                raise cast(httpx.TransportError, done.exception())
+                raise error
+            progress.report(FAILED if error is not None else done.result().status)
     return [_outcome(symbol, future) for future, symbol in futures.items()]
 
 

@@ -32,7 +32,7 @@ def symbols(count: int, prefix: str = "D") -> list[str]:
 
 
 def run_args(names: Sequence[str], start: str, end: str) -> list[str]:
-    return ["run", "--symbols", ",".join(names), "--start", start, "--end", end]
+    return ["run", "--verbose", "--symbols", ",".join(names), "--start", start, "--end", end]  # stores counted by log
 
 
 def drill_env(prefect_env: dict[str, str], sandbox: Sandbox, tmp_path: Path, requests_per_hour: int) -> dict[str, str]:
