@@ -12,7 +12,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
 .venv/.synced: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode  # imports load compiled code even where Python may not write it
 	touch $@
 
 install: .venv/.synced

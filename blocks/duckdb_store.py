@@ -6,6 +6,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
@@ -52,6 +53,9 @@ class _SharedConnections:
         self._guard = threading.Lock()
         self._open: dict[str, tuple[duckdb.DuckDBPyConnection, int]] = {}
         self._write_locks: dict[str, threading.Lock] = {}
+        # Per open connection, what its tables hold: the process holds the file's only writable
+        # connection, so nothing else changes them until it closes, and a write need not ask again.
+        self._schemas: dict[str, dict[str, _Schema]] = {}
 
     @contextmanager
     def cursor(self, path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -79,6 +83,7 @@ class _SharedConnections:
                 connection, users = self._open[key]
                 if users == 1:
                     del self._open[key]
+                    self._schemas.pop(key, None)
                     connection.close()
                 else:
                     self._open[key] = (connection, users - 1)
@@ -86,6 +91,17 @@ class _SharedConnections:
     def write_lock(self, path: Path) -> threading.Lock:
         with self._guard:
             return self._write_locks.setdefault(str(path.resolve()), threading.Lock())
+
+    def schemas(self, path: Path) -> dict[str, _Schema]:
+        """The known tables of the file's open connection (call with a cursor open, under the write lock)."""
+        with self._guard:
+            return self._schemas.setdefault(str(path.resolve()), {})
+
+
+@dataclass(frozen=True)
+class _Schema:
+    columns: frozenset[str]
+    keyed: bool  # a table of an older version, with a PRIMARY KEY
 
 
 _connections = _SharedConnections()
@@ -102,10 +118,18 @@ class DuckDBStore(Block):
     def _connect(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         return _connections.cursor(Path(self.path))
 
+    def session(self) -> AbstractContextManager[object]:
+        """The file's connection, kept open across a run's writes: opening it replays the file's log
+        and closing it checkpoints, which cost more than a symbol's write."""
+        return self._connect()
+
     def _ensure_table(
         self, con: duckdb.DuckDBPyConnection, table: str, key: tuple[str, ...], value_columns: list[str]
-    ) -> bool:
+    ) -> _Schema:
         """Create the table or add the new value columns; whether it has a PRIMARY KEY (files of older versions)."""
+        known = _connections.schemas(Path(self.path)).get(table)
+        if known is not None and known.columns.issuperset(value_columns):
+            return known
         key_sql = ", ".join(
             f"{column} TIMESTAMPTZ NOT NULL" if column == "time" else f"{column} VARCHAR NOT NULL" for column in key
         )
@@ -120,7 +144,7 @@ class DuckDBStore(Block):
         primary = con.execute(
             "SELECT 1 FROM duckdb_constraints() WHERE table_name = ? AND constraint_type = 'PRIMARY KEY'", [table]
         ).fetchall()
-        return bool(primary)
+        return _Schema(frozenset(existing) | frozenset(value_columns), bool(primary))
 
     def _upsert(
         self, table: str, key: tuple[str, ...], rows: pd.DataFrame, clears: tuple[tuple[str, str], ...] = ()
@@ -156,12 +180,12 @@ class DuckDBStore(Block):
         span = [frame["time"].min(), frame["time"].max()]
         with _connections.write_lock(Path(self.path)), self._connect() as con:
             con.begin()
-            keyed = self._ensure_table(con, table, key, value_columns)
+            schema = self._ensure_table(con, table, key, value_columns)
             con.register("incoming", incoming)
             for cleared, how in clears:
                 if self._has_table(con, cleared):
                     self._clear(con, cleared, how, span)
-            if keyed:  # deleting then inserting under the old index is several times slower than replacing
+            if schema.keyed:  # deleting then inserting under the old index is several times slower than replacing
                 con.execute(f"INSERT OR REPLACE INTO {table} ({names}) SELECT {names} FROM incoming")
             else:
                 if (table, RANGES) not in clears:  # a cleared range holds none of the incoming keys any more
@@ -172,6 +196,7 @@ class DuckDBStore(Block):
                 con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
             con.unregister("incoming")
             con.commit()
+            _connections.schemas(Path(self.path))[table] = schema  # only once it is committed
         return len(frame)
 
     @staticmethod
@@ -308,8 +333,9 @@ class DuckDBStore(Block):
         with self._connect() as con:
             con.execute("SELECT 1").fetchone()
 
-    @staticmethod
-    def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    def _has_table(self, con: duckdb.DuckDBPyConnection, table: str) -> bool:
+        if table in _connections.schemas(Path(self.path)):
+            return True
         rows = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()
         return bool(rows and rows[0][0])
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
@@ -243,6 +243,10 @@ class InfluxDBStore(InfluxMeasurements, Block):
             bucket.retention_rules = [_expire_after(every)]
             self._call("update the bucket's retention", lambda: buckets.update_bucket(bucket))
             return f"updated: {target} = {duration}"
+
+    def session(self) -> AbstractContextManager[object]:
+        """Nothing to keep: the HTTP client's connections are pooled already."""
+        return nullcontext()
 
     def health(self) -> None:
         try:

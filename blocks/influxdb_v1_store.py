@@ -16,7 +16,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
@@ -192,6 +192,10 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
             method="POST",
         )
         return f"{'updated' if verb == 'ALTER' else 'created'}: retention policy {target}"
+
+    def session(self) -> AbstractContextManager[object]:
+        """Nothing to keep: the HTTP client's connections are pooled already."""
+        return nullcontext()
 
     def health(self) -> None:
         try:

@@ -8,6 +8,7 @@ validation are kept apart, in quarantine, with the rule they broke; a bar is in 
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -214,4 +215,8 @@ class BarStore(Protocol):
 
     def health(self) -> None:
         """Raise :class:`StoreError` with a fix if the store can't be used."""
+        ...
+
+    def session(self) -> AbstractContextManager[object]:
+        """Around many writes (a run): keeps open what they share; a no-op where nothing is worth keeping."""
         ...

@@ -89,6 +89,14 @@ class CollectionSettings(_Section):
     workers: int = Field(
         8, ge=1, le=64, description="symbols in flight at once: each goes collect -> process -> store in its own thread"
     )
+    batch_size: int = Field(
+        1,
+        ge=1,
+        le=500,
+        description="symbols per collect, process and store task: 1 gives each symbol its own tasks in the "
+        "Prefect UI; more (say 50) cuts the task runs of a large backfill, and a symbol's failure still "
+        "fails only that symbol",
+    )
     symbols_per_flow_run: int = Field(
         300,
         ge=1,

@@ -30,12 +30,12 @@ from blocks.store import StoreError
 from configs.settings import load_settings
 from flows import progress
 from tasks.bars import validate_interval, validate_symbols
-from tasks.collect import check_source, collect_bars
+from tasks.collect import check_source, collect_bars, collect_batch
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.job import Job
-from tasks.processing import Processed, describe_counts, process_bars
+from tasks.processing import Processed, describe_counts, process_bars, process_batch
 from tasks.sources.base import Collected
-from tasks.store import Stored, record_metrics, replay_spool, store_bars
+from tasks.store import Stored, record_metrics, replay_spool, store_bars, store_batch
 
 OK, FAILED, DEFERRED, SPOOLED = "ok", "failed", "deferred", "spooled"
 
@@ -185,31 +185,42 @@ def _run_part(
 def run_symbols(job: Job, symbols: list[str]) -> list[SymbolResult]:
     """Each symbol through collect -> process -> store in turn, ``collection.workers`` at a time.
 
-    A symbol's tasks run one after another in one worker thread, so its frames are released as
-    soon as its bars are written: memory holds ``workers`` symbols, never the whole run. One
-    symbol's failure ends only its own pipeline.
+    A symbol's tasks (or a batch's, with ``collection.batch_size``) run one after another in one
+    worker thread, so its frames are released as soon as its bars are written: memory holds
+    ``workers`` symbols or batches, never the whole run. A symbol's failure ends only its own pipeline.
     """
     policy = job.settings.collection
     collect = collect_bars.with_options(
         retries=policy.task_retries, retry_delay_seconds=policy.task_retry_delay, tags=[collect_tag(job.source)]
     )
-    with ThreadPoolExecutor(max_workers=min(policy.workers, len(symbols) or 1), thread_name_prefix="symbol") as pool:
+    size = policy.batch_size
+    units = [symbols[i : i + size] for i in range(0, len(symbols), size)]
+    workers = min(policy.workers, len(units) or 1)
+    with job.store.session(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="symbols") as pool:
         # Each thread runs in a copy of the flow run's context, so its task runs belong to this flow run.
-        futures = {pool.submit(copy_context().run, _pipeline, job, collect, s): s for s in symbols}
+        futures = {pool.submit(copy_context().run, _unit, job, collect, unit): unit for unit in units}
         for done in as_completed(futures):
             error = done.exception()
             if isinstance(error, httpx.TransportError):
                 pool.shutdown(cancel_futures=True)
                 raise error
-            progress.report(FAILED if error is not None else done.result().status)
-    return [_outcome(symbol, future) for future, symbol in futures.items()]
+            statuses = [r.status for r in done.result()] if error is None else [FAILED] * len(futures[done])
+            for status in statuses:
+                progress.report(status)
+    return [result for future, unit in futures.items() for result in _outcomes(unit, future)]
 
 
-def _outcome(symbol: str, future: Future[SymbolResult]) -> SymbolResult:
+def _unit(job: Job, collect: Task[[Job, str], Collected], symbols: list[str]) -> list[SymbolResult]:
+    if len(symbols) == 1 and job.settings.collection.batch_size == 1:
+        return [_pipeline(job, collect, symbols[0])]
+    return _batch_pipeline(job, symbols)
+
+
+def _outcomes(symbols: list[str], future: Future[list[SymbolResult]]) -> list[SymbolResult]:
     error = future.exception()
     if error is None:
         return future.result()
-    return SymbolResult(symbol, FAILED, error=f"{type(error).__name__}: {error}")
+    return [SymbolResult(symbol, FAILED, error=f"{type(error).__name__}: {error}") for symbol in symbols]
 
 
 def _pipeline(job: Job, collect: Task[[Job, str], Collected], symbol: str) -> SymbolResult:
@@ -227,11 +238,45 @@ def _pipeline(job: Job, collect: Task[[Job, str], Collected], symbol: str) -> Sy
     return _summarise(symbol, raw, outcome, stored.result())
 
 
+def _batch_pipeline(job: Job, symbols: list[str]) -> list[SymbolResult]:
+    """A batch's symbols through one collect, one process and one store task; each symbol's error
+    comes back as its own result, so a batch task fails as a whole only on something unforeseen."""
+    ended: dict[str, SymbolResult] = {}
+    collected = collect_batch(job, symbols, return_state=True)
+    if not collected.is_completed():
+        return [_not_done(symbol, collected) for symbol in symbols]
+    raw = _survivors(collected.result(), ended)
+    processed = process_batch(raw, job, return_state=True) if raw else None
+    if processed is not None and not processed.is_completed():
+        return [ended.get(symbol) or _not_done(symbol, processed) for symbol in symbols]
+    outcomes = _survivors(processed.result(), ended) if processed is not None else {}
+    stored = store_batch(outcomes, job, return_state=True) if outcomes else None
+    if stored is not None and not stored.is_completed():
+        return [ended.get(symbol) or _not_done(symbol, stored) for symbol in symbols]
+    for symbol, written in _survivors(stored.result(), ended).items() if stored is not None else ():
+        ended[symbol] = _summarise(symbol, raw[symbol], outcomes[symbol], written)
+    return [ended[symbol] for symbol in symbols]
+
+
+def _survivors[T](results: dict[str, T | Exception], ended: dict[str, SymbolResult]) -> dict[str, T]:
+    """The symbols a batch stage finished; those it failed go into ``ended``."""
+    alive: dict[str, T] = {}
+    for symbol, result in results.items():
+        if isinstance(result, Exception):
+            ended[symbol] = _failure(symbol, result, "")
+        else:
+            alive[symbol] = result
+    return alive
+
+
 def _not_done(symbol: str, state: State[Any]) -> SymbolResult:
-    error = state.result(raise_on_failure=False)
+    return _failure(symbol, state.result(raise_on_failure=False), state.message or state.name or "")
+
+
+def _failure(symbol: str, error: object, fallback: str) -> SymbolResult:
     status = DEFERRED if isinstance(error, QuotaExhaustedError) else FAILED
-    message = str(error) if isinstance(error, BaseException) else (state.message or "")
-    return SymbolResult(symbol, status, error=message or f"{state.name}")
+    message = str(error) if isinstance(error, BaseException) else ""
+    return SymbolResult(symbol, status, error=message or fallback)
 
 
 def _summarise(symbol: str, raw: Collected, outcome: Processed, written: Stored) -> SymbolResult:

@@ -13,6 +13,7 @@ date); an intraday bar belongs to the date of its instant in the calendar's time
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
@@ -273,9 +274,18 @@ def _calendar_covering(name: str, first: pd.Timestamp, last: pd.Timestamp) -> An
     return _calendar(name, first.year, last.year)
 
 
-@lru_cache(maxsize=64)
+# Worker threads asking for the same calendar at once would each build it: one builds, the others wait.
+_building = threading.RLock()
+
+
 def _calendar(name: str, first_year: int, last_year: int) -> Any:
     """Whole years, so runs over the same years share one construction (the slow part)."""
+    with _building:
+        return _built_calendar(name, first_year, last_year)
+
+
+@lru_cache(maxsize=64)
+def _built_calendar(name: str, first_year: int, last_year: int) -> Any:
     lowest, highest = _bounds(name)
     start = pd.Timestamp(first_year, 1, 1)
     end = pd.Timestamp(last_year, 12, 31)
@@ -286,9 +296,14 @@ def _calendar(name: str, first_year: int, last_year: int) -> Any:
     return xc.get_calendar(name, start=start, end=end)
 
 
-@lru_cache(maxsize=64)
 def _bounds(name: str) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
     """The earliest and latest dates the calendar class can be built for (None: unbounded)."""
+    with _building:
+        return _class_bounds(name)
+
+
+@lru_cache(maxsize=64)
+def _class_bounds(name: str) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
     cls = type(xc.get_calendar(name))
     return cls.bound_min(), cls.bound_max()
 

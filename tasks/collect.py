@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -11,11 +12,11 @@ from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
-from blocks.store import BarStore, StoreUnavailableError
+from blocks.store import BarStore, StoreError, StoreUnavailableError
 from configs.settings import CollectionSettings, Settings
 from tasks.bars import empty_bars, is_daily_or_longer
-from tasks.errors import HistoryUnavailableError, TransientSourceError
-from tasks.job import Job
+from tasks.errors import HistoryUnavailableError, MarketpipeError, TransientSourceError
+from tasks.job import Job, batch_run_name, failed
 from tasks.restatement import restatement_reason
 from tasks.retention import clamp
 from tasks.sources.base import BarQuery, Collected, HttpSource, Source, Window, load_source, pacer_for
@@ -219,9 +220,35 @@ def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -
     retry_condition_fn=transient_only,
 )
 def collect_bars(job: Job, symbol: str) -> Collected:
+    return collect_logged(job, symbol)
+
+
+@task(name="collect-batch", task_run_name=batch_run_name("collect"), cache_policy=NO_CACHE, persist_result=False)
+def collect_batch(job: Job, symbols: list[str]) -> dict[str, Collected | Exception]:
+    """Each symbol's collect in turn, for ``collection.batch_size``: a symbol's error is its result,
+    so it fails that symbol alone; a transient one is tried ``collection.task_retries`` more times."""
+    return {symbol: _collect_alone(job, symbol) for symbol in symbols}
+
+
+def collect_logged(job: Job, symbol: str) -> Collected:
     collected = collect(job, symbol)
     if collected.clamped:
         get_run_logger().info("%s: %s", symbol, collected.clamped)
     if collected.restated and collected.window is not None:
         get_run_logger().warning("%s: %s; re-collected from %s", symbol, collected.restated, collected.window.start)
     return collected
+
+
+def _collect_alone(job: Job, symbol: str) -> Collected | Exception:
+    policy = job.settings.collection
+    for attempt in range(policy.task_retries + 1):
+        try:
+            return collect_logged(job, symbol)
+        except TransientSourceError as exc:
+            if attempt == policy.task_retries:
+                return failed(symbol, exc)
+            get_run_logger().warning("%s: %s; collecting it again in %gs", symbol, exc, policy.task_retry_delay)
+            time.sleep(policy.task_retry_delay)
+        except (MarketpipeError, StoreError) as exc:
+            return failed(symbol, exc)
+    raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover

@@ -12,7 +12,10 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from datetime import date
-from typing import cast
+from typing import Any, cast
+
+from prefect import get_run_logger
+from prefect.tasks import TaskRunNameCallbackWithParameters
 
 from blocks.credentials import SourceCredentials
 from blocks.spool import Spool
@@ -82,3 +85,20 @@ def store_for(storage: StorageSettings) -> BarStore:
         if key not in _stores:
             _stores[key] = store_from_settings(storage)
         return _stores[key]
+
+
+def batch_run_name(stage: str) -> TaskRunNameCallbackWithParameters:
+    """A batch task run's name, from its first and last symbol: ``collect-AAPL..MSFT``."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        batch = next(iter(v for k, v in parameters.items() if k != "job"))
+        symbols = list(batch)
+        return f"{stage}-{symbols[0]}..{symbols[-1]}" if len(symbols) > 1 else f"{stage}-{symbols[0]}"
+
+    return cast(TaskRunNameCallbackWithParameters, name)
+
+
+def failed(symbol: str, error: Exception) -> Exception:
+    """A symbol's error inside a batch task, logged as its own task would have been, and kept as its result."""
+    get_run_logger().error("%s failed: %s", symbol, error)
+    return error

@@ -12,7 +12,7 @@ from blocks.spool import RejectedBatch, Replayed, ReplayStoppedError, Spool, Wri
 from blocks.store import StoreError, dropped_by_retention
 from configs.settings import Settings
 from tasks.bars import BAR_COLUMNS
-from tasks.job import Job, store_for
+from tasks.job import Job, batch_run_name, failed, store_for
 from tasks.processing import Processed
 from tasks.validation import QUARANTINE_COLUMNS
 
@@ -46,6 +46,22 @@ def open_spool(settings: Settings) -> Spool:
 
 @task(name="store", task_run_name="store-{symbol}", cache_policy=NO_CACHE, persist_result=False)
 def store_bars(processed: Processed, job: Job, symbol: str) -> Stored:
+    return store_one(processed, job, symbol)
+
+
+@task(name="store-batch", task_run_name=batch_run_name("store"), cache_policy=NO_CACHE, persist_result=False)
+def store_batch(processed: dict[str, Processed], job: Job) -> dict[str, Stored | Exception]:
+    """Each symbol's writes in turn, for ``collection.batch_size``; an error fails only its symbol."""
+    done: dict[str, Stored | Exception] = {}
+    for symbol, outcome in processed.items():
+        try:
+            done[symbol] = store_one(outcome, job, symbol)
+        except Exception as exc:  # what the store and spool can't take is in Stored; anything else is this symbol's
+            done[symbol] = failed(symbol, exc)
+    return done
+
+
+def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
     """Write bars, then quarantined bars, then corporate actions; what the store can't take is spooled.
 
     Bars go first: their write replaces the collected range, quarantined copies included, and the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,12 @@ def test_flow_stores_every_symbol_and_returns_the_summary(configured: DuckDBStor
         assert stored["rsi_14"].iloc[14:].notna().all()
 
 
-def test_one_failing_symbol_does_not_stop_the_others(configured: DuckDBStore) -> None:
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_one_failing_symbol_does_not_stop_the_others(
+    configured: DuckDBStore, monkeypatch: pytest.MonkeyPatch, batch_size: int
+) -> None:
+    """With per-symbol tasks and with batches alike: DELISTED shares a batch with AAPL at 2."""
+    monkeypatch.setenv("MARKETPIPE__COLLECTION__BATCH_SIZE", str(batch_size))
     state = market_data(["AAPL", "DELISTED", "MSFT"], start=date(2024, 1, 1), end=date(2024, 3, 29), return_state=True)
     assert state.is_failed()
     outcome = state.result(raise_on_failure=False)
@@ -55,6 +61,51 @@ def test_one_failing_symbol_does_not_stop_the_others(configured: DuckDBStore) ->
     metrics = {s: configured.read_metrics(s).iloc[-1] for s in ("AAPL", "DELISTED", "MSFT")}
     assert (metrics["DELISTED"]["failed"], metrics["DELISTED"]["ok"], metrics["DELISTED"]["rows_written"]) == (1, 0, 0)
     assert (metrics["AAPL"]["ok"], metrics["AAPL"]["rows_written"], metrics["AAPL"]["requests"]) == (1, 65, 1)
+
+
+def test_a_large_run_is_split_into_child_flow_runs_of_bounded_task_runs(
+    configured: DuckDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MARKETPIPE__COLLECTION__SYMBOLS_PER_FLOW_RUN", "2")
+    symbols = ["AAPL", "MSFT", "DELISTED", "NVDA", "AMZN"]
+    state = market_data(symbols, start=date(2024, 1, 1), end=date(2024, 1, 31), return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    assert isinstance(outcome, SymbolsFailedError)  # DELISTED, in the second part: the others are stored
+    assert [(r.symbol, r.status) for r in outcome.results] == [
+        (s, "failed" if s == "DELISTED" else "ok") for s in symbols
+    ]
+    assert all(len(configured.read_bars(s)) == 23 for s in symbols if s != "DELISTED")
+
+    async def runs() -> tuple[list[Any], dict[str, int]]:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterParentFlowRunId,
+            LogFilter,
+            LogFilterFlowRunId,
+        )
+
+        async with get_client() as client:
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+                )
+            )
+            counts = {}
+            for child in children:  # the suite's server runs no services, so task runs are counted by their logs
+                logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[child.id])))
+                counts[str(child.name)] = len({log.task_run_id for log in logs if log.task_run_id is not None})
+            return children, counts
+
+    children, counts = asyncio.run(runs())
+    for _ in range(60):  # the server records task runs from their events, a moment later
+        if sum(counts.values()) >= 15:
+            break
+        time.sleep(0.5)
+        children, counts = asyncio.run(runs())
+    assert sorted(counts) == [f"market-data-yahoo_finance-1d-part-{n}-of-3" for n in (1, 2, 3)]
+    assert sorted(counts.values()) == [3, 4, 6]  # collect, process and store per symbol; DELISTED stops at collect
+    assert all(child.state is not None and child.state.is_completed() for child in children)
 
 
 def test_summary_is_published_as_a_table_artifact(configured: DuckDBStore) -> None:

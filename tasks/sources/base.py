@@ -91,7 +91,9 @@ class Collected:
         """One result from several requests' results; later parts win on a repeated bar."""
         frames = [p.bars for p in parts if not p.bars.empty]
         bars = empty_bars()
-        if frames:
+        if len(frames) == 1 and frames[0]["time"].is_monotonic_increasing and frames[0]["time"].is_unique:
+            bars = frames[0]  # one response in order, as most are: already conformed by its parse
+        elif frames:
             bars = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["time"], keep="last")
             bars = conform(bars.sort_values("time", kind="stable"))
         actions = [p.actions for p in parts if not p.actions.empty]
