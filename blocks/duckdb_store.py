@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -118,10 +118,15 @@ class DuckDBStore(Block):
     def _connect(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         return _connections.cursor(Path(self.path))
 
-    def session(self) -> AbstractContextManager[object]:
+    @contextmanager
+    def session(self) -> Iterator[None]:
         """The file's connection, kept open across a run's writes: opening it replays the file's log
-        and closing it checkpoints, which cost more than a symbol's write."""
-        return self._connect()
+        and closing it checkpoints, which cost more than a symbol's write. A file that can't be
+        opened (another process holds it) is not held: each read and write then says why."""
+        with ExitStack() as held:
+            with suppress(StoreError):
+                held.enter_context(self._connect())
+            yield
 
     def _ensure_table(
         self, con: duckdb.DuckDBPyConnection, table: str, key: tuple[str, ...], value_columns: list[str]

@@ -81,7 +81,9 @@ class _Display:
         noun = "symbol" if (task.total if task.total is not None else done) == 1 else "symbols"
         rate = done / elapsed if elapsed > 0 else 0.0
         took = timedelta(seconds=round(elapsed))
-        return f"{of} {noun} done: {self.counts['ok']} ok, {self._outcome(markup=False)}; {rate:.1f} symbols/s, {took}"
+        # Only the statuses that occurred: "0 failed" in a log would match a search for failures.
+        counts = ", ".join(f"{n} {status}" for status, n in self.counts.items() if n) or "nothing finished"
+        return f"{of} {noun} done: {counts}; {rate:.1f} symbols/s, {took}"
 
 
 class _RateColumn(ProgressColumn):
