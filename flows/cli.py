@@ -181,24 +181,21 @@ def _raise(error: Exception) -> None:
     raise error
 
 
-def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
-    from tasks.processing import describe_counts
+# A run over more symbols lists only those that need a look: 5,000 rows would bury them.
+SUMMARY_ROWS = 50
 
-    table = Table(title="market-data run")
-    columns = ("symbol", "status", "rows written", "spooled", "collected", "quarantined", "repaired", "flagged",
-               "dropped", "missing sessions", "actions", "requests", "window", "history from")  # fmt: skip
-    for column in columns:
-        table.add_column(column)
-    colours = {"ok": "green", "deferred": "yellow", "spooled": "yellow"}
-    for r in rows:
-        status = f"[{colours.get(r['status'], 'red')}]{r['status']}[/]"
-        counts = [describe_counts(r[k]) or "0" for k in ("quarantined", "repaired", "flagged", "dropped")]
-        sessions = "n/a" if r["missing_sessions"] is None else str(r["missing_sessions"])
-        table.add_row(
-            r["symbol"], status, str(r["rows_written"]), str(r["spooled"]), str(r["bars_collected"]), *counts, sessions,
-            str(r["actions_written"]), str(r["requests"]), r["window"], r["history_from"],
-        )  # fmt: skip
-    console.print(table)
+
+def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
+    listed = rows if len(rows) <= SUMMARY_ROWS else [r for r in rows if r["status"] != "ok"]
+    if listed:
+        console.print(_summary_table(listed))
+    if len(listed) < len(rows):
+        console.print(
+            f"{len(rows) - len(listed)} of {len(rows)} symbols ok, not listed: every symbol's row is in the flow "
+            "run's market-data-summary artifact and in pipeline_metrics",
+            highlight=False,
+            soft_wrap=True,
+        )
     _print_retention(rows)
     for r in rows:
         if r.get("restated"):
@@ -220,6 +217,26 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
         if r["status"] != "ok":
             console.print(f"[red]{r['symbol']} {r['status']}:[/] {r['error']}", highlight=False, soft_wrap=True)
     _print_spool_notes(rows, spool_dir)
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> Table:
+    from tasks.processing import describe_counts
+
+    table = Table(title="market-data run")
+    columns = ("symbol", "status", "rows written", "spooled", "collected", "quarantined", "repaired", "flagged",
+               "dropped", "missing sessions", "actions", "requests", "window", "history from")  # fmt: skip
+    for column in columns:
+        table.add_column(column)
+    colours = {"ok": "green", "deferred": "yellow", "spooled": "yellow"}
+    for r in rows:
+        status = f"[{colours.get(r['status'], 'red')}]{r['status']}[/]"
+        counts = [describe_counts(r[k]) or "0" for k in ("quarantined", "repaired", "flagged", "dropped")]
+        sessions = "n/a" if r["missing_sessions"] is None else str(r["missing_sessions"])
+        table.add_row(
+            r["symbol"], status, str(r["rows_written"]), str(r["spooled"]), str(r["bars_collected"]), *counts, sessions,
+            str(r["actions_written"]), str(r["requests"]), r["window"], r["history_from"],
+        )  # fmt: skip
+    return table
 
 
 def _print_spool_notes(rows: list[dict[str, Any]], spool_dir: str) -> None:

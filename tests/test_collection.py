@@ -74,6 +74,8 @@ def test_a_hundred_symbols_at_5_per_second_get_no_rejection(
     env = {**env, YAHOO_RATE: "18000", "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": sandbox.base_url}
     result = run("run", "--symbols", ",".join(SYMBOLS_100), "--start", "2024-01-01", "--end", "2024-02-29", env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # A hundred ok rows would bury what needs a look: the summary names only a count of them.
+    assert "100 of 100 symbols ok, not listed" in result.stdout and "│ S0" not in result.stdout, result.stdout
     entries = sandbox.requests()
     assert len(entries) == 100
     assert [e for e in entries if e.get("rate_limited")] == []
