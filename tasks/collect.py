@@ -170,14 +170,20 @@ def stored_before(
     Reads only a window that should hold ``bars`` bars, widened until it does or reaches the
     series' start, so a run never reads years of history for a lookback of a few hundred bars.
     """
-    if collected.bars.empty or first is None:
+    window = collected.window
+    if not collected.bars.empty:
+        first_new = pd.Timestamp(collected.bars["time"].min())
+    elif overlap and window is not None:  # no new bar, but new corporate actions may restate the stored ones
+        first_new = pd.Timestamp(window.start, tz="UTC")
+    else:
         return StoredHistory(None, None)
-    first_new = pd.Timestamp(collected.bars["time"].min())
+    if first is None:
+        return StoredHistory(None, None)
     if first >= first_new and not overlap:
         return StoredHistory(None, None)
     window_start = first_new
-    if overlap and collected.window is not None:
-        window_start = min(first_new, pd.Timestamp(collected.window.start, tz="UTC"))
+    if overlap and window is not None:
+        window_start = min(first_new, pd.Timestamp(window.start, tz="UTC"))
     span = _span_holding(bars, interval)
     while True:
         start = max(first, min(window_start, first_new - span))
