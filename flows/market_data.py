@@ -193,12 +193,13 @@ def run_symbols(job: Job, symbols: list[str]) -> list[SymbolResult]:
     collect = collect_bars.with_options(
         retries=policy.task_retries, retry_delay_seconds=policy.task_retry_delay, tags=[collect_tag(job.source)]
     )
+    collect_many = collect_batch.with_options(tags=[collect_tag(job.source)])  # retried per symbol inside
     size = policy.batch_size
     units = [symbols[i : i + size] for i in range(0, len(symbols), size)]
     workers = min(policy.workers, len(units) or 1)
     with job.store.session(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="symbols") as pool:
         # Each thread runs in a copy of the flow run's context, so its task runs belong to this flow run.
-        futures = {pool.submit(copy_context().run, _unit, job, collect, unit): unit for unit in units}
+        futures = {pool.submit(copy_context().run, _unit, job, collect, collect_many, unit): unit for unit in units}
         for done in as_completed(futures):
             error = done.exception()
             if isinstance(error, httpx.TransportError):
@@ -210,10 +211,15 @@ def run_symbols(job: Job, symbols: list[str]) -> list[SymbolResult]:
     return [result for future, unit in futures.items() for result in _outcomes(unit, future)]
 
 
-def _unit(job: Job, collect: Task[[Job, str], Collected], symbols: list[str]) -> list[SymbolResult]:
+def _unit(
+    job: Job,
+    collect: Task[[Job, str], Collected],
+    collect_many: Task[[Job, list[str]], dict[str, Collected | Exception]],
+    symbols: list[str],
+) -> list[SymbolResult]:
     if len(symbols) == 1 and job.settings.collection.batch_size == 1:
         return [_pipeline(job, collect, symbols[0])]
-    return _batch_pipeline(job, symbols)
+    return _batch_pipeline(job, collect_many, symbols)
 
 
 def _outcomes(symbols: list[str], future: Future[list[SymbolResult]]) -> list[SymbolResult]:
@@ -238,11 +244,13 @@ def _pipeline(job: Job, collect: Task[[Job, str], Collected], symbol: str) -> Sy
     return _summarise(symbol, raw, outcome, stored.result())
 
 
-def _batch_pipeline(job: Job, symbols: list[str]) -> list[SymbolResult]:
+def _batch_pipeline(
+    job: Job, collect_many: Task[[Job, list[str]], dict[str, Collected | Exception]], symbols: list[str]
+) -> list[SymbolResult]:
     """A batch's symbols through one collect, one process and one store task; each symbol's error
     comes back as its own result, so a batch task fails as a whole only on something unforeseen."""
     ended: dict[str, SymbolResult] = {}
-    collected = collect_batch(job, symbols, return_state=True)
+    collected = collect_many(job, symbols, return_state=True)
     if not collected.is_completed():
         return [_not_done(symbol, collected) for symbol in symbols]
     raw = _survivors(collected.result(), ended)
