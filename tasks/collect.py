@@ -74,10 +74,10 @@ def collect(job: Job, symbol: str) -> Collected:
     now = datetime.now(UTC)
     today = now.date()
     try:  # before anything is fetched: a store that can't answer costs no request (nor quota)
-        first_stored = store.first_timestamp(symbol, interval, job.source)
+        first_stored = job.outage.read(lambda: store.first_timestamp(symbol, interval, job.source))
         last_stored = None
         if job.start is None and first_stored is not None:
-            last_stored = store.last_timestamp(symbol, interval, job.source)
+            last_stored = job.outage.read(lambda: store.last_timestamp(symbol, interval, job.source))
     except StoreUnavailableError as exc:
         raise HistoryUnavailableError(symbol, exc, fetched=False) from None
     window = _servable(
@@ -89,11 +89,14 @@ def collect(job: Job, symbol: str) -> Collected:
     collected = provider.collect(BarQuery(symbol, interval, window.start, window.end))
     collected.window = window
     try:
-        stored = stored_before(
-            store, collected, symbol, interval, job.source, job.lookback, first_stored, overlap=last_stored is not None
+        stored = job.outage.read(
+            lambda: stored_before(
+                store, collected, symbol, interval, job.source, job.lookback, first_stored, last_stored is not None
+            )
         )
         if stored.first is not None and last_stored is not None:
-            collected = _restated_if_needed(collected, stored, store, provider, symbol, interval, today)
+            actions = job.outage.read(lambda: store.read_corporate_actions(symbol, provider.name))
+            collected = _restated_if_needed(collected, stored, actions, provider, symbol, interval, today)
     except StoreUnavailableError as exc:
         raise HistoryUnavailableError(symbol, exc, fetched=True) from None
     if not collected.restated:
@@ -114,7 +117,7 @@ def _servable(window: Window, provider: Source, interval: str, today: date) -> W
 def _restated_if_needed(
     collected: Collected,
     stored: StoredHistory,
-    store: BarStore,
+    stored_actions: pd.DataFrame,
     provider: Source,
     symbol: str,
     interval: str,
@@ -128,7 +131,7 @@ def _restated_if_needed(
         collected.actions,
         currency if isinstance(currency, str) else None,
         stored.overlap if stored.overlap is not None else empty_bars(),
-        store.read_corporate_actions(symbol, provider.name),
+        stored_actions,
         stored.first,
     )
     if reason is None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, cast
 
@@ -19,12 +21,47 @@ from prefect.tasks import TaskRunNameCallbackWithParameters
 
 from blocks.credentials import SourceCredentials
 from blocks.spool import Spool
-from blocks.store import BarStore
+from blocks.store import BarStore, StoreUnavailableError
 from blocks.stores import store_from_settings
 from configs.settings import Settings, SourceSettings, StorageSettings
 from tasks.indicators import lookback_bars
 from tasks.retention import Retention, retention_of
 from tasks.sources.base import Source, load_source, pacer_for
+
+# Seconds a run waits out a store that stops answering reads: a restarted server or a rescheduled
+# pod is back within them, and a store that is really down fails the run's symbols this late at most.
+STORE_PATIENCE = 15.0
+
+
+class StoreOutage:
+    """One run's patience with a store that stops answering its reads, shared by the run's threads.
+
+    A read that finds the store unavailable is tried again until the store has been unavailable for
+    ``patience`` seconds, counted from the first such read of any thread. A restart of a few seconds
+    then fails no symbol, and a store that stays down fails the rest at once, not each after a wait.
+    """
+
+    def __init__(self, patience: float = STORE_PATIENCE) -> None:
+        self.patience = patience
+        self._guard = threading.Lock()
+        self._since: float | None = None  # when reads began to find the store unavailable
+
+    def read[T](self, read: Callable[[], T]) -> T:
+        while True:
+            try:
+                result = read()
+            except StoreUnavailableError:
+                now = time.monotonic()
+                with self._guard:
+                    self._since = now if self._since is None else self._since
+                    left = self._since + self.patience - now
+                if left <= 0:
+                    raise
+                time.sleep(min(0.5, left))
+                continue
+            with self._guard:
+                self._since = None
+            return result
 
 
 @dataclass(frozen=True, repr=False)
@@ -40,6 +77,7 @@ class Job:
     provider: Source  # paced, with its credentials resolved
     retention: Retention | None  # how far back the store keeps bars; None: forever
     lookback: int  # stored bars the indicators need before the first new one
+    outage: StoreOutage = field(default_factory=StoreOutage)
 
     @staticmethod
     def build(settings: Settings, source: str, interval: str, start: date | None, end: date | None) -> Job:

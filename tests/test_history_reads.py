@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -9,8 +11,12 @@ import pandas as pd
 import pytest
 
 from blocks.duckdb_store import DuckDBStore
+from blocks.influxdb_v1_store import InfluxDBV1Store
+from blocks.store import StoreUnavailableError
 from tasks.collect import read_stored
+from tasks.job import StoreOutage
 from tasks.sources.base import Collected
+from tests.servers import free_port, influxdb_process
 from tests.test_processing import bars
 
 
@@ -82,3 +88,32 @@ def test_nothing_stored_before_the_new_bars_is_no_history(tmp_path: Path) -> Non
     history = read_stored(store, Collected(series.iloc[:50]), "TEST", "1d", "test", 500)  # type: ignore[arg-type]
     assert (history.bars, history.first) == (None, None)
     assert store.rows_read == []
+
+
+def test_a_store_restarted_within_the_runs_patience_fails_no_read(tmp_path: Path) -> None:
+    """influxd down when the read begins and back a moment later: the read waits for it."""
+    port = free_port()
+    store = InfluxDBV1Store(url=f"http://127.0.0.1:{port}", database="patience")
+    outage = StoreOutage(patience=60)
+    answers: list[object] = []
+    reader = threading.Thread(target=lambda: answers.append(outage.read(lambda: store.last_timestamp("A", "1d", "x"))))
+    reader.start()
+    time.sleep(1)
+    assert reader.is_alive()  # nothing listens yet: still waiting
+    with influxdb_process(tmp_path / "influxd", port):
+        store.write_bars(bars(5).assign(symbol="A", interval="1d", source="x"))
+        reader.join(timeout=30)
+    assert not reader.is_alive() and len(answers) == 1
+
+
+def test_a_store_that_stays_down_fails_the_runs_reads_at_once_after_its_patience() -> None:
+    store = InfluxDBV1Store(url=f"http://127.0.0.1:{free_port()}", database="patience")
+    outage = StoreOutage(patience=1)
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailableError):
+        outage.read(lambda: store.first_timestamp("A", "1d", "x"))
+    assert 1 <= time.monotonic() - began < 10
+    again = time.monotonic()
+    with pytest.raises(StoreUnavailableError):  # the run's patience is spent: the next symbol does not wait
+        outage.read(lambda: store.first_timestamp("B", "1d", "x"))
+    assert time.monotonic() - again < 1
