@@ -209,13 +209,6 @@ def _span_holding(bars: int, interval: str) -> pd.Timedelta:
     return pd.Timedelta(interval.replace("m", "min")) * bars * 8 + pd.Timedelta(days=4)
 
 
-def read_history(
-    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
-) -> pd.DataFrame | None:
-    """The last ``bars`` stored bars before the first collected one."""
-    return read_stored(store, collected, symbol, interval, source, bars).bars
-
-
 def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry a collect task only when another try could succeed: not for an unknown symbol or a spent quota."""
     return isinstance(state.result(raise_on_failure=False), TransientSourceError)

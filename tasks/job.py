@@ -20,7 +20,6 @@ from prefect import get_run_logger
 from prefect.tasks import TaskRunNameCallbackWithParameters
 
 from blocks.credentials import SourceCredentials
-from blocks.spool import Spool
 from blocks.store import BarStore, StoreUnavailableError
 from blocks.stores import store_from_settings
 from configs.settings import Settings, SourceSettings, StorageSettings
@@ -96,9 +95,6 @@ class Job:
             lookback_bars(settings.indicators),
         )
 
-    def spool(self) -> Spool:
-        return Spool(self.settings.storage.spool_dir)
-
     def __repr__(self) -> str:  # shown wherever a task's parameters are; never the settings' secrets
         return f"Job({self.source} {self.interval}, {self.start or 'incremental'} to {self.end or 'today'})"
 
@@ -134,6 +130,19 @@ def batch_run_name(stage: str) -> TaskRunNameCallbackWithParameters:
         return f"{stage}-{symbols[0]}..{symbols[-1]}" if len(symbols) > 1 else f"{stage}-{symbols[0]}"
 
     return cast(TaskRunNameCallbackWithParameters, name)
+
+
+def each_alone[In, Out](
+    items: dict[str, In], step: Callable[[In, Job, str], Out], job: Job
+) -> dict[str, Out | Exception]:
+    """``step`` for each symbol of a batch in turn; what one symbol's step raises is its result, failing it alone."""
+    done: dict[str, Out | Exception] = {}
+    for symbol, item in items.items():
+        try:
+            done[symbol] = step(item, job, symbol)
+        except Exception as exc:  # one symbol's failure, never the batch's
+            done[symbol] = failed(symbol, exc)
+    return done
 
 
 def failed(symbol: str, error: Exception) -> Exception:

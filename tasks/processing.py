@@ -26,7 +26,7 @@ from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED, flag_missi
 from tasks.calendars import SessionGaps, calendar_for, missing_sessions
 from tasks.coverage import Coverage, check_coverage
 from tasks.indicators import compute_indicators
-from tasks.job import Job, batch_run_name, failed
+from tasks.job import Job, batch_run_name, each_alone
 from tasks.missing import apply_missing_policy
 from tasks.sources.base import Collected
 from tasks.ticks import FLAG_SPIKE, FLAG_UNIT_REPAIRED, FLAG_ZERO_VOLUME, check_ticks, to_major_unit
@@ -145,13 +145,7 @@ def process_bars(collected: Collected, job: Job, symbol: str) -> Processed:
 @task(name="process-batch", task_run_name=batch_run_name("process"), cache_policy=NO_CACHE, persist_result=False)
 def process_batch(collected: dict[str, Collected], job: Job) -> dict[str, Processed | Exception]:
     """Each symbol's bars in turn, for ``collection.batch_size``; an error fails only its symbol."""
-    done: dict[str, Processed | Exception] = {}
-    for symbol, bars in collected.items():
-        try:
-            done[symbol] = process_logged(bars, job, symbol)
-        except Exception as exc:  # whatever one symbol's bars raise is that symbol's failure alone
-            done[symbol] = failed(symbol, exc)
-    return done
+    return each_alone(collected, process_logged, job)
 
 
 def process_logged(collected: Collected, job: Job, symbol: str) -> Processed:

@@ -12,7 +12,7 @@ from blocks.spool import RejectedBatch, Replayed, ReplayStoppedError, Spool, Wri
 from blocks.store import StoreError, dropped_by_retention
 from configs.settings import Settings
 from tasks.bars import BAR_COLUMNS
-from tasks.job import Job, batch_run_name, failed, store_for
+from tasks.job import Job, batch_run_name, each_alone, store_for
 from tasks.processing import Processed
 from tasks.validation import QUARANTINE_COLUMNS
 
@@ -51,14 +51,9 @@ def store_bars(processed: Processed, job: Job, symbol: str) -> Stored:
 
 @task(name="store-batch", task_run_name=batch_run_name("store"), cache_policy=NO_CACHE, persist_result=False)
 def store_batch(processed: dict[str, Processed], job: Job) -> dict[str, Stored | Exception]:
-    """Each symbol's writes in turn, for ``collection.batch_size``; an error fails only its symbol."""
-    done: dict[str, Stored | Exception] = {}
-    for symbol, outcome in processed.items():
-        try:
-            done[symbol] = store_one(outcome, job, symbol)
-        except Exception as exc:  # what the store and spool can't take is in Stored; anything else is this symbol's
-            done[symbol] = failed(symbol, exc)
-    return done
+    """Each symbol's writes in turn, for ``collection.batch_size``; an error fails only its symbol
+    (what the store and spool can't take is already in its Stored)."""
+    return each_alone(processed, store_one, job)
 
 
 def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
@@ -69,7 +64,7 @@ def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
     Each write is attempted whatever became of the one before: actions the store refused to pair
     with bars would never be fetched again, since the next incremental run starts after them.
     """
-    store, spool = job.store, job.spool()
+    store, spool = job.store, open_spool(job.settings)
     writes = {
         "bars": processed.bars,
         "quarantine": quarantine_rows(processed.quarantined),

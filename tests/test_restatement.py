@@ -22,7 +22,7 @@ from blocks.duckdb_store import DuckDBStore
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.store import BarStore
 from configs.settings import QualitySettings, default_indicators
-from tasks.collect import read_history
+from tasks.collect import read_stored
 from tasks.indicators import lookback_bars
 from tasks.processing import process
 from tasks.restatement import restatement_reason
@@ -162,10 +162,12 @@ def test_incremental_processing_across_a_split_equals_a_full_run(
     lookback = lookback_bars(indicators)
     # Without a restatement, the new bars processed on the old history jump at the seam.
     new = Collected(full.bars.loc[full.bars["time"] >= CUTOFF].reset_index(drop=True), full.actions)
-    seamed = process(new, "AAPL", "1d", quality, indicators, read_history(store, new, "AAPL", "1d", SOURCE, lookback))
+    seamed = process(
+        new, "AAPL", "1d", quality, indicators, read_stored(store, new, "AAPL", "1d", SOURCE, lookback).bars
+    )
     assert seamed.bars["return_1"].iloc[0] < -0.7
     # Restated: re-collected from the first stored bar, so no old-scale bar is left to serve as history.
-    history = read_history(store, full, "AAPL", "1d", SOURCE, lookback)
+    history = read_stored(store, full, "AAPL", "1d", SOURCE, lookback).bars
     assert history is None
     incremental = process(full, "AAPL", "1d", quality, indicators, history).bars
     once = process(parse_chart_result(real["chart"]["result"][0], "AAPL", "1d"), "AAPL", "1d", quality, indicators)
