@@ -385,3 +385,28 @@ def test_a_request_left_unanswered_by_a_killed_process_holds_no_one_back(tmp_pat
     started = time.monotonic()
     Pacer("src", [Rate(0.25)], tmp_path, per_window=1, stale_after=120.0).acquire()
     assert time.monotonic() - started < 5  # not the 120 s a process on another host gets
+
+
+def test_answered_requests_are_kept_as_bare_times_and_an_older_files_mappings_still_count(tmp_path: Path) -> None:
+    """At a thousand requests a second the window holds a thousand entries, read and written twice per
+    request: answered ones are whole milliseconds, and an older version's mappings keep their meaning."""
+    clock = FakeClock()
+    pacer = Pacer("src", [Rate(0.25)], tmp_path, per_window=3, clock=clock, sleep=clock.sleep)
+    first = pacer.acquire()
+    clock.now += 0.0004  # answered within the millisecond: kept as the next one
+    pacer.finish(first)
+    answered = clock.now
+    in_flight = pacer.acquire()
+    requests = json.loads((tmp_path / "src.json").read_text())["window"]["requests"]
+    assert requests[0] == math.ceil(answered * 1000) and isinstance(requests[0], int)
+    assert isinstance(requests[1], dict) and requests[1]["id"] == in_flight.id and requests[1]["done"] is None
+    pacer.finish(in_flight)
+
+    # An older version's file: the latest three requests answered late, as mappings. The next one
+    # must wait until one second after the first of them was answered.
+    state = json.loads((tmp_path / "src.json").read_text())
+    answered_at = clock.now + 10.0
+    state["window"] = {"floor": 0.0, "requests": [{"id": "a", "taken": clock.now, "done": answered_at}] * 3}
+    (tmp_path / "src.json").write_text(json.dumps(state))
+    pacer.acquire()
+    assert clock.now >= answered_at + 1.0

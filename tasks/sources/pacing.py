@@ -153,9 +153,11 @@ class Pacer:
         now = self._clock()  # before the lock: waiting for it must not make the answer look later
         with self._locked_state() as state:
             window = _window(state)
-            for entry in window["requests"]:
-                if entry["id"] == ticket.id:
-                    entry["done"] = now
+            requests: list[Any] = window["requests"]
+            for index in range(len(requests) - 1, -1, -1):  # from the newest: it was taken moments ago
+                entry = requests[index]
+                if isinstance(entry, dict) and entry["id"] == ticket.id:
+                    requests[index] = _answer_mark(now)  # answered: only its answer time matters from now on
                     break
             else:  # already written off as stale: still, nothing before now can arrive later
                 window["floor"] = max(window["floor"], now)
@@ -232,23 +234,26 @@ class Pacer:
         """When the next request may be sent: WINDOW after the last answer among all requests but the
         latest ``per_window - 1``; None while one of those is unanswered."""
         assert self.per_window is not None
-        requests: list[dict[str, Any]] = window["requests"]
-        for entry in requests:
-            if entry["done"] is None and (entry["taken"] + self.stale_after <= now or _taker_exited(entry)):
-                entry["done"] = now  # its process died: whatever it sent has arrived by now
+        requests: list[Any] = window["requests"]
+        for index, entry in enumerate(requests):
+            in_flight = isinstance(entry, dict) and entry.get("done") is None
+            if in_flight and (entry["taken"] + self.stale_after <= now or _taker_exited(entry)):
+                requests[index] = _answer_mark(now)  # its process died: whatever it sent has arrived by now
         self._compact(window)
-        older = requests[: max(len(requests) - (self.per_window - 1), 0)]
-        if any(entry["done"] is None for entry in older):
+        older = [_answered(entry) for entry in requests[: max(len(requests) - (self.per_window - 1), 0)]]
+        if any(answered is None for answered in older):
             return None
-        last_answer = max([float(window["floor"]), *(float(entry["done"]) for entry in older)])
-        return last_answer + WINDOW + WINDOW_MARGIN
+        return max([float(window["floor"]), *(a for a in older if a is not None)]) + WINDOW + WINDOW_MARGIN
 
     def _compact(self, window: dict[str, Any]) -> None:
         """Fold answered requests older than the latest ``per_window - 1`` into the floor."""
         assert self.per_window is not None
-        requests: list[dict[str, Any]] = window["requests"]
-        while len(requests) > self.per_window - 1 and requests[0]["done"] is not None:
-            window["floor"] = max(window["floor"], requests.pop(0)["done"])
+        requests: list[Any] = window["requests"]
+        excess = 0
+        while len(requests) - excess > self.per_window - 1 and (answered := _answered(requests[excess])) is not None:
+            window["floor"] = max(window["floor"], answered)
+            excess += 1
+        del requests[:excess]
 
     @contextmanager
     def _locked_state(self) -> Iterator[dict[str, Any]]:
@@ -333,6 +338,28 @@ def _taker_exited(entry: dict[str, Any]) -> bool:
     except OSError:  # it runs, as another user
         return False
     return False
+
+
+def _answer_mark(when: float) -> int:
+    """An answered request's window entry: its answer time in whole milliseconds, rounded up.
+
+    At a high limit the window holds a thousand entries, and the file is read and written twice
+    per request: a bare integer costs a fifth of a float to write, and a tenth of the mapping that
+    identifies a request in flight. Rounding up only ever makes an answer look later, which opens
+    the window later, never sooner.
+    """
+    return math.ceil(when * 1000)
+
+
+def _answered(entry: Any) -> float | None:
+    """When a window entry's request was answered (epoch seconds); None while it is in flight.
+
+    Mappings with ``done`` set are an older version's answered requests.
+    """
+    if isinstance(entry, dict):
+        done = entry.get("done")
+        return None if done is None else float(done)
+    return float(entry) / 1000
 
 
 def _key(rate: Rate) -> str:
