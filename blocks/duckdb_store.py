@@ -56,6 +56,7 @@ class _SharedConnections:
         # Per open connection, what its tables hold: the process holds the file's only writable
         # connection, so nothing else changes them until it closes, and a write need not ask again.
         self._schemas: dict[str, dict[str, _Schema]] = {}
+        self._found: dict[str, dict[str, bool]] = {}  # and whether it has a table, once asked
 
     @contextmanager
     def cursor(self, path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -84,6 +85,7 @@ class _SharedConnections:
                 if users == 1:
                     del self._open[key]
                     self._schemas.pop(key, None)
+                    self._found.pop(key, None)
                     connection.close()
                 else:
                     self._open[key] = (connection, users - 1)
@@ -96,6 +98,29 @@ class _SharedConnections:
         """The known tables of the file's open connection (call with a cursor open, under the write lock)."""
         with self._guard:
             return self._schemas.setdefault(str(path.resolve()), {})
+
+    def record(self, path: Path, table: str, schema: _Schema) -> None:
+        """A table as a committed write left it (call with a cursor open)."""
+        key = str(path.resolve())
+        with self._guard:
+            self._schemas.setdefault(key, {})[table] = schema
+            self._found.setdefault(key, {})[table] = True
+
+    def known(self, path: Path, table: str) -> bool | None:
+        """Whether the file's open connection has ``table``, if that is known without asking it."""
+        key = str(path.resolve())
+        with self._guard:
+            return self._found.get(key, {}).get(table)
+
+    def found(self, path: Path, table: str, exists: bool) -> None:
+        """What the file said of ``table``, unless a write created it meanwhile (call with a cursor open).
+
+        Tables are only ever added, and only by this process while its connection is open.
+        """
+        key = str(path.resolve())
+        with self._guard:
+            if table not in self._schemas.get(key, {}):
+                self._found.setdefault(key, {})[table] = exists
 
 
 @dataclass(frozen=True)
@@ -188,7 +213,8 @@ class DuckDBStore(Block):
             schema = self._ensure_table(con, table, key, value_columns)
             con.register("incoming", incoming)
             for cleared, how in clears:
-                if self._has_table(con, cleared):
+                # The table written is there: just made, uncommitted, so not asked about (and remembered).
+                if cleared == table or self._has_table(con, cleared):
                     self._clear(con, cleared, how, span)
             if schema.keyed:  # deleting then inserting under the old index is several times slower than replacing
                 con.execute(f"INSERT OR REPLACE INTO {table} ({names}) SELECT {names} FROM incoming")
@@ -201,7 +227,7 @@ class DuckDBStore(Block):
                 con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
             con.unregister("incoming")
             con.commit()
-            _connections.schemas(Path(self.path))[table] = schema  # only once it is committed
+            _connections.record(Path(self.path), table, schema)  # only once it is committed
         return len(frame)
 
     @staticmethod
@@ -339,10 +365,14 @@ class DuckDBStore(Block):
             con.execute("SELECT 1").fetchone()
 
     def _has_table(self, con: duckdb.DuckDBPyConnection, table: str) -> bool:
-        if table in _connections.schemas(Path(self.path)):
-            return True
+        """Asked of the file once per connection: a run that never quarantines a bar asks at every write."""
+        known = _connections.known(Path(self.path), table)
+        if known is not None:
+            return known
         rows = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()
-        return bool(rows and rows[0][0])
+        exists = bool(rows and rows[0][0])
+        _connections.found(Path(self.path), table, exists)
+        return exists
 
 
 __all__ = ["SERIES_TAGS", "DuckDBStore"]

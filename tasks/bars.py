@@ -20,6 +20,7 @@ from blocks.store import BAR_KEY, SERIES_TAGS
 from tasks.errors import InvalidSymbolError, UsageError
 
 TIME = "time"
+UTC_TIME = "datetime64[ns, UTC]"
 KEY_COLUMNS: tuple[str, ...] = BAR_KEY
 TAG_COLUMNS: tuple[str, ...] = SERIES_TAGS
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "adj_close")
@@ -92,14 +93,14 @@ def period_start(days: pd.DatetimeIndex, interval: str) -> pd.DatetimeIndex:
 
 def empty_bars() -> pd.DataFrame:
     """A zero-row frame with the standard columns and dtypes, as a source delivers it."""
-    return conform(pd.DataFrame({column: [] for column in BAR_COLUMNS})).assign(**{FLAG_MISSING: np.float64()})
+    return _EMPTY_BARS.copy()
 
 
 def is_conformed(frame: pd.DataFrame) -> bool:
     """Already in the standard column order and dtypes, as :func:`conform` leaves a frame."""
     return (
         tuple(frame.columns[: len(BAR_COLUMNS)]) == BAR_COLUMNS
-        and str(frame[TIME].dtype) == "datetime64[ns, UTC]"
+        and str(frame[TIME].dtype) == UTC_TIME
         and all(frame[c].dtype == np.float64 for c in VALUE_COLUMNS)
         and all(frame[c].dtype == object for c in TAG_COLUMNS)
     )
@@ -110,14 +111,24 @@ def conform(frame: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in BAR_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"bar frame is missing required columns: {', '.join(missing)}")
-    out = frame.copy()
-    out[TIME] = pd.to_datetime(out[TIME], utc=True).astype("datetime64[ns, UTC]")
+    # Each column is cast only when it is not in shape already: a source's frame mostly is, and a
+    # collect conforms every response, so needless casts cost more than the parse.
+    columns: dict[str, object] = {}
+    time = frame[TIME]
+    if str(time.dtype) != UTC_TIME:
+        time = pd.to_datetime(time, utc=True).astype(UTC_TIME)
+    columns[TIME] = time.array
     for column in TAG_COLUMNS:
-        out[column] = out[column].astype(str)
+        tags = frame[column]
+        is_text = tags.dtype == object and pd.api.types.infer_dtype(tags, skipna=False) == "string"
+        columns[column] = (tags if is_text else tags.astype(str)).to_numpy()
     for column in VALUE_COLUMNS:
-        out[column] = pd.to_numeric(out[column], errors="coerce").astype(np.float64)
-    extra = [c for c in out.columns if c not in BAR_COLUMNS]
-    return out[[*BAR_COLUMNS, *extra]].reset_index(drop=True)
+        values = frame[column]
+        if values.dtype != np.float64:
+            values = pd.to_numeric(values, errors="coerce").astype(np.float64)
+        columns[column] = values.to_numpy()
+    columns |= {c: frame[c].array for c in frame.columns if c not in BAR_COLUMNS}
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(frame)), copy=True)
 
 
 # Corporate actions: one row per event. ``ratio`` for splits (new shares per old share),
@@ -135,7 +146,7 @@ ADJUSTED_COLUMNS: tuple[str, ...] = ("adj_open", "adj_high", "adj_low")
 
 
 def empty_actions() -> pd.DataFrame:
-    return conform_actions(pd.DataFrame({column: [] for column in ACTION_COLUMNS}))
+    return _EMPTY_ACTIONS.copy()
 
 
 def conform_actions(frame: pd.DataFrame) -> pd.DataFrame:
@@ -160,3 +171,8 @@ def flag_missing(frame: pd.DataFrame) -> pd.DataFrame:
 def missing_prices(frame: pd.DataFrame) -> npt.NDArray[np.bool_]:
     """Bars lacking any of open/high/low/close (volume alone missing is normal for FX and some indices)."""
     return frame[list(OHLC)].isna().any(axis=1).to_numpy()
+
+
+# Built once: every response without bars or events needs one, and building them costs more than copying.
+_EMPTY_BARS = conform(pd.DataFrame({column: [] for column in BAR_COLUMNS})).assign(**{FLAG_MISSING: np.float64()})
+_EMPTY_ACTIONS = conform_actions(pd.DataFrame({column: [] for column in ACTION_COLUMNS}))

@@ -51,25 +51,74 @@ def store_bars(processed: Processed, job: Job, symbol: str) -> Stored:
 
 @task(name="store-batch", task_run_name=batch_run_name("store"), cache_policy=NO_CACHE, persist_result=False)
 def store_batch(processed: dict[str, Processed], job: Job) -> dict[str, Stored | Exception]:
-    """Each symbol's writes in turn, for ``collection.batch_size``; an error fails only its symbol
-    (what the store and spool can't take is already in its Stored)."""
-    return each_alone(processed, store_one, job)
+    """A batch's writes for ``collection.batch_size``: one write of each kind for all its symbols,
+    since a write's transaction and round trip cost more than its rows. If the store refuses one,
+    each symbol is written alone, so an error fails only its symbol (what the store and spool
+    can't take is already in its Stored)."""
+    return store_together(processed, job) or each_alone(processed, store_one, job)
 
 
-def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
-    """Write bars, then quarantined bars, then corporate actions; what the store can't take is spooled.
+def store_together(processed: dict[str, Processed], job: Job) -> dict[str, Stored | Exception] | None:
+    """Each kind's rows of every symbol in one write, or None when each symbol must be written alone:
+    the store refused a write, or its count is not the sum of the symbols' (it merged repeated keys,
+    or dropped points older than its retention), so only each symbol's own write can say what it took."""
+    rows = {symbol: writes_of(result) for symbol, result in processed.items()}
+    spool = open_spool(job.settings)
+    outcomes: dict[str, Written] = {}
+    for kind in WRITE_ORDER:
+        parts = [writes[kind] for writes in rows.values() if not writes[kind].empty]
+        try:
+            outcomes[kind] = (
+                spool.write(job.store, kind, pd.concat(parts, ignore_index=True)) if parts else Written(0, 0)
+            )
+        except StoreError as exc:
+            get_run_logger().warning(
+                "the batch's %s were not written together (%s): each symbol is written alone", kind, exc
+            )
+            return None
+        total = sum(len(part) for part in parts)
+        if outcomes[kind].written + outcomes[kind].spooled != total or dropped_by_retention(outcomes[kind].written):
+            return None
+    stored: dict[str, Stored | Exception] = {}
+    for index, (symbol, writes) in enumerate(rows.items()):
+        share = {kind: _share(outcomes[kind], len(writes[kind])) for kind in WRITE_ORDER}
+        stored[symbol] = Stored(
+            share["bars"].written,
+            share["corporate_actions"].written,
+            share["quarantine"].written,
+            spooled=sum(s.spooled for s in share.values()),
+            # Earlier runs' spooled batches the replay set aside belong to no symbol: told once.
+            rejected=[b for o in outcomes.values() for b in o.rejected] if index == 0 else [],
+        )
+    return stored
 
-    Bars go first: their write replaces the collected range, quarantined copies included, and the
-    quarantine write then takes this run's rejected bars out of bars. The spool replays in the same order.
-    Each write is attempted whatever became of the one before: actions the store refused to pair
-    with bars would never be fetched again, since the next incremental run starts after them.
-    """
-    store, spool = job.store, open_spool(job.settings)
-    writes = {
+
+def _share(outcome: Written, rows: int) -> Written:
+    """One symbol's part of a whole batch's write, which was either all written or all spooled."""
+    return Written(rows, 0) if outcome.written else Written(0, rows if outcome.spooled else 0)
+
+
+# Bars go first: their write replaces the collected range, quarantined copies included, and the
+# quarantine write then takes this run's rejected bars out of bars. The spool replays in the same order.
+WRITE_ORDER = ("bars", "quarantine", "corporate_actions")
+
+
+def writes_of(processed: Processed) -> dict[str, pd.DataFrame]:
+    """A symbol's rows for each kind of write, in WRITE_ORDER."""
+    return {
         "bars": processed.bars,
         "quarantine": quarantine_rows(processed.quarantined),
         "corporate_actions": processed.actions,
     }
+
+
+def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
+    """Write bars, then quarantined bars, then corporate actions (WRITE_ORDER); what the store can't
+    take is spooled. Each write is attempted whatever became of the one before: actions the store
+    refused to pair with bars would never be fetched again, since the next incremental run starts after them.
+    """
+    store, spool = job.store, open_spool(job.settings)
+    writes = writes_of(processed)
     outcomes: dict[str, Written] = {}
     refused: dict[str, str] = {}
     for kind, rows in writes.items():

@@ -40,11 +40,12 @@ def test_flow_stores_every_symbol_and_returns_the_summary(configured: DuckDBStor
         assert stored["rsi_14"].iloc[14:].notna().all()
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
 def test_one_failing_symbol_does_not_stop_the_others(
     configured: DuckDBStore, monkeypatch: pytest.MonkeyPatch, batch_size: int
 ) -> None:
-    """With per-symbol tasks and with batches alike: DELISTED shares a batch with AAPL at 2."""
+    """With per-symbol tasks and with batches alike: DELISTED shares a batch with AAPL at 2, and AAPL
+    and MSFT are written together at 3."""
     monkeypatch.setenv("MARKETPIPE__COLLECTION__BATCH_SIZE", str(batch_size))
     state = market_data(["AAPL", "DELISTED", "MSFT"], start=date(2024, 1, 1), end=date(2024, 3, 29), return_state=True)
     assert state.is_failed()
@@ -223,3 +224,48 @@ def test_a_store_and_spool_that_take_nothing_still_give_the_summary(
     )
     assert str(outcome).startswith("2 of 2 symbol(s) failed; AAPL: ")
     assert "the run's pipeline_metrics were not recorded" in str(outcome)
+
+
+def test_a_batch_write_the_store_refuses_is_written_symbol_by_symbol(configured: DuckDBStore) -> None:
+    """A batch's symbols are written together; one symbol's rows the store refuses fail only that symbol."""
+    from prefect import flow
+
+    from configs.settings import load_settings
+    from tasks.bars import conform, empty_actions
+    from tasks.job import Job
+    from tasks.processing import Processed
+    from tasks.store import store_batch
+
+    def processed(symbol: str, **extra: float) -> Processed:
+        bars = conform(
+            pd.DataFrame(
+                {
+                    "time": pd.date_range("2024-01-01", periods=5, freq="D", tz="UTC"),
+                    "symbol": symbol,
+                    "interval": "1d",
+                    "source": "yahoo_finance",
+                    **{c: 1.0 for c in ("open", "high", "low", "close", "adj_close", "volume")},
+                    **extra,
+                }
+            )
+        )
+        return Processed(bars, empty_actions(), bars.iloc[:0], collected=5, live_bars_skipped=0)
+
+    @flow(validate_parameters=False)
+    def write(batch: dict[str, Processed]) -> dict[str, Any]:
+        job = Job.build(load_settings(), "yahoo_finance", "1d", date(2024, 1, 1), date(2024, 1, 5))
+        return store_batch(batch, job)
+
+    together = write({"AAA": processed("AAA"), "BBB": processed("BBB")})
+    assert {s: (r.bars, r.spooled, r.refused) for s, r in together.items()} == {"AAA": (5, 0, {}), "BBB": (5, 0, {})}
+
+    alone = write({"CCC": processed("CCC"), "BAD": processed("BAD", **{"Not-Snake": 2.0}), "DDD": processed("DDD")})
+    assert "lowercase snake_case" in alone["BAD"].refused["bars"] and alone["BAD"].bars == 0
+    assert {s: (alone[s].bars, alone[s].refused) for s in ("CCC", "DDD")} == {"CCC": (5, {}), "DDD": (5, {})}
+    assert {s: len(configured.read_bars(s)) for s in ("AAA", "BBB", "CCC", "DDD", "BAD")} == {
+        "AAA": 5,
+        "BBB": 5,
+        "CCC": 5,
+        "DDD": 5,
+        "BAD": 0,
+    }

@@ -64,7 +64,7 @@ def flagged(frame: pd.DataFrame, flag: str) -> list[int]:
 
 
 def prices(frame: pd.DataFrame) -> npt.NDArray[np.float64]:
-    return frame[list(PRICE_COLUMNS)].to_numpy(dtype=np.float64)
+    return frame[list(PRICE_COLUMNS)].to_numpy(dtype=np.float64, copy=True)
 
 
 def scale(frame: pd.DataFrame, rows: list[int], factor: float) -> None:

@@ -19,7 +19,16 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tasks.bars import OHLCV, PRICE_COLUMNS, conform, conform_actions, empty_bars, flag_missing, is_daily_or_longer
+from tasks.bars import (
+    OHLCV,
+    PRICE_COLUMNS,
+    conform,
+    conform_actions,
+    empty_actions,
+    empty_bars,
+    flag_missing,
+    is_daily_or_longer,
+)
 from tasks.calendars import calendar_for, live_bars
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
@@ -138,6 +147,8 @@ def _within(frame: pd.DataFrame, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.DataF
     if frame.empty:
         return frame
     keep = ((frame["time"] >= lo) & (frame["time"] < hi)).to_numpy()
+    if keep.all():  # the usual answer: nothing outside the window, nothing to copy
+        return frame.reset_index(drop=True)
     return frame.loc[keep].reset_index(drop=True)
 
 
@@ -235,7 +246,7 @@ def _corporate_actions(events: dict[str, Any], symbol: str, interval: str, sourc
                 amount = float(event.get("amount", np.nan))
             rows.append({"time": int(event["date"]), "kind": kind, "ratio": ratio, "amount": amount})
     if not rows:
-        return conform_actions(pd.DataFrame(columns=["time", "symbol", "source", "kind", "ratio", "amount"]))
+        return empty_actions()
     frame = pd.DataFrame(rows)
     # Events are dated by the trading day they take effect, like daily bars.
     frame["time"] = _stamp(pd.DatetimeIndex(pd.to_datetime(frame["time"], unit="s", utc=True)), "1d", zone)
