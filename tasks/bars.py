@@ -116,7 +116,7 @@ def conform(frame: pd.DataFrame) -> pd.DataFrame:
     columns: dict[str, object] = {}
     time = frame[TIME]
     if str(time.dtype) != UTC_TIME:
-        time = pd.to_datetime(time, utc=True).astype(UTC_TIME)
+        time = pd.to_datetime(time, utc=True).astype("datetime64[ns, UTC]")
     columns[TIME] = time.array
     for column in TAG_COLUMNS:
         tags = frame[column]
