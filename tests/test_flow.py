@@ -244,7 +244,7 @@ def test_a_batch_write_the_store_refuses_is_written_symbol_by_symbol(configured:
                     "symbol": symbol,
                     "interval": "1d",
                     "source": "yahoo_finance",
-                    **{c: 1.0 for c in ("open", "high", "low", "close", "adj_close", "volume")},
+                    **dict.fromkeys(("open", "high", "low", "close", "adj_close", "volume"), 1.0),
                     **extra,
                 }
             )
