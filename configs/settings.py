@@ -97,6 +97,13 @@ class CollectionSettings(_Section):
         "Prefect UI; more (say 50) cuts the task runs of a large backfill, and a symbol's failure still "
         "fails only that symbol",
     )
+    processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="worker processes for the processing step, which holds the GIL: 0 processes in the run's "
+        "own threads; on a machine with more cores than the run keeps busy, one per spare core",
+    )
     symbols_per_flow_run: int = Field(
         300,
         ge=1,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextvars import copy_context
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -29,7 +29,8 @@ from blocks.spool import REJECTED
 from blocks.store import StoreError
 from configs.settings import load_settings
 from flows import progress
-from tasks.bars import validate_interval, validate_symbols
+from tasks import process_pool
+from tasks.bars import empty_actions, empty_bars, validate_interval, validate_symbols
 from tasks.collect import check_source, collect_bars, collect_batch
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.job import Job
@@ -38,6 +39,7 @@ from tasks.sources.base import Collected
 from tasks.store import Stored, record_metrics, replay_spool, store_bars, store_batch
 
 OK, FAILED, DEFERRED, SPOOLED = "ok", "failed", "deferred", "spooled"
+_NO_BARS, _NO_ACTIONS = empty_bars(), empty_actions()
 
 
 @dataclass
@@ -131,13 +133,17 @@ def market_data(
     progress.expect(len(checked))
 
     per_run = settings.collection.symbols_per_flow_run
-    if len(checked) <= per_run:
-        results = run_symbols(Job.build(settings, source, interval, start, end), checked)
-    else:  # child flow runs, one after another, each with its own bounded number of task runs
-        parts = [checked[i : i + per_run] for i in range(0, len(checked), per_run)]
-        results = []
-        for number, part in enumerate(parts, 1):
-            results += _run_part(part, f"{number}-of-{len(parts)}", source, interval, start, end, config)
+    process_pool.start(settings.collection.processes)
+    try:
+        if len(checked) <= per_run:
+            results = run_symbols(Job.build(settings, source, interval, start, end), checked)
+        else:  # child flow runs, one after another, each with its own bounded number of task runs
+            parts = [checked[i : i + per_run] for i in range(0, len(checked), per_run)]
+            results = []
+            for number, part in enumerate(parts, 1):
+                results += _run_part(part, f"{number}-of-{len(parts)}", source, interval, start, end, config)
+    finally:
+        process_pool.stop()
     rejected = [b.name for b in replayed.rejected] + [name for r in results for name in r.spool_rejected]
     if rejected:
         get_run_logger().warning(describe_rejected(rejected, settings.storage.spool_dir))
@@ -194,7 +200,8 @@ def run_symbols(job: Job, symbols: list[str]) -> list[SymbolResult]:
         retries=policy.task_retries, retry_delay_seconds=policy.task_retry_delay, tags=[collect_tag(job.source)]
     )
     collect_many = collect_batch.with_options(tags=[collect_tag(job.source)])  # retried per symbol inside
-    size = policy.batch_size
+    # Batches no larger than keeps every worker thread busy: 300 symbols in batches of 50 would leave two idle.
+    size = max(1, min(policy.batch_size, -(-len(symbols) // policy.workers)))
     units = [symbols[i : i + size] for i in range(0, len(symbols), size)]
     workers = min(policy.workers, len(units) or 1)
     with job.store.session(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="symbols") as pool:
@@ -258,12 +265,19 @@ def _batch_pipeline(
     if processed is not None and not processed.is_completed():
         return [ended.get(symbol) or _not_done(symbol, processed) for symbol in symbols]
     outcomes = _survivors(processed.result(), ended) if processed is not None else {}
+    raw = {symbol: _counts_only(c) for symbol, c in raw.items()}  # the batch's raw frames go before the writes
     stored = store_batch(outcomes, job, return_state=True) if outcomes else None
     if stored is not None and not stored.is_completed():
         return [ended.get(symbol) or _not_done(symbol, stored) for symbol in symbols]
     for symbol, written in _survivors(stored.result(), ended).items() if stored is not None else ():
         ended[symbol] = _summarise(symbol, raw[symbol], outcomes[symbol], written)
     return [ended[symbol] for symbol in symbols]
+
+
+def _counts_only(collected: Collected) -> Collected:
+    """What the summary reads of a collect result, without its frames: a batch holds each stage's
+    frames only while it needs them."""
+    return replace(collected, bars=_NO_BARS, actions=_NO_ACTIONS, history=None)
 
 
 def _survivors[T](results: dict[str, T | Exception], ended: dict[str, SymbolResult]) -> dict[str, T]:

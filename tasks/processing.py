@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from configs.settings import IndicatorSpec, QualitySettings
+from tasks import process_pool
 from tasks.adjust import add_adjusted_prices, add_returns
 from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED, flag_missing
 from tasks.calendars import SessionGaps, calendar_for, missing_sessions
@@ -151,16 +152,12 @@ def process_batch(collected: dict[str, Collected], job: Job) -> dict[str, Proces
 def process_logged(collected: Collected, job: Job, symbol: str) -> Processed:
     """One symbol's collected bars through :func:`process`, with the stored history collect brought along."""
     quality = job.settings.quality
-    with _cpu_slots:
-        processed = process(
-            collected,
-            symbol,
-            job.interval,
-            quality,
-            job.settings.indicators,
-            collected.history,
-            stored_from=collected.stored_from,
-        )
+    args = (collected, symbol, job.interval, quality, job.settings.indicators, collected.history)
+    if process_pool.running():
+        processed = process_pool.run(process, *args, stored_from=collected.stored_from)
+    else:
+        with _cpu_slots:
+            processed = process(*args, stored_from=collected.stored_from)
     logger = get_run_logger()
     if processed.rejected:
         logger.warning("%s: quarantined %s", symbol, describe_counts(processed.rejected))
