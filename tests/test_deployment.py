@@ -25,7 +25,8 @@ from tests.conftest import BIN, REPO, Sandbox
 from tests.test_store_conformance import unavailable
 
 DEPLOYMENT_FILES = ("prefect.yaml", "prefect.local.yaml")
-DEPLOYMENTS = ["market-data-daily", "market-data-backfill", "maintenance"]
+DEPLOYMENTS = ["market-data-daily", "market-data-backfill", "maintenance", "market-data-shard", "market-data-sharded"]
+FLOWS = {"maintenance": "maintenance", "market-data-sharded": "market-data-sharded"}  # else market-data
 
 
 def deployments(file: str) -> dict[str, dict[str, Any]]:
@@ -175,7 +176,7 @@ def test_prefect_deploy_all_registers_the_kubernetes_deployments_with_their_buil
 
     with get_client(sync_client=True) as client:
         for name in DEPLOYMENTS:
-            flow = "maintenance" if name == "maintenance" else "market-data"
+            flow = FLOWS.get(name, "market-data")
             deployment = client.read_deployment_by_name(f"{flow}/{name}")
             assert deployment.work_pool_name == "marketpipe-k8s"
             assert deployment.job_variables["image"] == image
