@@ -107,7 +107,8 @@ def market_data_sharded(
                     if symbol not in done:
                         rows[symbol] = SymbolResult(symbol, FAILED, error=why)
                 unfinished = [s for s in run.symbols if rows[s].status in RETRIED]
-                if final is not None and unfinished:  # a shard past the deadline is not run again
+                # Not run again: a shard past the deadline, or one somebody cancelled.
+                if final is not None and final.state is not None and not final.state.is_cancelled() and unfinished:
                     to_run[run.shard] = unfinished
                 logger.warning("%s; %d of its symbols unfinished", why, len(unfinished))
         if not to_run:
