@@ -15,6 +15,18 @@ from blocks.store import BarStore
 from configs.settings import ConfigError, InfluxDBSettings, StorageSettings
 
 BLOCK_TYPES: dict[str, type[Block]] = {"duckdb": DuckDBStore, "influxdb": InfluxDBStore, "influxdb_v1": InfluxDBV1Store}
+# Backends that admit one writing process at a time: DuckDB locks its file for the process that opens it.
+SINGLE_WRITER = frozenset({"duckdb"})
+
+
+def check_concurrent_writes(storage: StorageSettings, why: str) -> None:
+    """Raise ConfigError when ``storage.backend`` can't take writes from several processes at once."""
+    if storage.backend in SINGLE_WRITER:
+        raise ConfigError(
+            f"storage.backend is {storage.backend!r}, which admits one writer at a time, but {why}: set "
+            "storage.backend to influxdb (InfluxDB 2.x) or influxdb_v1 (InfluxDB 1.x and 3.x), e.g. "
+            "MARKETPIPE__STORAGE__BACKEND=influxdb, or run the unsharded market-data flow"
+        )
 
 
 def store_from_settings(storage: StorageSettings) -> BarStore:

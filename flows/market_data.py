@@ -27,6 +27,7 @@ from prefect.client.schemas.objects import State
 
 from blocks.spool import REJECTED
 from blocks.store import StoreError
+from blocks.stores import check_concurrent_writes
 from configs.settings import load_settings
 from flows import progress
 from tasks import process_pool
@@ -35,6 +36,7 @@ from tasks.collect import check_source, collect_bars, collect_batch
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.job import Job
 from tasks.processing import Processed, describe_counts, process_bars, process_batch
+from tasks.shards import Shard
 from tasks.sources.base import Collected
 from tasks.store import Stored, record_metrics, replay_spool, store_bars, store_batch
 
@@ -118,13 +120,21 @@ def market_data(
     start: date | None = None,
     end: date | None = None,
     config: str | None = None,
+    shard: str | None = None,
 ) -> list[dict[str, object]]:
-    """Collect, validate, enrich and store bars for each symbol; returns one summary row per symbol."""
+    """Collect, validate, enrich and store bars for each symbol; returns one summary row per symbol.
+
+    ``shard`` (``2-of-4``) marks the run as one shard of a `market-data-sharded` run: it paces at its
+    share of the source's limits, in pacing state of its own (see tasks/shards.py).
+    """
     started = datetime.now(UTC).replace(microsecond=0)
     settings = load_settings(config)
     checked = validate_symbols(symbols or settings.symbols)
     validate_interval(interval)
-    check_source(settings, source)  # fail the run once, not every symbol
+    part_of = Shard.parse(shard) if shard else None
+    if part_of is not None:
+        check_concurrent_writes(settings.storage, "shards write at once")
+    check_source(settings, source, part_of)  # fail the run once, not every symbol
     if start is not None and end is not None and start > end:
         raise UsageError(f"start {start} is after end {end}: swap them or widen the range")
     mode = f"{start} to {end or 'today'}" if start else "incremental"
@@ -136,12 +146,12 @@ def market_data(
     process_pool.start(settings.collection.processes)
     try:
         if len(checked) <= per_run:
-            results = run_symbols(Job.build(settings, source, interval, start, end), checked)
+            results = run_symbols(Job.build(settings, source, interval, start, end, part_of), checked)
         else:  # child flow runs, one after another, each with its own bounded number of task runs
             parts = [checked[i : i + per_run] for i in range(0, len(checked), per_run)]
             results = []
             for number, part in enumerate(parts, 1):
-                results += _run_part(part, f"{number}-of-{len(parts)}", source, interval, start, end, config)
+                results += _run_part(part, f"{number}-of-{len(parts)}", source, interval, start, end, config, shard)
     finally:
         process_pool.stop()
     rejected = [b.name for b in replayed.rejected] + [name for r in results for name in r.spool_rejected]
@@ -169,15 +179,24 @@ def market_data_part(
     start: date | None,
     end: date | None,
     config: str | None,
+    shard: str | None = None,
 ) -> list[SymbolResult]:
     """Some of a large run's symbols, in a child flow run of their own (see `collection.symbols_per_flow_run`)."""
-    return run_symbols(Job.build(load_settings(config), source, interval, start, end), symbols)
+    part_of = Shard.parse(shard) if shard else None
+    return run_symbols(Job.build(load_settings(config), source, interval, start, end, part_of), symbols)
 
 
 def _run_part(
-    symbols: list[str], part: str, source: str, interval: str, start: date | None, end: date | None, config: str | None
+    symbols: list[str],
+    part: str,
+    source: str,
+    interval: str,
+    start: date | None,
+    end: date | None,
+    config: str | None,
+    shard: str | None,
 ) -> list[SymbolResult]:
-    state = market_data_part(symbols, part, source, interval, start, end, config, return_state=True)
+    state = market_data_part(symbols, part, source, interval, start, end, config, shard, return_state=True)
     if state.is_completed():
         results: list[SymbolResult] = state.result()
         return results

@@ -19,6 +19,7 @@ from tasks.errors import HistoryUnavailableError, MarketpipeError, TransientSour
 from tasks.job import Job, batch_run_name, failed
 from tasks.restatement import restatement_reason
 from tasks.retention import clamp
+from tasks.shards import Shard
 from tasks.sources.base import BarQuery, Collected, HttpSource, Source, Window, load_source, pacer_for
 
 
@@ -45,14 +46,15 @@ def plan_window(
     return Window(min(resume, last), last, "incremental", history_from=history)
 
 
-def check_source(settings: Settings, source: str) -> None:
+def check_source(settings: Settings, source: str, shard: Shard | None = None) -> None:
     """Fail a run once, before any symbol: the source's settings, and the directory its pace and
-    daily quota are kept in (created if missing, and only this user may write it)."""
+    daily quota are kept in (created if missing, and only this user may write it); for a shard,
+    also that each limit splits into its share."""
     source_settings = settings.source(source)
     provider = load_source(source, source_settings)
     provider.check_config()
     if isinstance(provider, HttpSource):
-        pacer_for(source, source_settings, settings.collection.rate_limit_dir).check()
+        pacer_for(source, source_settings, settings.collection.rate_limit_dir, shard).check()
 
 
 def collect(job: Job, symbol: str) -> Collected:

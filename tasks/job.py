@@ -25,6 +25,7 @@ from blocks.stores import store_from_settings
 from configs.settings import Settings, SourceSettings, StorageSettings
 from tasks.indicators import lookback_bars
 from tasks.retention import Retention, retention_of
+from tasks.shards import Shard
 from tasks.sources.base import Source, load_source, pacer_for
 
 # Seconds a run waits out a store that stops answering reads: a restarted server or a rescheduled
@@ -79,9 +80,17 @@ class Job:
     outage: StoreOutage = field(default_factory=StoreOutage)
 
     @staticmethod
-    def build(settings: Settings, source: str, interval: str, start: date | None, end: date | None) -> Job:
+    def build(
+        settings: Settings,
+        source: str,
+        interval: str,
+        start: date | None,
+        end: date | None,
+        shard: Shard | None = None,
+    ) -> Job:
+        """The run's job; a shard's paces at its share of the source's limits (see tasks/shards.py)."""
         source_settings = resolve_credentials(settings.source(source))
-        pacer = pacer_for(source, source_settings, settings.collection.rate_limit_dir)
+        pacer = pacer_for(source, source_settings, settings.collection.rate_limit_dir, shard)
         store = store_for(settings.storage)
         return Job(
             settings,

@@ -12,9 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pandas as pd
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 
 from flows.sandbox import read_request_log
 from tests.servers import influxdb_server, prefect_server
@@ -103,6 +106,34 @@ def query_csv(env: dict[str, str], symbol: str, *extra: str) -> pd.DataFrame:
     result = CliRunner().invoke(app, args, env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False, na_values=[""])
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 60 s: a worker's graceful exit can take that long
+    on two loaded cores, and how fast Prefect's worker shuts down is not what this test checks."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def prefect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def wait_until_final(run_id: UUID, timeout: float = 240) -> FlowRun:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} did not finish within {timeout} s: {run.state}")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -14,18 +13,18 @@ from uuid import UUID
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.states import AwaitingRetry
 
 from blocks.duckdb_store import DuckDBStore
 from blocks.spool import Spool
-from tests.conftest import BIN, REPO, Sandbox
+from tests.conftest import BIN, REPO, Sandbox, prefect, stop, wait_until_final
 from tests.test_store_conformance import unavailable
 
 DEPLOYMENT_FILES = ("prefect.yaml", "prefect.local.yaml")
-DEPLOYMENTS = ["market-data-daily", "market-data-backfill", "maintenance"]
+DEPLOYMENTS = ["market-data-daily", "market-data-backfill", "maintenance", "market-data-shard", "market-data-sharded"]
+FLOWS = {"maintenance": "maintenance", "market-data-sharded": "market-data-sharded"}  # else market-data
 
 
 def deployments(file: str) -> dict[str, dict[str, Any]]:
@@ -112,34 +111,6 @@ def test_a_deployed_backfill_runs_on_a_worker_and_a_retry_from_the_ui_completes_
         worker_log.close()
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it is still there after 60 s: a worker's graceful exit can take that long
-    on two loaded cores, and how fast Prefect's worker shuts down is not what this test checks."""
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=30)
-
-
-def prefect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def wait_until_final(run_id: UUID, timeout: float = 240) -> FlowRun:
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            run = client.read_flow_run(run_id)
-            if run.state is not None and run.state.is_final():
-                return run
-            time.sleep(0.5)
-    raise AssertionError(f"flow run {run_id} did not finish within {timeout} s: {run.state}")
-
-
 def test_the_kubernetes_deployments_use_the_charts_work_pool_and_its_job_variables() -> None:
     chart = REPO / "helm" / "marketpipe"
     template = json.loads((chart / "files" / "base-job-template.json").read_text())
@@ -175,7 +146,7 @@ def test_prefect_deploy_all_registers_the_kubernetes_deployments_with_their_buil
 
     with get_client(sync_client=True) as client:
         for name in DEPLOYMENTS:
-            flow = "maintenance" if name == "maintenance" else "market-data"
+            flow = FLOWS.get(name, "market-data")
             deployment = client.read_deployment_by_name(f"{flow}/{name}")
             assert deployment.work_pool_name == "marketpipe-k8s"
             assert deployment.job_variables["image"] == image

@@ -28,6 +28,7 @@ from configs.settings import ConfigError, SourceSettings
 from tasks.bars import conform, conform_actions, empty_actions, empty_bars
 from tasks.errors import QuotaExhaustedError, SourceError, TransientSourceError
 from tasks.redaction import redact_url
+from tasks.shards import Shard, shard_limits, shard_window
 from tasks.sources.pacing import Pacer, rates_for, sends_per_second, utc_text
 
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) marketpipe/0.1"
@@ -300,15 +301,28 @@ def load_source(name: str, settings: SourceSettings, pacer: Pacer | None = None)
     return source_class(settings, pacer)
 
 
-def pacer_for(name: str, settings: SourceSettings, state_dir: str) -> Pacer:
-    """The host-wide pacer for one source, from its rate settings."""
-    rates = rates_for(settings.rate_limit, settings.requests_per_minute, settings.burst, settings.headroom)
+def pacer_for(name: str, settings: SourceSettings, state_dir: str, shard: Shard | None = None) -> Pacer:
+    """The host-wide pacer for one source, from its rate settings.
+
+    A shard's pacer paces at its share of every limit, in a state file of its own (see tasks/shards.py):
+    shards on other nodes can't see its state, so each must stay within its part of the whole.
+    """
     per_window = sends_per_second(settings.rate_limit)
+    if shard is not None:
+        settings = shard_limits(name, settings, shard)
+        per_window = shard_window(per_window, shard)
+    rates = rates_for(settings.rate_limit, settings.requests_per_minute, settings.burst, settings.headroom)
     # httpx applies `timeout` to each of waiting for a connection, connecting, writing and reading, so
     # an attempt still unanswered after all four (and a margin) belongs to a process that died.
     stale_after = 4 * settings.timeout + 5
     return Pacer(
-        name, rates, state_dir, per_day=settings.requests_per_day, per_window=per_window, stale_after=stale_after
+        name,
+        rates,
+        state_dir,
+        per_day=settings.requests_per_day,
+        per_window=per_window,
+        stale_after=stale_after,
+        key=shard.state_key(name) if shard is not None else None,
     )
 
 

@@ -108,14 +108,16 @@ class Pacer:
         stale_after: float = 300.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        key: str | None = None,
     ) -> None:
         self.source = source
+        self.key = key or source  # names the state file: pacers with different keys share nothing
         self.rates = rates
         self.per_day = per_day
         self.per_window = per_window
         self.stale_after = stale_after  # an unanswered request this old belongs to a process that died
         self.directory = Path(state_dir)
-        self.path = self.directory / f"{source}.json"
+        self.path = self.directory / f"{self.key}.json"
         self.horizon = min(0.05, min((r.interval for r in rates), default=1.0) / 4)
         self._clock = clock
         self._sleep = sleep
@@ -259,7 +261,7 @@ class Pacer:
     def _locked_state(self) -> Iterator[dict[str, Any]]:
         """The state under an exclusive lock; it is saved when the body ends or defers a symbol."""
         with _thread_lock(self.path), _state_dir(self.directory) as directory:
-            lock = _open_private(self.directory / f"{self.source}.lock", directory, os.O_RDWR | os.O_CREAT)
+            lock = _open_private(self.directory / f"{self.key}.lock", directory, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 before = _read_private(self.path, directory)
@@ -293,7 +295,7 @@ class Pacer:
         text = json.dumps(state).encode()
         if text == before:
             return
-        temporary = self.directory / f".{self.source}.{uuid.uuid4().hex}.tmp"
+        temporary = self.directory / f".{self.key}.{uuid.uuid4().hex}.tmp"
         handle = _open_private(temporary, directory, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             with os.fdopen(handle, "wb") as out:
