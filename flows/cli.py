@@ -127,7 +127,7 @@ def run(
     with started_early(_note) as server_ready:
         from tasks import process_pool
 
-        # A large run's processing workers start now too, while the server starts and the flow imports.
+        # Processing workers (`collection.processes`) start now too, while the server starts and the flow imports.
         process_pool.start(settings.collection.processes)
         from flows.market_data import SymbolsFailedError, market_data
         from tasks.collect import check_source

@@ -1,4 +1,4 @@
-"""Processing in worker processes, for large runs.
+"""Processing in worker processes, where a machine has cores to spare.
 
 :func:`tasks.processing.process` is pandas and numpy under the GIL: a flow's worker threads can't
 put a second core to work on it, and while they process, the threads that fetch and parse wait.
@@ -46,7 +46,6 @@ def start(processes: int) -> None:
         _running.pool = ProcessPoolExecutor(max_workers=processes, mp_context=context)
         for _ in range(processes):  # the workers fork now, not on the first symbol
             _running.pool.submit(os.getpid)
-    atexit.register(stop)
 
 
 def running() -> bool:
@@ -83,6 +82,9 @@ def stop() -> None:
         pool, _running.pool = _running.pool, None
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(stop)  # a run that ends without stopping its pool leaves no workers behind
 
 
 def _discard(pool: ProcessPoolExecutor) -> None:
