@@ -41,6 +41,8 @@ from tasks.sources.base import Collected
 from tasks.store import Stored, record_metrics, replay_spool, store_bars, store_batch
 
 OK, FAILED, DEFERRED, SPOOLED = "ok", "failed", "deferred", "spooled"
+COUNTED = ("quarantined", "repaired", "flagged", "dropped")  # a SymbolResult's counts by rule or flag
+SUMMARY_KEY = "market-data-summary"  # the table artifact every run publishes
 _NO_BARS, _NO_ACTIONS = empty_bars(), empty_actions()
 
 
@@ -159,7 +161,7 @@ def market_data(
         get_run_logger().warning(describe_rejected(rejected, settings.storage.spool_dir))
     for result in results:
         result.spool_rejected = rejected
-    _publish(results, source, interval)
+    publish_summary(results, source, interval)
     metrics_error = ""
     try:  # neither store nor spool taking the metrics must not hide which symbols' bars they lost
         record_metrics(run_metrics(results, source, interval, started), settings)
@@ -376,10 +378,7 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
             "actions_written": float(r.actions_written),
             "requests": float(r.requests),
             "restated": float(bool(r.restated)),
-            **{
-                kind: float(sum(getattr(r, kind).values()))
-                for kind in ("quarantined", "repaired", "flagged", "dropped")
-            },
+            **{kind: float(sum(getattr(r, kind).values())) for kind in COUNTED},
             "missing_sessions": _count(r.missing_sessions),
             "uncovered_sessions": _count(r.uncovered_sessions),
         }
@@ -395,10 +394,10 @@ def _count(value: int | None) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _publish(results: list[SymbolResult], source: str, interval: str) -> None:
-    counted = ("quarantined", "repaired", "flagged", "dropped")
+def publish_summary(results: list[SymbolResult], source: str, interval: str) -> None:
+    """The run's table artifact, one row per symbol (a sharded run reads its shards' back)."""
     rows = [
-        {**asdict(r), **{k: describe_counts(getattr(r, k)) for k in counted}, "spool_rejected": len(r.spool_rejected)}
+        {**asdict(r), **{k: describe_counts(getattr(r, k)) for k in COUNTED}, "spool_rejected": len(r.spool_rejected)}
         for r in results
     ]
-    create_table_artifact(key="market-data-summary", table=rows, description=f"{source} {interval} bars")
+    create_table_artifact(key=SUMMARY_KEY, table=rows, description=f"{source} {interval} bars")

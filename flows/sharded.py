@@ -29,16 +29,14 @@ from prefect.deployments import run_deployment
 
 from blocks.stores import check_concurrent_writes
 from configs.settings import load_settings
-from flows.market_data import FAILED, SPOOLED, SymbolResult, SymbolsFailedError, _publish
+from flows.market_data import COUNTED, FAILED, SPOOLED, SUMMARY_KEY, SymbolResult, SymbolsFailedError, publish_summary
 from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import check_source
 from tasks.errors import UsageError
 from tasks.shards import Shard, partition
 
 SHARD_DEPLOYMENT = "market-data/market-data-shard"
-SUMMARY_KEY = "market-data-summary"  # the table artifact every market-data run publishes
 RETRIED = (FAILED, SPOOLED)  # deferred symbols wait for the quota's reset, not for a retry
-COUNTED = ("quarantined", "repaired", "flagged", "dropped")
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ def market_data_sharded(
             logger.info("running shard(s) %s again", ", ".join(str(s) for s in to_run))
 
     results = [rows[symbol] for symbol in checked]
-    _publish(results, source, interval)
+    publish_summary(results, source, interval)
     if any(r.status in RETRIED for r in results):
         raise SymbolsFailedError(results, settings.storage.spool_dir)
     return [asdict(r) for r in results]
