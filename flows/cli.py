@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 if TYPE_CHECKING:
     from blocks.spool import Replayed
+    from flows.sandbox import SandboxConfig
     from flows.scoped_token import ScopedTokenTarget
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -317,21 +318,16 @@ def _read(
     last: date | None,
     quarantine: bool = False,
 ) -> pd.DataFrame:
-    import pandas as pd
-
     from blocks.store import StoreError
     from blocks.stores import store_from_settings
+    from flows.api import read_stored
 
     store = _or_exit(lambda: store_from_settings(settings.storage))
-    lo = pd.Timestamp(first, tz="UTC").to_pydatetime() if first else None
-    hi = (pd.Timestamp(last, tz="UTC") + pd.Timedelta(days=1)).to_pydatetime() if last else None
     try:
-        read = store.read_quarantine if quarantine else store.read_bars
-        frame = read(symbol, interval, source, lo, hi)
+        return read_stored(store, symbol, interval, source, first, last, quarantine)
     except StoreError as exc:
         _error(str(exc))
         raise typer.Exit(EXIT_FAILED) from None
-    return frame.sort_values(["time", "source"], kind="stable").reset_index(drop=True)
 
 
 def _iso(ts: datetime) -> str:
@@ -394,7 +390,54 @@ def sandbox(
     ] = None,
 ) -> None:
     """Simulate the Yahoo v8 chart and Alpha Vantage APIs on 127.0.0.1 until interrupted."""
-    from flows.sandbox import FAULT_KINDS, SandboxConfig, start_sandbox
+    from flows.sandbox import start_sandbox
+
+    config = sandbox_config(
+        replay=replay,
+        not_found=not_found,
+        latency=latency,
+        rate_limit=rate_limit,
+        rate_window=rate_window,
+        av_daily_quota=av_daily_quota,
+        fault_rate=fault_rate,
+        fault_kinds=fault_kinds,
+        fault=fault,
+        timeout_delay=timeout_delay,
+        seed=seed,
+        request_log=request_log,
+        now=now,
+    )
+    server = start_sandbox(port, config)
+    print(f"sandbox listening on {server.base_url}", flush=True)
+    print(f"alpha vantage on {server.alpha_vantage_url}", flush=True)
+    print(f"use it with: MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL={server.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+def sandbox_config(
+    replay: Path | None = None,
+    not_found: str | None = None,
+    latency: float = 0.0,
+    rate_limit: int | None = None,
+    rate_window: float = 1.0,
+    av_daily_quota: int | None = None,
+    fault_rate: float = 0.0,
+    fault_kinds: str = "5xx,timeout,malformed,html",
+    fault: list[str] | None = None,
+    timeout_delay: float = 5.0,
+    seed: int = 0,
+    request_log: Path | None = None,
+    now: str | None = None,
+) -> SandboxConfig:
+    """The sandbox's options as its config; exits 2 naming the option that is wrong.
+
+    The tests start the sandbox in their own process from the same options (tests/conftest.py).
+    """
+    from flows.sandbox import FAULT_KINDS, SandboxConfig
 
     if replay is not None and not replay.is_dir():
         _error(f"--replay {replay} is not a directory")
@@ -406,7 +449,7 @@ def sandbox(
         _error(f"faults must be among {', '.join(FAULT_KINDS)} and --fault-rate within 0..1")
         raise typer.Exit(EXIT_USAGE)
     clock = _or_exit(lambda: _parse_instant(now, "--now")) if now else None
-    config = SandboxConfig(
+    return SandboxConfig(
         now=clock,
         replay=replay,
         not_found=set(not_found.split(",")) if not_found else set(),
@@ -421,15 +464,6 @@ def sandbox(
         seed=seed,
         request_log=request_log,
     )
-    server = start_sandbox(port, config)
-    print(f"sandbox listening on {server.base_url}", flush=True)
-    print(f"alpha vantage on {server.alpha_vantage_url}", flush=True)
-    print(f"use it with: MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL={server.base_url}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.shutdown()
 
 
 @app.command()

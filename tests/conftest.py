@@ -1,4 +1,4 @@
-"""Shared fixtures: captured payloads, a real sandbox process and a real Prefect server."""
+"""Shared fixtures: captured payloads, the sandbox, a real Prefect server and a real influxd."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -19,13 +20,20 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 
-from flows.sandbox import read_request_log
+from flows.sandbox import read_request_log, start_sandbox
 from tests.servers import influxdb_server, prefect_server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 YAHOO = FIXTURES / "yahoo"
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test a module does not mark ``unit`` is an integration test: `pytest -m "not unit"`."""
+    for item in items:
+        if item.get_closest_marker("unit") is None:
+            item.add_marker(pytest.mark.integration)
 
 
 def yahoo_payload(name: str) -> bytes:
@@ -38,42 +46,33 @@ def yahoo_json(name: str) -> dict[str, Any]:
 
 
 class Sandbox:
-    """A `marketpipe sandbox` child process with its JSON-lines request log."""
+    """The sandbox that ``marketpipe sandbox ARGS`` starts, served from a thread of the test process,
+    with its JSON-lines request log.
+
+    In-process, it costs a test nothing to start: a child process spent a second or more importing
+    the CLI before it answered, several times that on two loaded cores. The options are parsed by
+    the CLI's own command, so a test's arguments mean exactly what they mean on the command line.
+    """
 
     def __init__(self, *args: str, log: Path) -> None:
-        self.log_path = log
+        from typer.main import get_command
+
+        from flows.cli import app, sandbox_config
+
         self.request_log = log.with_suffix(".requests.jsonl")
-        self._log = log.open("w")
-        self.process = subprocess.Popen(
-            [str(BIN / "marketpipe"), "sandbox", "--port", "0", "--request-log", str(self.request_log), *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            for line in log.read_text().splitlines():
-                if line.startswith("alpha vantage on "):
-                    self.alpha_vantage_url = line.removeprefix("alpha vantage on ").strip()
-                    return
-                if line.startswith("sandbox listening on "):
-                    self.base_url = line.removeprefix("sandbox listening on ").strip()
-            if self.process.poll() is not None:
-                raise RuntimeError(f"sandbox exited early:\n{log.read_text()}")
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("sandbox did not start within 30 s")
+        command = get_command(app).commands["sandbox"]  # type: ignore[attr-defined]
+        options = command.make_context("sandbox", ["--request-log", str(self.request_log), *args]).params
+        options.pop("port")
+        self.server = start_sandbox(0, replace(sandbox_config(**options), access_log=False))
+        self.base_url = self.server.base_url
+        self.alpha_vantage_url = self.server.alpha_vantage_url
 
     def requests(self) -> list[dict[str, Any]]:
         return read_request_log(self.request_log)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log.close()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def marketpipe(

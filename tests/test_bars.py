@@ -7,6 +7,8 @@ import pytest
 from tasks.bars import BAR_COLUMNS, FLAG_MISSING, conform, empty_bars, validate_symbol, validate_symbols
 from tasks.errors import InvalidSymbolError, UsageError
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 
 @pytest.mark.parametrize("symbol", ["AAPL", "BRK-B", "^GSPC", "EURUSD=X", "BTC-USD", "0700.HK", "GC=F", "brk-b"])
 def test_documented_symbols_are_admitted(symbol: str) -> None:

@@ -12,6 +12,8 @@ from tasks.sources.base import Collected
 from tasks.sources.yahoo_finance import parse_chart_result
 from tests.conftest import yahoo_json
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 AAPL_2020 = "yahoo-finance2_chart_AAPL_2020_full_year_1d_split_and_dividends.json"
 BTC_2020 = "yahoo-finance2_chart_BTC-USD_2020_full_year_1d_with_nulls.json"
 EURUSD_2020 = "yahoo-finance2_chart_EURUSD=X_2020_full_year_1d.json"

@@ -12,6 +12,8 @@ from blocks.store import StoreError
 from tasks.bars import conform_actions
 from tests.test_store_conformance import frame
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 
 def test_unsafe_column_names_are_refused(tmp_path: Path) -> None:
     store = DuckDBStore(path=str(tmp_path / "bars.duckdb"))

@@ -19,6 +19,8 @@ from tasks.sources.base import BarQuery, Collected, load_source
 from tasks.sources.files import VendorFiles, holds_symbol
 from tests.conftest import FIXTURES, YAHOO
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 EURGBP = YAHOO / "yahoo-finance2_v7download_EURGBP=X_2019-09_1d_csv_with_null_rows.csv"
 MSFT_DIVIDENDS = YAHOO / "yahoo-finance2_v7download_MSFT_dividends_2021-02_2022-01.csv"
 NVDA_SPLITS = YAHOO / "yahoo-finance2_v7download_NVDA_splits_2021-02_2022-01.csv"

@@ -19,6 +19,8 @@ from tasks.sources.base import Collected
 from tests.servers import free_port, influxdb_process
 from tests.test_processing import bars
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 
 class ReadCounting:
     """A real DuckDB store that also counts the rows each history read returned."""

@@ -18,6 +18,8 @@ from tasks.sources.alpha_vantage import AlphaVantage, parse_technical
 from tasks.sources.base import BarQuery
 from tests.conftest import FIXTURES
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 SPY = FIXTURES / "csv" / "pandas-ta_SPY_D_1999-11-01_2020-08-28.csv"
 
 

@@ -30,6 +30,8 @@ from configs.settings import ConfigError, InfluxDBSettings, StorageSettings
 from tests.servers import free_port, serving_http
 from tests.test_store_conformance import frame
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 TOKEN = "tok-s3cret-Zq9"
 AWKWARD = 'A"B) |> drop()'
 BAR_TAGS = ["symbol", "interval", "source"]

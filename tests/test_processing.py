@@ -22,6 +22,8 @@ from tasks.store import quarantine_rows
 from tasks.validation import RULES
 from tests.conftest import yahoo_json
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
 

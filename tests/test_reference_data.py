@@ -25,6 +25,8 @@ from tasks.sources.files import VendorFiles
 from tasks.sources.yahoo_finance import YahooFinance
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 REFERENCE = REPO.parent / "shared" / "reference-data"
 WIDE = (date(1980, 1, 1), date(2030, 1, 1))
 SETTINGS = SourceSettings(base_url="http://127.0.0.1:9/", timeout=5, api_key="REFERENCE-TEST-KEY")

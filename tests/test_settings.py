@@ -6,6 +6,8 @@ import pytest
 
 from configs.settings import CONFIG_DIR, ConfigError, load_settings
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,8 @@ from tasks.ticks import (
 )
 from tests.conftest import FIXTURES, yahoo_json
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 OCDO = "yahoo-finance2_chart_OCDO.L_2020_full_year_1d_London.json"
 AAPL = "yahoo-finance2_chart_AAPL_2020_full_year_1d_split_and_dividends.json"
 EURUSD = "yahoo-finance2_chart_EURUSD=X_2020_full_year_1d.json"

@@ -13,6 +13,8 @@ from tasks.sources.yahoo_finance import parse_chart_result
 from tasks.validation import RULES, MissingColumnsError, validate_bars
 from tests.conftest import yahoo_json
 
+pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
+
 NOW = datetime(2024, 3, 1, 15, 0, tzinfo=UTC)
 
 
