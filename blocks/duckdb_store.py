@@ -235,14 +235,14 @@ class DuckDBStore(Block):
         """Delete what the incoming rows replace from ``table`` (see :meth:`_upsert`)."""
         tags = " AND ".join(f'{table}."{c}" = {{0}}."{c}"' for c in SERIES_TAGS)
         if how == RANGES:  # each series' range, computed where the rows already are (as stored: microseconds)
-            spans = (
-                "(SELECT symbol, interval, source, min(time)::TIMESTAMPTZ AS first, max(time)::TIMESTAMPTZ AS last "
-                "FROM incoming GROUP BY symbol, interval, source) AS spans"
-            )
-            con.execute(
-                f"DELETE FROM {table} USING {spans} WHERE {tags.format('spans')} "
-                f"AND {table}.time BETWEEN spans.first AND spans.last"
-            )
+            spans = con.execute(
+                "SELECT symbol, interval, source, min(time)::TIMESTAMPTZ, max(time)::TIMESTAMPTZ "
+                "FROM incoming GROUP BY symbol, interval, source"
+            ).fetchall()
+            # One delete per series, its key as constants: DuckDB can then skip, by zonemap, the row
+            # groups of other symbols (a run writes each symbol's rows together); a join scans them all.
+            series = " AND ".join(f'"{c}" = ?' for c in SERIES_TAGS)
+            con.executemany(f"DELETE FROM {table} WHERE {series} AND time BETWEEN ? AND ?", spans)
         else:  # the time range lets DuckDB skip, by zonemap, the row groups no incoming row can match
             # A superseded duplicate's clean bar stays in bars (SUPERSEDED_RULES).
             kept = f"AND incoming.rule NOT IN ({', '.join('?' * len(SUPERSEDED_RULES))}) " if table == TABLE else ""
