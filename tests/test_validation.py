@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from tasks.bars import conform
+from tasks.processing.validation import RULES, MissingColumnsError, validate_bars
 from tasks.sources.yahoo_finance import parse_chart_result
-from tasks.validation import RULES, MissingColumnsError, validate_bars
 from tests.conftest import yahoo_json
 
 NOW = datetime(2024, 3, 1, 15, 0, tzinfo=UTC)
