@@ -225,7 +225,7 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
 
 
 def _summary_table(rows: list[dict[str, Any]]) -> Table:
-    from tasks.processing import describe_counts
+    from tasks.process import describe_counts
 
     table = Table(title="market-data run")
     columns = ("symbol", "status", "rows written", "spooled", "collected", "quarantined", "repaired", "flagged",

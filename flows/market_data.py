@@ -35,7 +35,8 @@ from tasks.bars import empty_actions, empty_bars, validate_interval, validate_sy
 from tasks.collect import check_source, collect_bars, collect_batch
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.job import Job
-from tasks.processing import Processed, describe_counts, process_bars, process_batch
+from tasks.process import describe_counts, process_bars, process_batch
+from tasks.processing.pipeline import Processed
 from tasks.shards import Shard
 from tasks.sources.base import Collected
 from tasks.store import Stored, record_metrics, replay_spool, store_bars, store_batch

@@ -193,7 +193,7 @@ def result_from_row(row: dict[str, Any]) -> SymbolResult:
 
 
 def parse_counts(text: str) -> dict[str, int]:
-    """``spike=2, ohlc=1`` (as tasks.processing.describe_counts writes it) -> {"spike": 2, "ohlc": 1}."""
+    """``spike=2, ohlc=1`` (as tasks.process.describe_counts writes it) -> {"spike": 2, "ohlc": 1}."""
     counts: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, count = item.rpartition("=")

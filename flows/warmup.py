@@ -15,7 +15,7 @@ import pandas as pd
 
 from configs.settings import QualitySettings, default_indicators
 from tasks.bars import conform
-from tasks.processing import process
+from tasks.processing.pipeline import process
 from tasks.sources.base import Collected
 
 SESSIONS = 600  # more than the longest default lookback, so every indicator produces values

@@ -139,7 +139,7 @@ ACTION_COLUMNS: tuple[str, ...] = ("time", "symbol", "source", "kind", "ratio", 
 # ``flag_missing``: the source left some of open/high/low/close/volume empty (see the missing-value policy).
 FLAG_MISSING = "flag_missing"
 # ``flag_ohlc_repaired``: open or close lay a little outside low..high (within ``quality.ohlc_tolerance``),
-# so high and low were widened to take them in (see :mod:`tasks.validation`).
+# so high and low were widened to take them in (see :mod:`tasks.processing.validation`).
 FLAG_OHLC_REPAIRED = "flag_ohlc_repaired"
 # Split- and dividend-adjusted prices, all from one factor: adj_close / close.
 ADJUSTED_COLUMNS: tuple[str, ...] = ("adj_open", "adj_high", "adj_low")

@@ -23,7 +23,7 @@ from blocks.credentials import SourceCredentials
 from blocks.store import BarStore, StoreUnavailableError
 from blocks.stores import store_from_settings
 from configs.settings import Settings, SourceSettings, StorageSettings
-from tasks.indicators import lookback_bars
+from tasks.processing.indicators import lookback_bars
 from tasks.retention import Retention, retention_of
 from tasks.shards import Shard
 from tasks.sources.base import Source, load_source, pacer_for

@@ -1,6 +1,6 @@
 """Processing in worker processes, where a machine has cores to spare.
 
-:func:`tasks.processing.process` is pandas and numpy under the GIL: a flow's worker threads can't
+:func:`tasks.processing.pipeline.process` is pandas and numpy under the GIL: a flow's worker threads can't
 put a second core to work on it, and while they process, the threads that fetch and parse wait.
 With ``collection.processes: N`` a run hands it to N worker processes instead. The pool is forked
 from a server process that imported the processing modules once, so a worker starts in
@@ -42,7 +42,7 @@ def start(processes: int) -> None:
         if _running.pool is not None:
             return
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["tasks.processing"])
+        context.set_forkserver_preload(["tasks.processing.pipeline"])
         _running.pool = ProcessPoolExecutor(max_workers=processes, mp_context=context)
         for _ in range(processes):  # the workers fork now, not on the first symbol
             _running.pool.submit(os.getpid)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.bars import FLAG_MISSING
-from tasks.ticks import FLAG_UNIT_REPAIRED, to_major_unit
+from tasks.processing.ticks import FLAG_UNIT_REPAIRED, to_major_unit
 
 RELATIVE_TOLERANCE = 1e-6
 COMPARED = ("close", "adj_close")

@@ -13,8 +13,8 @@ from blocks.store import StoreError, dropped_by_retention
 from configs.settings import Settings
 from tasks.bars import BAR_COLUMNS
 from tasks.job import Job, batch_run_name, each_alone, store_for
-from tasks.processing import Processed
-from tasks.validation import QUARANTINE_COLUMNS
+from tasks.processing.pipeline import Processed
+from tasks.processing.validation import QUARANTINE_COLUMNS
 
 
 @dataclass(frozen=True)

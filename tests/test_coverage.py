@@ -14,8 +14,8 @@ from configs.settings import CollectionSettings, QualitySettings
 from tasks.bars import conform, flag_missing
 from tasks.calendars import sessions_before
 from tasks.collect import plan_window
-from tasks.coverage import check_coverage
-from tasks.processing import process
+from tasks.processing.coverage import check_coverage
+from tasks.processing.pipeline import process
 from tasks.sources.base import Collected, Window
 from tests.conftest import YAHOO, Sandbox, marketpipe, query_csv
 

@@ -233,7 +233,7 @@ def test_a_batch_write_the_store_refuses_is_written_symbol_by_symbol(configured:
     from configs.settings import load_settings
     from tasks.bars import conform, empty_actions
     from tasks.job import Job
-    from tasks.processing import Processed
+    from tasks.processing.pipeline import Processed
     from tasks.store import store_batch
 
     def processed(symbol: str, **extra: float) -> Processed:

@@ -13,7 +13,7 @@ import pytest
 import talib
 
 from configs.settings import MACD, RSI, SMA, BBands, IndicatorSpec, SourceSettings, default_indicators
-from tasks.indicators import compute_indicators, indicator_columns
+from tasks.processing.indicators import compute_indicators, indicator_columns
 from tasks.sources.alpha_vantage import AlphaVantage, parse_technical
 from tasks.sources.base import BarQuery
 from tests.conftest import FIXTURES

@@ -12,7 +12,7 @@ import pytest
 
 from configs.settings import CollectionSettings, IndicatorSpec, QualitySettings, default_indicators
 from tasks import process_pool
-from tasks.processing import Processed, process
+from tasks.processing.pipeline import Processed, process
 from tasks.sources.base import Collected
 from tests.test_processing import NOW, bars
 

@@ -12,14 +12,15 @@ import pytest
 
 from blocks.duckdb_store import DuckDBStore
 from configs.settings import QualitySettings, default_indicators
-from tasks.adjust import add_adjusted_prices, add_returns
 from tasks.bars import conform, flag_missing
-from tasks.missing import FLAG_FILLED, apply_missing_policy
-from tasks.processing import Processed, describe_counts, process
+from tasks.process import describe_counts
+from tasks.processing.adjust import add_adjusted_prices, add_returns
+from tasks.processing.missing import FLAG_FILLED, apply_missing_policy
+from tasks.processing.pipeline import Processed, process
+from tasks.processing.validation import RULES
 from tasks.sources.base import Collected
 from tasks.sources.yahoo_finance import parse_chart_result
 from tasks.store import quarantine_rows
-from tasks.validation import RULES
 from tests.conftest import yahoo_json
 
 pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`

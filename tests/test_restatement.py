@@ -23,8 +23,8 @@ from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.store import BarStore
 from configs.settings import QualitySettings, default_indicators
 from tasks.collect import read_stored
-from tasks.indicators import lookback_bars
-from tasks.processing import process
+from tasks.processing.indicators import lookback_bars
+from tasks.processing.pipeline import process
 from tasks.restatement import restatement_reason
 from tasks.sources.base import Collected
 from tasks.sources.yahoo_finance import parse_chart_result

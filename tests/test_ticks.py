@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from tasks.bars import PRICE_COLUMNS, conform, empty_bars
-from tasks.sources.yahoo_finance import parse_chart_result
-from tasks.ticks import (
+from tasks.processing.ticks import (
     FLAG_SPIKE,
     FLAG_UNIT_REPAIRED,
     FLAG_ZERO_VOLUME,
@@ -22,6 +21,7 @@ from tasks.ticks import (
     repair_unit_errors,
     to_major_unit,
 )
+from tasks.sources.yahoo_finance import parse_chart_result
 from tests.conftest import FIXTURES, yahoo_json
 
 pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`

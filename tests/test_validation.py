@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from tasks.bars import conform
+from tasks.processing.validation import RULES, MissingColumnsError, validate_bars
 from tasks.sources.yahoo_finance import parse_chart_result
-from tasks.validation import RULES, MissingColumnsError, validate_bars
 from tests.conftest import yahoo_json
 
 pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`

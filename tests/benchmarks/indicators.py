@@ -21,8 +21,8 @@ import talib
 
 from configs.settings import QualitySettings, default_indicators
 from tasks.bars import conform, flag_missing
-from tasks.indicators import compute_indicators
-from tasks.processing import process
+from tasks.processing.indicators import compute_indicators
+from tasks.processing.pipeline import process
 from tasks.sources.base import Collected
 
 

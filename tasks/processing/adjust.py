@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.bars import ADJUSTED_COLUMNS
+from tasks.processing.step import Series, Stepped
 
 
 def add_adjusted_prices(frame: pd.DataFrame) -> pd.DataFrame:
@@ -30,3 +31,13 @@ def add_returns(frame: pd.DataFrame) -> pd.DataFrame:
     ratio = np.full(len(prices), np.nan)
     ratio[1:] = prices[1:] / prices[:-1]
     return frame.assign(return_1=ratio - 1.0, log_return_1=np.log(ratio))
+
+
+def adjusted_prices(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: ``adj_open``, ``adj_high`` and ``adj_low`` beside the source's ``adj_close``."""
+    return Stepped(add_adjusted_prices(frame))
+
+
+def returns(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: ``return_1`` and ``log_return_1``."""
+    return Stepped(add_returns(frame))

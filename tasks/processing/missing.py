@@ -9,7 +9,7 @@ file's blanks). Volume alone absent is normal for FX and some indices and is onl
   it, a missing high/low becomes max/min(open, close), a missing adj_close keeps the previous
   bar's adjustment factor, and volume becomes 0 when it is missing too. ``flag_filled`` marks the
   bar. A missing bar with no earlier close (the first bar ever) can't be filled and is dropped.
-- ``keep``: the bar is stored with NaN values; indicators skip it (see :mod:`tasks.indicators`).
+- ``keep``: the bar is stored with NaN values; indicators skip it (see :mod:`tasks.processing.indicators`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,23 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tasks.bars import missing_prices
+from tasks.bars import flag_missing, missing_prices
+from tasks.processing.step import Series, Stepped
 
 MissingPolicy = Literal["drop", "ffill", "keep"]
 FLAG_FILLED = "flag_filled"
 Mask = npt.NDArray[np.bool_]
+
+
+def mark_missing(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: ``flag_missing`` on every new bar lacking a price or its volume."""
+    return Stepped(flag_missing(frame))
+
+
+def missing_policy(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: ``quality.missing`` applied to the new bars; the stored ones ahead are only read."""
+    frame, counts = apply_missing_policy(frame, series.quality.missing, start=series.stored)
+    return Stepped(frame, counts)
 
 
 def apply_missing_policy(

@@ -22,7 +22,7 @@ counts the bars that arrived earlier than a bar before them). A bar whose open o
 outside low..high by no more than the tolerance (FX and index feeds bend OHLC by a few basis
 points) has high and low widened to take them in and ``flag_ohlc_repaired`` set
 (``ohlc_repaired`` counts them). Missing values are not a rule: the missing-value policy decides
-what happens to them (see :mod:`tasks.missing`).
+what happens to them (see :mod:`tasks.processing.missing`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from tasks.bars import (
     is_daily_or_longer,
 )
 from tasks.calendars import Segments, segment_of, session_segments
+from tasks.processing.step import Series, Stepped
 
 # Sources round prices independently: a bend this small (relative) is rounding, neither repaired nor flagged.
 OHLC_TOLERANCE = 1e-9
@@ -143,6 +144,13 @@ def validate_bars(
     counts = {str(k): int(v) for k, v in quarantined["rule"].value_counts().items()}
     clean = frame.loc[~bad].reset_index(drop=True)
     return Validated(clean, quarantined.reset_index(drop=True), counts, out_of_order, repaired)
+
+
+def validate(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: the new bars sorted and checked against the rules, on the series' calendar;
+    the bad ones go aside with their rule and reason, counted by rule."""
+    checked = validate_bars(frame, series.now, calendar=series.calendar, ohlc_tolerance=series.quality.ohlc_tolerance)
+    return Stepped(checked.clean, {**checked.counts, "out_of_order": checked.out_of_order}, aside=checked.quarantined)
 
 
 def _bend(

@@ -66,6 +66,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from tasks.bars import PRICE_COLUMNS
+from tasks.processing.step import Series, Stepped
 
 FLAG_UNIT_REPAIRED = "flag_unit_repaired"
 FLAG_ZERO_VOLUME = "flag_zero_volume"
@@ -93,6 +94,11 @@ BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.intp]
 
 
+def major_unit(currency: str | None) -> str | None:
+    """The currency prices are stored in: the major unit of a minor one (GBp -> GBP), else the same."""
+    return MINOR_UNITS[currency][0] if currency is not None and currency in MINOR_UNITS else currency
+
+
 def to_major_unit(frame: pd.DataFrame, currency: str | None) -> tuple[pd.DataFrame, str | None]:
     """Prices quoted in a minor unit (GBp: pence) divided into the major unit (GBP); volume untouched.
 
@@ -106,6 +112,19 @@ def to_major_unit(frame: pd.DataFrame, currency: str | None) -> tuple[pd.DataFra
     for column in PRICE_COLUMNS:
         out[column] = out[column].to_numpy(dtype=np.float64) / per_major
     return out, major
+
+
+def in_major_unit(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: the new bars' prices in the major unit of the currency the source quotes."""
+    return Stepped(to_major_unit(frame, series.currency)[0])
+
+
+def bad_ticks(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: :func:`check_ticks` over the whole series, on a copy (the rules change prices and
+    flags in place). The flags are counted on the new bars with the others (see the pipeline)."""
+    checked = frame.copy(deep=False)  # column assignments replace columns: the caller's frame keeps its own
+    check_ticks(checked, series.quality.spike_threshold)
+    return Stepped(checked)
 
 
 def repair_unit_errors(frame: pd.DataFrame, window: int = 11) -> int:

@@ -18,6 +18,7 @@ import pandas as pd
 import pandas_ta as ta
 
 from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec
+from tasks.processing.step import Series, Stepped
 
 if not ta.Imports.get("talib"):
     raise ImportError(
@@ -75,6 +76,11 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
     kept = bars.drop(columns=[c for c in columns if c in bars.columns])
     # One concat builds the float block once, instead of a reallocation per inserted column.
     return pd.concat([kept, pd.DataFrame(columns, index=bars.index)], axis=1)
+
+
+def technical_indicators(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: the configured indicators over the whole series, stored history included."""
+    return Stepped(compute_indicators(frame, series.indicators))
 
 
 def _array(result: pd.Series | None, n: int) -> Floats:

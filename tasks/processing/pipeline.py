@@ -1,0 +1,179 @@
+"""Processing: the ordered steps between a source's raw bars and the bars we store as clean.
+
+Every step keeps one contract (:mod:`tasks.processing.step`): the frame and its series in, the
+frame and its counts out. :func:`process` runs them in three stages: on the new bars alone, then
+over the whole series with the stored history ahead of them (their rules and indicators look
+back), then on the new bars once cut from it. What the series still lacks, sessions without a bar
+(:mod:`tasks.calendars`) and history before its first bar (:mod:`tasks.processing.coverage`), is
+reported, not changed. Every count goes into the run summary, under the kind ``COUNT_KINDS`` says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import pandas as pd
+
+from configs.settings import IndicatorSpec, QualitySettings
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED
+from tasks.calendars import SessionGaps, calendar_for, missing_sessions
+from tasks.processing.adjust import adjusted_prices, returns
+from tasks.processing.coverage import Coverage, check_coverage
+from tasks.processing.indicators import technical_indicators
+from tasks.processing.missing import mark_missing, missing_policy
+from tasks.processing.step import Counts, Series, Step, Stepped
+from tasks.processing.ticks import (
+    FLAG_SPIKE,
+    FLAG_UNIT_REPAIRED,
+    FLAG_ZERO_VOLUME,
+    bad_ticks,
+    in_major_unit,
+    major_unit,
+)
+from tasks.processing.validation import RULE_CODES, validate
+from tasks.sources.base import Collected
+
+# The counts of each flag on the bars stored, by their names in the summary.
+FLAG_COUNTS: dict[str, str] = {
+    FLAG_MISSING: "missing",
+    FLAG_ZERO_VOLUME: "zero_volume",
+    FLAG_SPIKE: "spike",
+    FLAG_UNIT_REPAIRED: "unit_error",
+    FLAG_OHLC_REPAIRED: "ohlc_repaired",
+}
+
+
+def count_flags(frame: pd.DataFrame, series: Series) -> Stepped:
+    """The step: how many of the bars to be stored carry each flag."""
+    return Stepped(frame, {name: int(frame[column].sum()) for column, name in FLAG_COUNTS.items() if column in frame})
+
+
+# On the new bars alone.
+NEW_BARS: tuple[Step, ...] = (
+    in_major_unit,  # first: the rules' tolerances and the history ahead are in the major unit
+    validate,  # before anything reads a value: sorted, and bad bars set aside
+    mark_missing,  # on what validation kept: the policy below decides the fate of these bars
+)
+# Over the whole series, the stored history ahead of the new bars: the rules and indicators look back.
+WHOLE_SERIES: tuple[Step, ...] = (
+    missing_policy,  # first: a fill carries the last close forward, the stored one included
+    bad_ticks,  # before anything derives from prices: a repaired unit error must reach all of it
+    adjusted_prices,
+    returns,  # after the adjusted prices: a return is on adj_close, so a dividend is no loss
+    technical_indicators,  # last: they read the repaired prices
+)
+# On the new bars once cut from the history: what the store will hold.
+STORED: tuple[Step, ...] = (count_flags,)
+
+# The summary's kind of each count a step makes, its names in the summary's order. The rest are
+# quarantined bars by validation rule, most frequent first as validation counts them; the policy's
+# ``missing_kept`` shows as the ``missing`` flag.
+COUNT_KINDS: dict[str, tuple[str, ...]] = {
+    "repaired": ("out_of_order", "unit_error", "ohlc_repaired", "missing_filled"),
+    "flagged": ("missing", "zero_volume", "spike"),
+    "dropped": ("missing_dropped",),
+}
+
+
+@dataclass
+class Processed:
+    """New clean bars with indicators, the corporate actions and the quarantined bars, plus the counts."""
+
+    bars: pd.DataFrame
+    actions: pd.DataFrame
+    quarantined: pd.DataFrame
+    collected: int
+    live_bars_skipped: int
+    rejected: dict[str, int] = field(default_factory=dict)  # quarantined bars by rule
+    repaired: dict[str, int] = field(default_factory=dict)  # out_of_order, unit_error, ohlc_repaired, missing_filled
+    flagged: dict[str, int] = field(default_factory=dict)  # stored bars carrying a flag, by flag
+    dropped: dict[str, int] = field(default_factory=dict)  # missing_dropped
+    currency: str | None = None
+    gaps: SessionGaps | None = None
+    coverage: Coverage | None = None  # where the series starts against its window; None: not known
+
+    @property
+    def missing_sessions(self) -> int | None:
+        """Sessions without a bar: gaps inside the series and those before its first bar; None: unknown."""
+        counts = [c for c in (self.gaps.count if self.gaps else None, self.uncovered_sessions) if c is not None]
+        return sum(counts) if counts else None
+
+    @property
+    def uncovered_sessions(self) -> int | None:
+        coverage = self.coverage
+        return None if coverage is None or coverage.sessions is None else coverage.sessions
+
+
+def process(
+    collected: Collected,
+    symbol: str,
+    interval: str,
+    quality: QualitySettings,
+    indicators: Sequence[IndicatorSpec],
+    history: pd.DataFrame | None = None,
+    now: datetime | None = None,
+    stored_from: pd.Timestamp | None = None,
+) -> Processed:
+    """Check, repair and enrich the new bars as if over the whole series.
+
+    ``history`` holds stored bars before the new ones; enough of it (see :func:`lookback_bars`)
+    makes an incremental run's indicator values equal those of one full run, and lets the tick
+    rules and returns see the new bars' predecessors. ``stored_from`` is the series' first stored
+    bar, held with the new ones against the window's expected start.
+    """
+    currency = _text(collected.meta.get("currency"))
+    calendar = calendar_for(symbol, collected.meta, quality.calendars.get(symbol.upper()))
+    series = Series(symbol, interval, quality, indicators, calendar, currency, now)
+    counts: Counts = {}
+    quarantined: list[pd.DataFrame] = []
+    new = _run(NEW_BARS, collected.bars, series, counts, quarantined)
+    past = pd.DataFrame(columns=list(BAR_COLUMNS))
+    if history is not None and not history.empty and not new.empty:
+        past = history.loc[history["time"] < new["time"].iloc[0], list(BAR_COLUMNS)]
+    whole = pd.concat([past, new], ignore_index=True) if not past.empty else new
+    whole = _run(WHOLE_SERIES, whole, replace(series, stored=len(past)), counts, quarantined)
+    new = _run(STORED, whole.iloc[len(past) :].reset_index(drop=True), series, counts, quarantined)
+
+    gaps = coverage = None
+    if calendar is not None and not new.empty:
+        since = past["time"].iloc[-1] if not past.empty else None
+        gaps = missing_sessions(new["time"], interval, calendar, since=since)
+    if collected.window is not None and not new.empty:
+        first = new["time"].iloc[0] if stored_from is None else min(stored_from, new["time"].iloc[0])
+        source = str(new["source"].iloc[0])
+        coverage = check_coverage(collected.window, first, symbol, source, interval, calendar, collected.meta)
+    kinds = {kind: {n: counts[n] for n in names if counts.get(n)} for kind, names in COUNT_KINDS.items()}
+    return Processed(
+        bars=new,
+        actions=collected.actions,
+        quarantined=pd.concat(quarantined, ignore_index=True) if len(quarantined) > 1 else quarantined[0],
+        collected=len(collected.bars),
+        live_bars_skipped=collected.live_bars_skipped,
+        rejected={name: count for name, count in counts.items() if name in RULE_CODES and count},
+        repaired=kinds["repaired"],
+        flagged=kinds["flagged"],
+        dropped=kinds["dropped"],
+        currency=major_unit(currency),
+        gaps=gaps,
+        coverage=coverage,
+    )
+
+
+def _run(
+    steps: Sequence[Step], frame: pd.DataFrame, series: Series, counts: Counts, aside: list[pd.DataFrame]
+) -> pd.DataFrame:
+    """The steps in order; their counts added to ``counts``, the bars they set aside to ``aside``."""
+    for step in steps:
+        done = step(frame, series)
+        frame = done.frame
+        for name, count in done.counts.items():
+            counts[name] = counts.get(name, 0) + count
+        if done.aside is not None:
+            aside.append(done.aside)
+    return frame
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
