@@ -31,7 +31,7 @@ from tasks.bars import validate_interval, validate_symbol
 from tasks.collect import check_source
 from tasks.errors import UsageError
 from tasks.job import resolve_credentials
-from tasks.processing import Processed, process
+from tasks.processing.pipeline import Processed, process
 from tasks.sources.base import BarQuery, Collected, Source, load_source, pacer_for
 from tasks.store import open_spool
 

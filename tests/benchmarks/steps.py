@@ -32,7 +32,7 @@ from blocks.duckdb_store import DuckDBStore
 from configs.settings import load_settings
 from tasks.collect import collect
 from tasks.job import Job
-from tasks.processing import Processed, process
+from tasks.processing.pipeline import Processed, process
 from tasks.store import store_one, store_together
 from tests.benchmarks.end_to_end import END, START, naive_loop
 from tests.servers import free_port
