@@ -27,7 +27,7 @@ from blocks.spool import Written
 from blocks.store import BarStore
 from blocks.stores import store_from_settings
 from configs.settings import load_settings
-from tasks.bars import validate_interval, validate_symbol
+from tasks.bars import Instrument, validate_interval, validate_symbol
 from tasks.collect import check_source
 from tasks.errors import UsageError
 from tasks.job import resolve_credentials
@@ -35,9 +35,9 @@ from tasks.processing.pipeline import Processed, process
 from tasks.sources.base import BarQuery, Collected, Source, load_source, pacer_for
 from tasks.store import open_spool
 
-# Where collect_data leaves what the source said of the symbol (currency, exchange, time zone) on
-# the frame, for process_data: minor currency units and the exchange calendar depend on it.
-SOURCE_FACTS = "marketpipe_source_meta"
+# Where collect_data leaves what the source said of the symbol (its Instrument: currency, exchange)
+# on the frame, for process_data: minor currency units and the exchange calendar depend on it.
+INSTRUMENT = "marketpipe_instrument"
 
 ConfigFile = str | Path | None
 
@@ -69,7 +69,7 @@ class DataCollector:
             raise UsageError(f"start_date {start} is after end_date {end}: swap them")
         collected = self._source(source).collect(BarQuery(checked, interval, start, end))
         bars = collected.bars
-        bars.attrs[SOURCE_FACTS] = dict(collected.meta)
+        bars.attrs[INSTRUMENT] = collected.instrument
         return bars
 
     def _source(self, name: str) -> Source:
@@ -92,7 +92,9 @@ class DataProcessor:
         """The clean bars of one symbol's frame, with the configured indicators; bad bars are left
         out (see ``last.quarantined`` and ``last.rejected``), exactly as a run would store them."""
         symbol, interval = _one_series(df)
-        collected = Collected(df.reset_index(drop=True), meta=dict(df.attrs.get(SOURCE_FACTS, {})))
+        instrument = df.attrs.get(INSTRUMENT)
+        facts = instrument if isinstance(instrument, Instrument) else Instrument()
+        collected = Collected(df.reset_index(drop=True), instrument=facts)
         self.last = process(collected, symbol, interval, self.settings.quality, self.settings.indicators)
         return self.last.bars
 

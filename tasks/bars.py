@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import date
 
 import numpy as np
 import numpy.typing as npt
@@ -89,6 +91,25 @@ def period_start(days: pd.DatetimeIndex, interval: str) -> pd.DatetimeIndex:
     naive = days.tz_localize(None) if days.tz is not None else days
     starts = pd.DatetimeIndex(naive.to_period(freq).start_time)
     return starts.tz_localize(days.tz) if days.tz is not None else starts
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """What a source says of a symbol, in our terms: each source fills it from its own vendor's
+    fields (Yahoo's ``meta``, Alpha Vantage's ``Meta Data``), so processing and the calendars
+    never read a vendor's names."""
+
+    currency: str | None = None  # as the source quotes prices: GBp for pence
+    exchange: str | None = None  # the source's own name for the exchange (NMS, LSE), for messages
+    calendar: str | None = None  # its exchange_calendars name (XNYS, 24/7 ...); None: not known
+    time_zone: str | None = None  # the exchange's IANA zone
+    listed: date | None = None  # its first trading day, where the source says
+    compact: bool = False  # the answer holds only the latest bars, whatever window was asked
+
+    def updated(self, later: Instrument) -> Instrument:
+        """These facts, with those a later answer gives replacing them."""
+        given = {f.name: getattr(later, f.name) for f in fields(later) if getattr(later, f.name) not in (None, False)}
+        return Instrument(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **given})
 
 
 def empty_bars() -> pd.DataFrame:

@@ -1,8 +1,9 @@
 """Calendar-aware gap detection: which trading sessions have no bar at all.
 
 A bare "no bar for two days" check cries wolf every weekend and holiday, so expected sessions come
-from ``exchange_calendars``: the symbol's exchange (Yahoo's ``meta.exchangeName``) picks the
-calendar, crypto trades on "24/7" and FX on "24/5", and a config override beats both. Holidays are
+from ``exchange_calendars``: the calendar the source names for the symbol's exchange (see
+:class:`tasks.bars.Instrument`), crypto trades on "24/7" and FX on "24/5", and a config override
+beats both. Holidays are
 never written down here; the calendar library owns them.
 
 Session dates: a daily bar's UTC date is its session (bars are stamped 00:00 UTC of the trading
@@ -14,11 +15,9 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Any
 
 import exchange_calendars as xc
@@ -27,7 +26,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import trading_calendar_name
-from tasks.bars import is_daily_or_longer
+from tasks.bars import Instrument, is_daily_or_longer
 from tasks.errors import UsageError
 
 # Bars spanning several sessions can't miss a single one; checking them would only mislead.
@@ -36,91 +35,24 @@ UNCHECKED_INTERVALS: frozenset[str] = frozenset({"5d", "1wk", "1mo", "3mo"})
 CRYPTO = "24/7"
 FX = "24/5"
 
-INSTRUMENT_CALENDARS: Mapping[str, str] = MappingProxyType({"CRYPTOCURRENCY": CRYPTO, "CURRENCY": FX})
-
-# Yahoo ``meta.exchangeName`` codes to exchange_calendars names (ISO MICs where one exists).
-# US index feeds (SNP, DJI, NIM, WCB) and OTC venues follow the NYSE holiday schedule.
-YAHOO_EXCHANGES: Mapping[str, str] = MappingProxyType(
-    {
-        **dict.fromkeys(
-            ("NMS", "NGM", "NCM", "NAS", "NIM", "NYQ", "NYS", "PCX", "ASE", "BTS", "PNK", "OQX", "OQB", "OEM"),
-            "XNYS",
-        ),
-        **dict.fromkeys(("SNP", "DJI", "WCB"), "XNYS"),
-        **dict.fromkeys(("CMX", "NYM", "CME", "CBT"), "CMES"),
-        **dict.fromkeys(("TOR", "VAN"), "XTSE"),
-        **dict.fromkeys(("LSE", "IOB", "FGI"), "XLON"),
-        **dict.fromkeys(("KSC", "KOE"), "XKRX"),
-        **dict.fromkeys(("JPX", "TYO"), "XTKS"),
-        "GER": "XETR",  # Xetra, Deutsche Boerse's electronic venue
-        "FRA": "XFRA",
-        "DUS": "XDUS",
-        "HAM": "XHAM",
-        "STU": "XSTU",
-        "PAR": "XPAR",
-        "AMS": "XAMS",
-        "BRU": "XBRU",
-        "LIS": "XLIS",
-        "ISE": "XDUB",
-        "MCE": "XMAD",
-        "MIL": "XMIL",
-        "EBS": "XSWX",
-        "VIE": "XWBO",
-        "STO": "XSTO",
-        "CPH": "XCSE",
-        "HEL": "XHEL",
-        "OSL": "XOSL",
-        "ICE": "XICE",
-        "ATH": "ASEX",
-        "IST": "XIST",
-        "WSE": "XWAR",
-        "PRA": "XPRA",
-        "BUD": "XBUD",
-        "BVB": "XBSE",
-        "TLV": "XTAE",
-        "JNB": "XJSE",
-        "SAO": "BVMF",
-        "MEX": "XMEX",
-        "BUE": "XBUE",
-        "SGO": "XSGO",
-        "HKG": "XHKG",
-        "SHH": "XSHG",
-        "TAI": "XTAI",
-        "SES": "XSES",
-        "KLS": "XKLS",
-        "SET": "XBKK",
-        "PHS": "XPHS",
-        "JKT": "XIDX",
-        "BSE": "XBOM",
-        "ASX": "XASX",
-        "NZE": "XNZE",
-        "SAU": "XSAU",
-        "CCC": CRYPTO,
-        "CCY": FX,
-    }
-)
-
-# Alpha Vantage sends no exchange, only a market suffix on the symbol.
-ALPHA_VANTAGE_SUFFIXES: Mapping[str, str] = MappingProxyType({".LON": "XLON", ".TRT": "XTSE", ".DEX": "XETR"})
-
-# A US ticker: letters only, at most one share-class letter (BRK-B, BRK.B). Yahoo's one-letter
-# market suffixes (London .L, Frankfurt .F, TSX Venture .V, Tokyo .T) look the same and are refused.
+# A US ticker: letters only, at most one share-class letter (BRK-B, BRK.B). The one-letter market
+# suffixes of London (.L), Frankfurt (.F), TSX Venture (.V) and Tokyo (.T) look the same and are refused.
 US_TICKER = re.compile(r"^[A-Z]{1,5}(?:[.-][A-Z])?$")
-YAHOO_ONE_LETTER_SUFFIXES: frozenset[str] = frozenset({".L", ".F", ".V", ".T"})
+ONE_LETTER_MARKETS: frozenset[str] = frozenset({".L", ".F", ".V", ".T"})
 
 DESCRIBED_RUNS = 10  # a log line listing hundreds of gaps helps nobody
 
 
-def calendar_for(symbol: str, meta: Mapping[str, object], override: str | None = None) -> str | None:
-    """The exchange_calendars name for a symbol, or None when it can't be known (gap detection is then skipped)."""
+def calendar_for(symbol: str, instrument: Instrument, override: str | None = None) -> str | None:
+    """The exchange_calendars name for a symbol, or None when it can't be known (gap detection is then skipped).
+
+    A config override wins, then the calendar the source named. A source that named an exchange
+    without a known calendar gets none; one that named nothing gets a guess from the symbol.
+    """
     if override is not None:
         return _checked_override(override)
-    instrument = meta.get("instrumentType")
-    if isinstance(instrument, str) and instrument in INSTRUMENT_CALENDARS:
-        return INSTRUMENT_CALENDARS[instrument]
-    exchange = meta.get("exchangeName")
-    if isinstance(exchange, str) and exchange:
-        return YAHOO_EXCHANGES.get(exchange)
+    if instrument.calendar is not None or instrument.exchange:
+        return instrument.calendar
     return _calendar_from_symbol(symbol.strip().upper())
 
 
@@ -132,13 +64,10 @@ def _checked_override(override: str) -> str:
 
 
 def _calendar_from_symbol(symbol: str) -> str | None:
-    """Guess from the symbol's shape when the source named no exchange."""
+    """Guess from the symbol's shape when the source named no exchange: an FX pair (EURUSD=X) or a US ticker."""
     if symbol.endswith("=X"):
         return FX
-    for suffix, name in ALPHA_VANTAGE_SUFFIXES.items():
-        if symbol.endswith(suffix):
-            return name
-    if US_TICKER.fullmatch(symbol) and symbol[-2:] not in YAHOO_ONE_LETTER_SUFFIXES:
+    if US_TICKER.fullmatch(symbol) and symbol[-2:] not in ONE_LETTER_MARKETS:
         return "XNYS"
     return None
 

@@ -127,11 +127,10 @@ def _restated_if_needed(
 ) -> Collected:
     if stored.first is None or collected.window is None:
         return collected
-    currency = collected.meta.get("currency")
     reason = restatement_reason(
         collected.bars,
         collected.actions,
-        currency if isinstance(currency, str) else None,
+        collected.instrument.currency,
         stored.overlap if stored.overlap is not None else empty_bars(),
         stored_actions,
         stored.first,

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from configs.settings import ConfigError, SourceSettings
 from flows.sandbox import SandboxConfig, av_daily_quota_body, read_request_log, start_sandbox
-from tasks.bars import BAR_COLUMNS, FLAG_MISSING
+from tasks.bars import BAR_COLUMNS, FLAG_MISSING, Instrument
 from tasks.errors import (
     PermanentSourceError,
     QuotaExhaustedError,
@@ -165,7 +165,7 @@ def test_daily_compact_first_and_last_bar() -> None:
     assert bars["adj_close"].isna().all()
     assert (bars[FLAG_MISSING] == 0.0).all()
     assert collected.actions.empty
-    assert collected.meta == {"last_refreshed": "2018-08-16", "time_zone": "US/Eastern", "output_size": "Compact"}
+    assert collected.instrument == Instrument(time_zone="US/Eastern", compact=True)
 
 
 def test_daily_adjusted_close_and_dividends() -> None:

@@ -8,8 +8,9 @@ import pytest
 
 from tasks.calendars import SessionGaps, calendar_for, live_bars, missing_sessions, session_segments
 from tasks.errors import UsageError
+from tasks.sources.alpha_vantage import av_instrument
 from tasks.sources.base import Collected
-from tasks.sources.yahoo_finance import parse_chart_result
+from tasks.sources.yahoo_finance import parse_chart_result, yahoo_instrument
 from tests.conftest import yahoo_json
 
 pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
@@ -48,15 +49,17 @@ def gaps(times: pd.Series, interval: str, calendar: str, since: pd.Timestamp | N
     [("AAPL", AAPL_2020, "XNYS"), ("OCDO.L", OCDO_2020, "XLON"), ("WSKT.JK", WSKT_2020, "XIDX")],
 )
 def test_yahoo_exchange_names_map_to_their_calendar(symbol: str, name: str, expected: str) -> None:
-    assert calendar_for(symbol, parsed(name, symbol).meta) == expected
+    assert calendar_for(symbol, parsed(name, symbol).instrument) == expected
 
 
 def test_crypto_and_fx_payloads_trade_around_the_clock() -> None:
-    assert calendar_for("BTC-USD", parsed(BTC_2020, "BTC-USD").meta) == "24/7"
-    assert calendar_for("EURUSD=X", parsed(EURUSD_2020, "EURUSD=X").meta) == "24/5"
-    assert calendar_for("BTC-USD", {"exchangeName": "CCC"}) == "24/7"
-    assert calendar_for("EURUSD=X", {"exchangeName": "CCY"}) == "24/5"
-    assert calendar_for("XYZ-USD", {"instrumentType": "CRYPTOCURRENCY", "exchangeName": "NMS"}) == "24/7"
+    assert calendar_for("BTC-USD", parsed(BTC_2020, "BTC-USD").instrument) == "24/7"
+    assert calendar_for("EURUSD=X", parsed(EURUSD_2020, "EURUSD=X").instrument) == "24/5"
+    assert calendar_for("BTC-USD", yahoo_instrument({"exchangeName": "CCC"})) == "24/7"
+    assert calendar_for("EURUSD=X", yahoo_instrument({"exchangeName": "CCY"})) == "24/5"
+    assert (
+        calendar_for("XYZ-USD", yahoo_instrument({"instrumentType": "CRYPTOCURRENCY", "exchangeName": "NMS"})) == "24/7"
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,25 +67,25 @@ def test_crypto_and_fx_payloads_trade_around_the_clock() -> None:
     [("NYQ", "XNYS"), ("PCX", "XNYS"), ("GER", "XETR"), ("FRA", "XFRA"), ("CMX", "CMES"), ("TOR", "XTSE")],
 )
 def test_more_exchange_codes(exchange: str, expected: str) -> None:
-    assert calendar_for("X", {"exchangeName": exchange}) == expected
+    assert calendar_for("X", yahoo_instrument({"exchangeName": exchange})) == expected
 
 
 def test_every_mapped_calendar_exists() -> None:
-    from tasks.calendars import YAHOO_EXCHANGES
+    from tasks.sources.yahoo_finance import YAHOO_EXCHANGES
 
     assert set(YAHOO_EXCHANGES.values()) <= set(xc.get_calendar_names(include_aliases=False))
 
 
 def test_override_wins_and_is_resolved() -> None:
-    meta = {"exchangeName": "NMS", "instrumentType": "EQUITY"}
-    assert calendar_for("AAPL", meta, override="XLON") == "XLON"
-    assert calendar_for("AAPL", meta, override="NYSE") == "XNYS"
-    assert calendar_for("AAPL", meta, override="xnys") == "XNYS"
+    nasdaq = yahoo_instrument({"exchangeName": "NMS", "instrumentType": "EQUITY"})
+    assert calendar_for("AAPL", nasdaq, override="XLON") == "XLON"
+    assert calendar_for("AAPL", nasdaq, override="NYSE") == "XNYS"
+    assert calendar_for("AAPL", nasdaq, override="xnys") == "XNYS"
 
 
 def test_unknown_override_is_a_usage_error_naming_it() -> None:
     with pytest.raises(UsageError, match="'XNYZ'") as caught:
-        calendar_for("AAPL", {"exchangeName": "NMS"}, override="XNYZ")
+        calendar_for("AAPL", yahoo_instrument({"exchangeName": "NMS"}), override="XNYZ")
     assert "XNYS" in str(caught.value)
 
 
@@ -103,11 +106,11 @@ def test_unknown_override_is_a_usage_error_naming_it() -> None:
     ],
 )
 def test_symbol_shape_decides_when_meta_is_silent(symbol: str, expected: str | None) -> None:
-    assert calendar_for(symbol, {}) == expected
+    assert calendar_for(symbol, av_instrument(symbol, {})) == expected  # a source that names no exchange
 
 
 def test_an_unknown_exchange_is_not_guessed_from_the_symbol() -> None:
-    assert calendar_for("ABC", {"exchangeName": "XYZ", "instrumentType": "EQUITY"}) is None
+    assert calendar_for("ABC", yahoo_instrument({"exchangeName": "XYZ", "instrumentType": "EQUITY"})) is None
 
 
 # --- missing_sessions on real payloads ---------------------------------------------------------

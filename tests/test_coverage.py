@@ -11,12 +11,14 @@ import pandas as pd
 import pytest
 
 from configs.settings import CollectionSettings, QualitySettings
-from tasks.bars import conform, flag_missing
+from tasks.bars import Instrument, conform, flag_missing
 from tasks.calendars import sessions_before
 from tasks.collect import plan_window
 from tasks.processing.coverage import check_coverage
 from tasks.processing.pipeline import process
+from tasks.sources.alpha_vantage import av_instrument
 from tasks.sources.base import Collected, Window
+from tasks.sources.yahoo_finance import yahoo_instrument
 from tests.conftest import YAHOO, Sandbox, marketpipe, query_csv
 
 
@@ -48,8 +50,8 @@ def test_sessions_before_counts_up_to_the_first_bars_session() -> None:
 
 def test_a_truncated_first_run_is_short_by_the_sessions_before_its_first_bar() -> None:
     window = Window(date(2024, 1, 1), date(2024, 12, 31), "initial")
-    meta = {"output_size": "Compact"}
-    coverage = check_coverage(window, utc("2024-08-01"), "IBM", "alpha_vantage", "1d", "XNYS", meta)
+    compact = av_instrument("IBM", {"6. Output Size": "Compact"})
+    coverage = check_coverage(window, utc("2024-08-01"), "IBM", "alpha_vantage", "1d", "XNYS", compact)
     assert coverage.short and coverage.compact
     assert coverage.sessions == xnys_sessions("2024-01-02", "2024-07-31")
     text = coverage.describe()
@@ -61,7 +63,7 @@ def test_a_truncated_first_run_is_short_by_the_sessions_before_its_first_bar() -
 
 def test_a_series_starting_on_its_windows_first_session_is_covered() -> None:
     window = Window(date(2023, 12, 30), date(2024, 12, 31), "initial")  # a Saturday, then a holiday
-    coverage = check_coverage(window, utc("2024-01-02"), "IBM", "alpha_vantage", "1d", "XNYS", {})
+    coverage = check_coverage(window, utc("2024-01-02"), "IBM", "alpha_vantage", "1d", "XNYS", Instrument())
     assert not coverage.short and coverage.sessions == 0
     assert coverage.first_bar_text() == "2024-01-02"
 
@@ -69,7 +71,7 @@ def test_a_series_starting_on_its_windows_first_session_is_covered() -> None:
 def test_sessions_before_a_listing_are_not_missing() -> None:
     """Yahoo's meta.firstTradeDate is the listing: a series that starts there is complete."""
     listed = int(pd.Timestamp("2024-03-01 14:30", tz="UTC").timestamp())
-    meta = {"firstTradeDate": listed, "exchangeTimezoneName": "America/New_York"}
+    meta = yahoo_instrument({"firstTradeDate": listed, "exchangeTimezoneName": "America/New_York"})
     window = Window(date(2024, 1, 1), date(2024, 12, 31), "initial")
     on_listing = check_coverage(window, utc("2024-03-01"), "NEWCO", "yahoo_finance", "1d", "XNYS", meta)
     assert not on_listing.short and on_listing.sessions == 0 and on_listing.listed == date(2024, 3, 1)
@@ -80,14 +82,14 @@ def test_sessions_before_a_listing_are_not_missing() -> None:
     said = late.describe()
     assert "the source's bars start 2024-03-08, after its listing on 2024-03-01: 5 sessions have no bar" in said
     # A listing before the window changes nothing.
-    old = {"firstTradeDate": 345479400, "exchangeTimezoneName": "America/New_York"}  # AAPL, 1980-12-12
+    old = yahoo_instrument({"firstTradeDate": 345479400, "exchangeTimezoneName": "America/New_York"})  # AAPL, 1980
     assert check_coverage(window, utc("2024-03-08"), "AAPL", "yahoo_finance", "1d", "XNYS", old).listed is None
 
 
 @pytest.mark.parametrize(("first", "short"), [("2024-01-08", False), ("2024-02-05", True)])
 def test_weekly_bars_are_short_only_past_their_first_period(first: str, short: bool) -> None:
     window = Window(date(2024, 1, 3), date(2024, 12, 31), "initial")  # a Wednesday: the first whole week is the 8th
-    coverage = check_coverage(window, utc(first), "IBM", "alpha_vantage", "1wk", "XNYS", {})
+    coverage = check_coverage(window, utc(first), "IBM", "alpha_vantage", "1wk", "XNYS", Instrument())
     assert coverage.sessions is None
     assert coverage.short is short
 
@@ -103,7 +105,7 @@ def test_an_incremental_run_still_expects_the_default_history() -> None:
         date(2026, 11, 22), date(2026, 12, 1), "incremental", date(2025, 6, 1)
     )
 
-    coverage = check_coverage(window, utc("2026-07-15"), "IBM", "alpha_vantage", "1d", "XNYS", {})
+    coverage = check_coverage(window, utc("2026-07-15"), "IBM", "alpha_vantage", "1d", "XNYS", Instrument())
     assert coverage.short
     text = coverage.describe()
     assert "stored history starts 2026-07-15, after 2024-12-01" in text

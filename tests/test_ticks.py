@@ -37,7 +37,7 @@ BASE = 10.0 + 0.2 * np.sin(np.arange(30))
 
 def yahoo_bars(name: str, symbol: str) -> tuple[pd.DataFrame, object]:
     collected = parse_chart_result(yahoo_json(name)["chart"]["result"][0], symbol, "1d")
-    return collected.bars, collected.meta.get("currency")
+    return collected.bars, collected.instrument.currency
 
 
 def bars(close: npt.ArrayLike, volume: npt.ArrayLike | float = 1_000_000.0) -> pd.DataFrame:

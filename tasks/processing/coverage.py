@@ -5,21 +5,19 @@ source that answers with less than the window (Alpha Vantage's ``compact`` sends
 bars whatever the window; Yahoo starts at a listing) would leave a silent hole before it. Here the
 series' first bar, stored or new, is held against where its history should start
 (:attr:`tasks.sources.base.Window.covers_from`); the sessions in between count as missing, and
-the summary says what to do. Sessions before the source's own first trade date (Yahoo's
-``meta.firstTradeDate``) are not missing: the symbol did not trade then.
+the summary says what to do. Sessions before the symbol's listing, where the source gives it
+(:attr:`tasks.bars.Instrument.listed`), are not missing: the symbol did not trade then.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pandas as pd
 
-from tasks.bars import is_daily_or_longer
+from tasks.bars import Instrument, is_daily_or_longer
 from tasks.calendars import sessions_before
 from tasks.sources.base import Window
 
@@ -93,10 +91,10 @@ def check_coverage(
     source: str,
     interval: str,
     calendar: str | None,
-    meta: Mapping[str, object],
+    instrument: Instrument,
 ) -> Coverage:
     """Hold the series' first bar (stored or new) against the window's expected start."""
-    listed = _listing(meta)
+    listed = instrument.listed
     listed = listed if listed is not None and listed > window.covers_from else None
     start = max(window.covers_from, listed) if listed else window.covers_from
     first = _bar_date(first_bar, interval)
@@ -114,7 +112,7 @@ def check_coverage(
         listed=listed,
         sessions=sessions,
         short=short,
-        compact=str(meta.get("output_size", "")).strip().lower() == "compact",
+        compact=instrument.compact,
     )
 
 
@@ -122,16 +120,3 @@ def _bar_date(time: pd.Timestamp, interval: str) -> date:
     stamp = pd.Timestamp(time)
     stamp = stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
     return stamp.date() if is_daily_or_longer(interval) else stamp.floor("D").date()
-
-
-def _listing(meta: Mapping[str, object]) -> date | None:
-    """Yahoo's ``firstTradeDate`` (epoch seconds) as a date in the exchange's time zone."""
-    seconds = meta.get("firstTradeDate")
-    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
-        return None
-    zone_name = meta.get("exchangeTimezoneName")
-    instant = pd.Timestamp(int(seconds), unit="s", tz=UTC)
-    if isinstance(zone_name, str):
-        with contextlib.suppress(ZoneInfoNotFoundError, ValueError):
-            instant = instant.tz_convert(ZoneInfo(zone_name))
-    return instant.date()

@@ -123,8 +123,8 @@ def process(
     rules and returns see the new bars' predecessors. ``stored_from`` is the series' first stored
     bar, held with the new ones against the window's expected start.
     """
-    currency = _text(collected.meta.get("currency"))
-    calendar = calendar_for(symbol, collected.meta, quality.calendars.get(symbol.upper()))
+    currency = collected.instrument.currency
+    calendar = calendar_for(symbol, collected.instrument, quality.calendars.get(symbol.upper()))
     series = Series(symbol, interval, quality, indicators, calendar, currency, now)
     counts: Counts = {}
     quarantined: list[pd.DataFrame] = []
@@ -143,7 +143,7 @@ def process(
     if collected.window is not None and not new.empty:
         first = new["time"].iloc[0] if stored_from is None else min(stored_from, new["time"].iloc[0])
         source = str(new["source"].iloc[0])
-        coverage = check_coverage(collected.window, first, symbol, source, interval, calendar, collected.meta)
+        coverage = check_coverage(collected.window, first, symbol, source, interval, calendar, collected.instrument)
     kinds = {kind: {n: counts[n] for n in names if counts.get(n)} for kind, names in COUNT_KINDS.items()}
     return Processed(
         bars=new,
@@ -173,7 +173,3 @@ def _run(
         if done.aside is not None:
             aside.append(done.aside)
     return frame
-
-
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None

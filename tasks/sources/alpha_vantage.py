@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from datetime import UTC, date, timedelta, timezone, tzinfo
+from types import MappingProxyType
 from typing import Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,7 +21,16 @@ import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import ConfigError
-from tasks.bars import OHLCV, conform, conform_actions, empty_bars, flag_missing, is_daily_or_longer, period_start
+from tasks.bars import (
+    OHLCV,
+    Instrument,
+    conform,
+    conform_actions,
+    empty_bars,
+    flag_missing,
+    is_daily_or_longer,
+    period_start,
+)
 from tasks.errors import (
     PermanentSourceError,
     QuotaExhaustedError,
@@ -112,9 +123,9 @@ class AlphaVantage(HttpSource):
         return self._collect(query, rows, meta)
 
     def _collect(self, query: BarQuery, rows: dict[str, Any], meta: dict[str, Any]) -> Collected:
-        public_meta = _public_meta(meta)
+        instrument = av_instrument(query.symbol, meta)
         if not rows:
-            return Collected(empty_bars(), meta=public_meta)
+            return Collected(empty_bars(), instrument=instrument)
         values = self._values(query, rows).sort_index(kind="stable")  # ISO keys: oldest first
         times = self._stamp(query, values.index, meta)
         frame = values.reset_index(drop=True).assign(
@@ -127,7 +138,7 @@ class AlphaVantage(HttpSource):
         return Collected(
             conform(bars),
             actions=_actions(frame, query.symbol, self.name),
-            meta=public_meta,
+            instrument=instrument,
         )
 
     def _values(self, query: BarQuery, rows: dict[str, Any]) -> pd.DataFrame:
@@ -376,13 +387,21 @@ def _split_adjusted(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _public_meta(meta: dict[str, Any]) -> dict[str, object]:
-    found = {
-        "last_refreshed": _meta_value(meta, "Last Refreshed"),
-        "time_zone": _meta_value(meta, "Time Zone"),
-        "output_size": _meta_value(meta, "Output Size"),  # "Compact": the latest 100 bars, whatever was asked
-    }
-    return {key: value for key, value in found.items() if value is not None}
+# Alpha Vantage sends no exchange, only a market suffix on the symbol.
+MARKET_SUFFIXES: Mapping[str, str] = MappingProxyType({".LON": "XLON", ".TRT": "XTSE", ".DEX": "XETR"})
+
+
+def av_instrument(symbol: str, meta: dict[str, Any]) -> Instrument:
+    """What ``Meta Data`` and the symbol's market suffix say: the zone, the calendar, a compact answer."""
+    zone = _meta_value(meta, "Time Zone")
+    suffix = next((s for s in MARKET_SUFFIXES if symbol.upper().endswith(s)), None)
+    return Instrument(
+        exchange=suffix.removeprefix(".") if suffix else None,
+        calendar=MARKET_SUFFIXES[suffix] if suffix else None,
+        time_zone=str(zone).strip() if zone else None,
+        # "Compact": the latest 100 bars, whatever was asked
+        compact=str(_meta_value(meta, "Output Size") or "").strip().lower() == "compact",
+    )
 
 
 SOURCE = AlphaVantage

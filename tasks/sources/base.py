@@ -25,7 +25,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from configs.settings import ConfigError, SourceSettings
-from tasks.bars import conform, conform_actions, empty_actions, empty_bars
+from tasks.bars import Instrument, conform, conform_actions, empty_actions, empty_bars
 from tasks.errors import QuotaExhaustedError, SourceError, TransientSourceError
 from tasks.redaction import redact_url
 from tasks.shards import Shard, shard_limits, shard_window
@@ -78,7 +78,7 @@ class Collected:
     actions: pd.DataFrame = field(default_factory=empty_actions)
     live_bars_skipped: int = 0
     requests: int = 0
-    meta: dict[str, object] = field(default_factory=dict)
+    instrument: Instrument = field(default_factory=Instrument)  # what the source says of the symbol
     window: Window | None = None
     restated: str = ""  # why the whole stored series was re-collected (see tasks/restatement.py), if it was
     clamped: str = ""  # how the window was cut to the store's retention (see tasks/retention.py), if it was
@@ -103,15 +103,15 @@ class Collected:
             merged_actions = conform_actions(
                 pd.concat(actions, ignore_index=True).drop_duplicates(subset=["time", "kind"], keep="last")
             )
-        meta: dict[str, object] = {}
+        instrument = Instrument()
         for part in parts:
-            meta.update(part.meta)
+            instrument = instrument.updated(part.instrument)
         return Collected(
             bars,
             merged_actions,
             sum(p.live_bars_skipped for p in parts),
             sum(p.requests for p in parts),
-            meta,
+            instrument,
         )
 
 

@@ -7,9 +7,12 @@ clear error before any request, never answered with an empty success.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from email.utils import parsedate_to_datetime
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,6 +25,7 @@ import pandas as pd
 from tasks.bars import (
     OHLCV,
     PRICE_COLUMNS,
+    Instrument,
     conform,
     conform_actions,
     empty_actions,
@@ -29,7 +33,7 @@ from tasks.bars import (
     flag_missing,
     is_daily_or_longer,
 )
-from tasks.calendars import calendar_for, live_bars
+from tasks.calendars import CRYPTO, FX, calendar_for, live_bars
 from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
 from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
 
@@ -48,6 +52,71 @@ INTRADAY_LIMITS: dict[str, tuple[int, int]] = {
 }
 YAHOO_INTERVALS = frozenset({*INTRADAY_LIMITS, "1d", "5d", "1wk", "1mo", "3mo"})
 EVENT_KINDS = {"splits": "split", "dividends": "dividend", "capitalGains": "capital_gain"}
+
+# Yahoo ``meta.instrumentType`` values whose markets never close for a holiday.
+INSTRUMENT_CALENDARS: Mapping[str, str] = MappingProxyType({"CRYPTOCURRENCY": CRYPTO, "CURRENCY": FX})
+
+# Yahoo ``meta.exchangeName`` codes to exchange_calendars names (ISO MICs where one exists).
+# US index feeds (SNP, DJI, NIM, WCB) and OTC venues follow the NYSE holiday schedule.
+YAHOO_EXCHANGES: Mapping[str, str] = MappingProxyType(
+    {
+        **dict.fromkeys(
+            ("NMS", "NGM", "NCM", "NAS", "NIM", "NYQ", "NYS", "PCX", "ASE", "BTS", "PNK", "OQX", "OQB", "OEM"),
+            "XNYS",
+        ),
+        **dict.fromkeys(("SNP", "DJI", "WCB"), "XNYS"),
+        **dict.fromkeys(("CMX", "NYM", "CME", "CBT"), "CMES"),
+        **dict.fromkeys(("TOR", "VAN"), "XTSE"),
+        **dict.fromkeys(("LSE", "IOB", "FGI"), "XLON"),
+        **dict.fromkeys(("KSC", "KOE"), "XKRX"),
+        **dict.fromkeys(("JPX", "TYO"), "XTKS"),
+        "GER": "XETR",  # Xetra, Deutsche Boerse's electronic venue
+        "FRA": "XFRA",
+        "DUS": "XDUS",
+        "HAM": "XHAM",
+        "STU": "XSTU",
+        "PAR": "XPAR",
+        "AMS": "XAMS",
+        "BRU": "XBRU",
+        "LIS": "XLIS",
+        "ISE": "XDUB",
+        "MCE": "XMAD",
+        "MIL": "XMIL",
+        "EBS": "XSWX",
+        "VIE": "XWBO",
+        "STO": "XSTO",
+        "CPH": "XCSE",
+        "HEL": "XHEL",
+        "OSL": "XOSL",
+        "ICE": "XICE",
+        "ATH": "ASEX",
+        "IST": "XIST",
+        "WSE": "XWAR",
+        "PRA": "XPRA",
+        "BUD": "XBUD",
+        "BVB": "XBSE",
+        "TLV": "XTAE",
+        "JNB": "XJSE",
+        "SAO": "BVMF",
+        "MEX": "XMEX",
+        "BUE": "XBUE",
+        "SGO": "XSGO",
+        "HKG": "XHKG",
+        "SHH": "XSHG",
+        "TAI": "XTAI",
+        "SES": "XSES",
+        "KLS": "XKLS",
+        "SET": "XBKK",
+        "PHS": "XPHS",
+        "JKT": "XIDX",
+        "BSE": "XBOM",
+        "ASX": "XASX",
+        "NZE": "XNZE",
+        "SAU": "XSAU",
+        "CCC": CRYPTO,
+        "CCY": FX,
+    }
+)
 
 
 class YahooFinance(HttpSource):
@@ -190,10 +259,11 @@ def parse_chart_result(
     """
     meta = result.get("meta") or {}
     zone = _exchange_zone(meta)
+    instrument = yahoo_instrument(meta)
     actions = _corporate_actions(result.get("events") or {}, symbol, interval, source, zone)
     timestamps = result.get("timestamp") or []
     if not timestamps:
-        return Collected(empty_bars(), actions=actions, meta=_public_meta(meta))
+        return Collected(empty_bars(), actions=actions, instrument=instrument)
     n = len(timestamps)
     indicators = result.get("indicators") or {}
     quote_block = (indicators.get("quote") or [{}])[0] or {}
@@ -218,7 +288,7 @@ def parse_chart_result(
         frame["time"],
         interval,
         as_of or datetime.now(UTC),
-        calendar=calendar_for(symbol, meta),
+        calendar=calendar_for(symbol, instrument),
         zone=zone,
         current_session=_regular_session(meta),
     )
@@ -226,7 +296,7 @@ def parse_chart_result(
         conform(flag_missing(frame.loc[~live].reset_index(drop=True))),
         actions=actions,
         live_bars_skipped=int(live.sum()),
-        meta=_public_meta(meta),
+        instrument=instrument,
     )
 
 
@@ -303,9 +373,36 @@ def _exchange_zone(meta: dict[str, Any]) -> Any:
     return timezone(timedelta(seconds=offset)) if isinstance(offset, int) else "UTC"
 
 
-def _public_meta(meta: dict[str, Any]) -> dict[str, object]:
-    keys = ("currency", "exchangeName", "exchangeTimezoneName", "instrumentType", "regularMarketTime", "firstTradeDate")
-    return {k: meta[k] for k in keys if k in meta}
+def yahoo_instrument(meta: Mapping[str, Any]) -> Instrument:
+    """What ``chart.result[0].meta`` says of the symbol: its currency, exchange, calendar, zone and listing."""
+    exchange = meta.get("exchangeName")
+    kind = meta.get("instrumentType")
+    calendar = INSTRUMENT_CALENDARS.get(kind) if isinstance(kind, str) else None
+    if calendar is None and isinstance(exchange, str):
+        calendar = YAHOO_EXCHANGES.get(exchange)
+    zone = meta.get("exchangeTimezoneName")
+    return Instrument(
+        currency=_text(meta.get("currency")),
+        exchange=_text(exchange),
+        calendar=calendar,
+        time_zone=_text(zone),
+        listed=_listing(meta.get("firstTradeDate"), zone),
+    )
+
+
+def _listing(seconds: object, zone_name: object) -> date | None:
+    """``firstTradeDate`` (epoch seconds) as a date in the exchange's time zone."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return None
+    instant = pd.Timestamp(int(seconds), unit="s", tz=UTC)
+    if isinstance(zone_name, str):
+        with contextlib.suppress(ZoneInfoNotFoundError, ValueError):
+            instant = instant.tz_convert(ZoneInfo(zone_name))
+    return instant.date()
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def earliest_servable(interval: str, today: date) -> date | None:

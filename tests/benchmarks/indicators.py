@@ -20,7 +20,7 @@ import pandas as pd
 import talib
 
 from configs.settings import QualitySettings, default_indicators
-from tasks.bars import conform, flag_missing
+from tasks.bars import Instrument, conform, flag_missing
 from tasks.processing.indicators import compute_indicators
 from tasks.processing.pipeline import process
 from tasks.sources.base import Collected
@@ -52,7 +52,7 @@ def as_collected(bars: pd.DataFrame) -> Collected:
     )
     frame["high"] = frame[["open", "high", "close"]].max(axis=1)
     frame["low"] = frame[["open", "low", "close"]].min(axis=1)
-    return Collected(flag_missing(conform(frame)), meta={"instrumentType": "CRYPTOCURRENCY"})
+    return Collected(flag_missing(conform(frame)), instrument=Instrument(calendar="24/7"))
 
 
 def raw_talib(bars: pd.DataFrame) -> None:
