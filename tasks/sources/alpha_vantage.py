@@ -7,7 +7,6 @@ unredacted. It reports most failures inside an HTTP 200 body (``Error Message``,
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, date, timedelta, timezone, tzinfo
@@ -17,7 +16,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import ConfigError
@@ -36,9 +34,8 @@ from tasks.errors import (
     QuotaExhaustedError,
     RangeNotServedError,
     RateLimitedError,
-    TransientSourceError,
 )
-from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
+from tasks.sources.base import BarQuery, Collected, HttpSource, within
 
 PERIODIC_FUNCTIONS: dict[str, str] = {
     "1d": "TIME_SERIES_DAILY",
@@ -83,6 +80,7 @@ _TECHNICAL_PREFIX = "Technical Analysis:"
 
 class AlphaVantage(HttpSource):
     name = "alpha_vantage"
+    vendor = "Alpha Vantage"
 
     def build_requests(self, query: BarQuery) -> list[httpx.Request]:
         """Intraday history is served one calendar month per call, so intraday queries fan out by month."""
@@ -106,8 +104,10 @@ class AlphaVantage(HttpSource):
         ]
 
     def parse(self, query: BarQuery, response: httpx.Response) -> Collected:
-        self._check_status(query, response)
-        payload = self._decode(query, response)
+        self.check_status(query, response)
+        payload = self.json_body(query, response)
+        if not isinstance(payload, dict):
+            self._fail(query, f"not a time-series response: the body is a JSON {type(payload).__name__}")
         self._check_messages(query, payload)
         series_key = _series_key(payload)
         if series_key is None:
@@ -133,7 +133,7 @@ class AlphaVantage(HttpSource):
         )
         frame = frame.sort_values("time", kind="stable").drop_duplicates(subset=["time"], keep="last")
         frame = _split_adjusted(frame.reset_index(drop=True))
-        frame = frame.loc[_in_window(frame["time"], query)].reset_index(drop=True)
+        frame = within(frame, query)
         bars = flag_missing(frame[["time", "symbol", "interval", "source", *OHLCV, "adj_close"]])
         return Collected(
             conform(bars),
@@ -190,30 +190,6 @@ class AlphaVantage(HttpSource):
 
     def _request(self, params: dict[str, str]) -> httpx.Request:
         return httpx.Request("GET", self.settings.base_url, params=params)
-
-    def _check_status(self, query: BarQuery, response: httpx.Response) -> None:
-        status = response.status_code
-        if status == 429:
-            raise RateLimitedError(
-                self.name, query.symbol, "rate limited by Alpha Vantage (HTTP 429)", retry_after_seconds(response)
-            )
-        if status >= 500:
-            raise TransientSourceError(self.name, query.symbol, f"Alpha Vantage server error (HTTP {status})")
-
-    def _decode(self, query: BarQuery, response: httpx.Response) -> dict[str, Any]:
-        """AV bodies may start with a UTF-8 BOM, which ``response.json()`` rejects."""
-        try:
-            payload = json.loads(response.content.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            kind = response.headers.get("content-type", "unknown content type")
-            raise TransientSourceError(
-                self.name,
-                query.symbol,
-                f"Alpha Vantage answered HTTP {response.status_code} with non-JSON ({kind}): retry later",
-            ) from None
-        if not isinstance(payload, dict):
-            self._fail(query, f"not a time-series response: the body is a JSON {type(payload).__name__}")
-        return payload
 
     def _check_messages(self, query: BarQuery, payload: dict[str, Any]) -> None:
         """AV's in-body refusals: a bad call, the day's quota spent, throttling, or a premium-only endpoint."""
@@ -350,12 +326,6 @@ def _technical_interval(av_interval: str) -> str:
     if av_interval not in by_av_name:
         raise ValueError(f"unknown Alpha Vantage interval {av_interval!r}")
     return by_av_name[av_interval]
-
-
-def _in_window(times: pd.Series, query: BarQuery) -> npt.NDArray[np.bool_]:
-    lo = pd.Timestamp(query.start, tz=UTC)
-    hi = pd.Timestamp(query.end, tz=UTC) + pd.Timedelta(days=1)
-    return ((times >= lo) & (times < hi)).to_numpy()
 
 
 def _actions(frame: pd.DataFrame, symbol: str, source: str) -> pd.DataFrame:

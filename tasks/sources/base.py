@@ -8,6 +8,7 @@ HTTP sources subclass :class:`HttpSource` and get pacing, retries and secret-saf
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import random
 import re
@@ -16,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import httpx
 import pandas as pd
@@ -26,7 +27,7 @@ from prefect.logging import get_run_logger
 
 from configs.settings import ConfigError, SourceSettings
 from tasks.bars import Instrument, conform, conform_actions, empty_actions, empty_bars
-from tasks.errors import QuotaExhaustedError, SourceError, TransientSourceError
+from tasks.errors import QuotaExhaustedError, RateLimitedError, SourceError, TransientSourceError
 from tasks.redaction import redact_url
 from tasks.shards import Shard, shard_limits, shard_window
 from tasks.sources.pacing import Pacer, rates_for, sends_per_second, utc_text
@@ -44,6 +45,22 @@ class BarQuery:
     interval: str
     start: date
     end: date
+
+
+def within(frame: pd.DataFrame, query: BarQuery) -> pd.DataFrame:
+    """The rows stamped in the query's dates, [start 00:00 UTC, end + 1 day 00:00 UTC), indexed from 0.
+
+    Sources answer with more than was asked (Yahoo's margins, Alpha Vantage's whole series, a
+    vendor file's years); every source cuts its answer here, the same way.
+    """
+    if frame.empty:
+        return frame
+    lo = pd.Timestamp(query.start, tz="UTC")
+    hi = pd.Timestamp(query.end, tz="UTC") + pd.Timedelta(days=1)
+    keep = ((frame["time"] >= lo) & (frame["time"] < hi)).to_numpy()
+    if keep.all():  # the usual answer: nothing outside the window, nothing to copy
+        return frame.reset_index(drop=True)
+    return frame.loc[keep].reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -139,6 +156,8 @@ class Source(ABC):
 class HttpSource(Source):
     """A source behind an HTTP API. Subclasses implement :meth:`build_requests` and :meth:`parse`."""
 
+    vendor: ClassVar[str]  # the service's name in messages: "Yahoo", "Alpha Vantage"
+
     @abstractmethod
     def build_requests(self, query: BarQuery) -> list[httpx.Request]:
         """The HTTP requests that together cover ``query``."""
@@ -146,6 +165,30 @@ class HttpSource(Source):
     @abstractmethod
     def parse(self, query: BarQuery, response: httpx.Response) -> Collected:
         """Turn one response into standard bars, or raise a :class:`SourceError`."""
+
+    def check_status(self, query: BarQuery, response: httpx.Response) -> None:
+        """What 429 and 5xx mean at every HTTP API: rate limited (for its Retry-After), or try again later."""
+        status = response.status_code
+        if status == 429:
+            raise RateLimitedError(
+                self.name, query.symbol, f"rate limited by {self.vendor} (HTTP 429)", retry_after_seconds(response)
+            )
+        if status >= 500:
+            raise TransientSourceError(self.name, query.symbol, f"{self.vendor} server error (HTTP {status})")
+
+    def json_body(self, query: BarQuery, response: httpx.Response, hint: str = "") -> Any:
+        """The body as JSON, a UTF-8 byte-order mark allowed (Alpha Vantage sends one). Anything else,
+        an HTML error page with status 200 or a cut-off body, is transient; ``hint`` says what it usually is."""
+        try:
+            return json.loads(response.content.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            kind = response.headers.get("content-type", "unknown content type")
+            raise TransientSourceError(
+                self.name,
+                query.symbol,
+                f"{self.vendor} answered HTTP {response.status_code} with non-JSON ({kind}) instead of JSON{hint}: "
+                "retry later",
+            ) from None
 
     def client(self) -> httpx.Client:
         """The process's client for this source: kept-alive connections, shared by every task thread."""

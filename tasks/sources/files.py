@@ -43,7 +43,7 @@ from tasks.bars import (
     is_daily_or_longer,
 )
 from tasks.errors import PermanentSourceError
-from tasks.sources.base import BarQuery, Collected, Source
+from tasks.sources.base import BarQuery, Collected, Source, within
 
 SUFFIXES = (".csv", ".csv.gz", ".parquet")
 NULL_TOKENS = ["", "null"]
@@ -249,13 +249,6 @@ def split_ratio(value: object) -> float:
     if not ratio > 0:
         raise BadFileError(f"column 'Stock Splits' holds {value!r}, not a positive ratio")
     return ratio
-
-
-def within(frame: pd.DataFrame, query: BarQuery) -> pd.DataFrame:
-    """Rows stamped in [start 00:00 UTC, end + 1 day 00:00 UTC)."""
-    lo = pd.Timestamp(query.start, tz="UTC")
-    hi = pd.Timestamp(query.end, tz="UTC") + pd.Timedelta(days=1)
-    return frame.loc[(frame["time"] >= lo) & (frame["time"] < hi)]
 
 
 def refuse_clashes(bars: pd.DataFrame, interval: str) -> None:

@@ -8,7 +8,6 @@ clear error before any request, never answered with an empty success.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from email.utils import parsedate_to_datetime
@@ -34,8 +33,8 @@ from tasks.bars import (
     is_daily_or_longer,
 )
 from tasks.calendars import CRYPTO, FX, calendar_for, live_bars
-from tasks.errors import PermanentSourceError, RangeNotServedError, RateLimitedError, TransientSourceError
-from tasks.sources.base import BarQuery, Collected, HttpSource, retry_after_seconds
+from tasks.errors import PermanentSourceError, RangeNotServedError
+from tasks.sources.base import BarQuery, Collected, HttpSource, within
 
 # Asian and Pacific sessions open on the previous UTC day, so ask for a margin and filter by date.
 RANGE_MARGIN = timedelta(days=2)
@@ -121,6 +120,7 @@ YAHOO_EXCHANGES: Mapping[str, str] = MappingProxyType(
 
 class YahooFinance(HttpSource):
     name = "yahoo_finance"
+    vendor = "Yahoo"
 
     def build_requests(self, query: BarQuery) -> list[httpx.Request]:
         url = self.settings.base_url + quote(query.symbol, safe="")
@@ -133,32 +133,13 @@ class YahooFinance(HttpSource):
         return earliest_servable(interval, today)
 
     def parse(self, query: BarQuery, response: httpx.Response) -> Collected:
-        payload = self._json_body(query, response)
+        self.check_status(query, response)
+        payload = self.json_body(query, response, hint=" (usually a 'Too Many Requests' page)")
         result = _chart_result(self.name, query, response, payload)
         collected = parse_chart_result(result, query.symbol, query.interval, self.name, as_of=served_at(response))
-        lo = pd.Timestamp(query.start, tz="UTC")
-        hi = pd.Timestamp(query.end, tz="UTC") + pd.Timedelta(days=1)
-        collected.bars = _within(collected.bars, lo, hi)
-        collected.actions = _within(collected.actions, lo, hi)
+        collected.bars = within(collected.bars, query)
+        collected.actions = within(collected.actions, query)
         return collected
-
-    def _json_body(self, query: BarQuery, response: httpx.Response) -> Any:
-        if response.status_code == 429:
-            raise RateLimitedError(
-                self.name, query.symbol, "rate limited by Yahoo (HTTP 429)", retry_after_seconds(response)
-            )
-        if response.status_code >= 500:
-            raise TransientSourceError(self.name, query.symbol, f"Yahoo server error (HTTP {response.status_code})")
-        try:
-            return response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            kind = response.headers.get("content-type", "unknown content type")
-            raise TransientSourceError(
-                self.name,
-                query.symbol,
-                f"Yahoo answered HTTP {response.status_code} with {kind} instead of JSON "
-                "(usually a 'Too Many Requests' page): retry later",
-            ) from None
 
 
 def served_at(response: httpx.Response) -> datetime:
@@ -210,15 +191,6 @@ def _params(interval: str, first: datetime, last: datetime) -> dict[str, str]:
         "events": "div,splits,capitalGains",
         "includePrePost": "false",
     }
-
-
-def _within(frame: pd.DataFrame, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.DataFrame:
-    if frame.empty:
-        return frame
-    keep = ((frame["time"] >= lo) & (frame["time"] < hi)).to_numpy()
-    if keep.all():  # the usual answer: nothing outside the window, nothing to copy
-        return frame.reset_index(drop=True)
-    return frame.loc[keep].reset_index(drop=True)
 
 
 def _chart_result(source: str, query: BarQuery, response: httpx.Response, payload: Any) -> dict[str, Any]:
