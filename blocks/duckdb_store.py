@@ -24,6 +24,7 @@ from blocks.store import (
     QUARANTINE_KEY,
     SERIES_TAGS,
     SUPERSEDED_RULES,
+    RetentionChange,
     StoreError,
     StoreUnavailableError,
     duration_to_timedelta,
@@ -345,10 +346,10 @@ class DuckDBStore(Block):
         """None: DuckDB keeps what it is given; `retention.duration` is applied by deleting (apply_retention)."""
         return None
 
-    def apply_retention(self, duration: str | None) -> str:
+    def apply_retention(self, duration: str | None) -> RetentionChange:
         """Delete bars and quarantined bars older than ``duration`` now; corporate actions are kept."""
         if duration is None:
-            return "unchanged: no retention.duration, everything is kept"
+            return RetentionChange("unchanged", "no retention.duration, everything is kept")
         cutoff = pd.Timestamp.now(tz="UTC") - pd.Timedelta(duration_to_timedelta(duration))
         deleted = 0
         with _connections.write_lock(Path(self.path)), self._connect() as con:
@@ -357,8 +358,8 @@ class DuckDBStore(Block):
                     row = con.execute(f"DELETE FROM {table} WHERE time < ? RETURNING 1", [cutoff]).fetchall()
                     deleted += len(row)
         if deleted:
-            return f"updated: deleted {deleted} row(s) older than {duration} from {self.path}"
-        return f"unchanged: nothing older than {duration} in {self.path}"
+            return RetentionChange("updated", f"deleted {deleted} row(s) older than {duration} from {self.path}")
+        return RetentionChange("unchanged", f"nothing older than {duration} in {self.path}")
 
     def health(self) -> None:
         with self._connect() as con:

@@ -21,7 +21,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import ClassVar
 
@@ -114,6 +114,10 @@ class InfluxMeasurements:
 
     _apart: ClassVar[DeletesApart] = DeletesApart()
     _reads_before_deleting: ClassVar[bool] = False  # see write_bars
+
+    def session(self) -> AbstractContextManager[object]:
+        """Nothing to keep: the HTTP client's connections are pooled already."""
+        return nullcontext()
 
     def _sender(self) -> AbstractContextManager[Send]:
         """A callable sending one batch of lines (retried, raising StoreError), open for one write."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
@@ -42,6 +42,7 @@ from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send, beyond_retention
 from blocks.store import (
+    RetentionChange,
     SeriesSpan,
     StoreError,
     StoreUnavailableError,
@@ -222,7 +223,7 @@ class InfluxDBStore(InfluxMeasurements, Block):
         every = None if bucket is None else _expiry(bucket)
         return None if every is None else timedelta(seconds=every)
 
-    def apply_retention(self, duration: str | None) -> str:
+    def apply_retention(self, duration: str | None) -> RetentionChange:
         """The bucket's expiry rule becomes ``duration``; a missing bucket is created with it.
 
         Running it again changes nothing. Without a duration an existing bucket is left as it is.
@@ -235,18 +236,14 @@ class InfluxDBStore(InfluxMeasurements, Block):
                 bucket = self._call("look up the bucket", lambda: self._find_bucket(buckets))
                 if bucket is None:
                     self._call("create the bucket", lambda: self._create_bucket(buckets, every))
-                    return f"created: {target} = {duration or 'no expiry'}"
+                    return RetentionChange("created", f"{target} = {duration or 'no expiry'}")
             if every is None:
-                return f"unchanged: no retention.duration, {target} is left as it is"
+                return RetentionChange("unchanged", f"no retention.duration, {target} is left as it is")
             if _expiry(bucket) == every:
-                return f"unchanged: {target} = {duration}"
+                return RetentionChange("unchanged", f"{target} = {duration}")
             bucket.retention_rules = [_expire_after(every)]
             self._call("update the bucket's retention", lambda: buckets.update_bucket(bucket))
-            return f"updated: {target} = {duration}"
-
-    def session(self) -> AbstractContextManager[object]:
-        """Nothing to keep: the HTTP client's connections are pooled already."""
-        return nullcontext()
+            return RetentionChange("updated", f"{target} = {duration}")
 
     def health(self) -> None:
         try:

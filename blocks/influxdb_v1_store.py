@@ -16,7 +16,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
@@ -29,6 +29,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send, beyond_retention
 from blocks.store import (
+    RetentionChange,
     SeriesSpan,
     StoreError,
     StoreUnavailableError,
@@ -166,14 +167,14 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
                 return _go_duration(str(policy["duration"]))
         return None
 
-    def apply_retention(self, duration: str | None) -> str:
+    def apply_retention(self, duration: str | None) -> RetentionChange:
         """The configured retention policy (autogen unless set) gets ``duration`` and stays the default.
 
         ALTER when it exists, CREATE when not: running it again changes nothing. Without a
         duration the policy is left as it is.
         """
         if duration is None:
-            return "unchanged: no retention.duration, the retention policy is left as it is"
+            return RetentionChange("unchanged", "no retention.duration, the retention policy is left as it is")
         duration_to_timedelta(duration)  # the grammar is checked before it goes into DDL text
         policy = self.retention_policy or "autogen"
         self._ensure_database()
@@ -182,7 +183,7 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         target = f"{policy!s} on {self.database} = {duration}"
         hours = duration_to_timedelta(duration).total_seconds() / 3600
         if policy in current and current[policy][1] == _influx_duration(hours) and current[policy][-1] is True:
-            return f"unchanged: retention policy {target}"
+            return RetentionChange("unchanged", f"retention policy {target}")
         verb = "ALTER" if policy in current else "CREATE"
         replication = "" if policy in current else " REPLICATION 1"
         self._query(
@@ -191,11 +192,7 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
             {},
             method="POST",
         )
-        return f"{'updated' if verb == 'ALTER' else 'created'}: retention policy {target}"
-
-    def session(self) -> AbstractContextManager[object]:
-        """Nothing to keep: the HTTP client's connections are pooled already."""
-        return nullcontext()
+        return RetentionChange("updated" if verb == "ALTER" else "created", f"retention policy {target}")
 
     def health(self) -> None:
         try:

@@ -11,7 +11,7 @@ import re
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import pandas as pd
 
@@ -53,6 +53,17 @@ class Accepted(int):
 def dropped_by_retention(written: int) -> int:
     """How many points a write's store dropped as older than its retention (0 for a plain count)."""
     return written.dropped if isinstance(written, Accepted) else 0
+
+
+@dataclass(frozen=True)
+class RetentionChange:
+    """What :meth:`BarStore.apply_retention` did, and to what; printed as ``updated: retention policy autogen``."""
+
+    outcome: Literal["created", "updated", "unchanged"]
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.outcome}: {self.detail}"
 
 
 class StoreUnavailableError(StoreError):
@@ -209,7 +220,7 @@ class BarStore(Protocol):
         """
         ...
 
-    def apply_retention(self, duration: str | None) -> str:
+    def apply_retention(self, duration: str | None) -> RetentionChange:
         """Keep bars for ``duration`` (``365d``, ``52w``, ``720h``; None: forever); idempotent. Says what it did."""
         ...
 

@@ -126,9 +126,8 @@ def _values(block: Block) -> dict[str, Any]:
 
 def apply_retention(settings: Settings) -> list[Change]:
     """``retention.duration`` on the configured store: a bucket rule, a retention policy, or deleting older rows."""
-    report = store_from_settings(settings.storage).apply_retention(settings.retention.duration)
-    outcome, _, detail = report.partition(": ")
-    return [Change(f"retention ({settings.storage.backend}): {detail}", outcome)]
+    change = store_from_settings(settings.storage).apply_retention(settings.retention.duration)
+    return [Change(f"retention ({settings.storage.backend}): {change.detail}", change.outcome)]
 
 
 def provision_scoped_token(settings: Settings, target: ScopedTokenTarget) -> tuple[SecretStr, list[Change]]:

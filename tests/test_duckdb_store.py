@@ -41,7 +41,7 @@ def test_retention_deletes_older_bars_and_quarantine_but_keeps_corporate_actions
                           "kind": "split", "ratio": [2.0], "amount": [float("nan")]})
         )
     )  # fmt: skip
-    assert store.apply_retention("365d").startswith("updated: deleted 20 row(s)")
+    assert str(store.apply_retention("365d")).startswith("updated: deleted 20 row(s)")
     assert store.read_bars("BRK-B").empty
     assert store.read_quarantine("BRK-B").empty
     assert len(store.read_corporate_actions("BRK-B")) == 1

@@ -402,7 +402,7 @@ def test_retention_creates_updates_or_leaves_the_bucket(
         ("PATCH", f"/api/v2/buckets/{B1}"): [json_reply(200, bucket(365 * 86400))],
     }
     with fake_influx(routes) as influx:
-        assert store_at(influx.url).apply_retention("365d") == outcome
+        assert str(store_at(influx.url).apply_retention("365d")) == outcome
     changes = [r for r in influx.requests if r.method in ("POST", "PATCH")]
     assert [(r.method, r.path) for r in changes] == ([sent] if sent else [])
     if sent:
@@ -411,7 +411,7 @@ def test_retention_creates_updates_or_leaves_the_bucket(
 
 def test_retention_without_a_duration_leaves_an_existing_bucket_alone() -> None:
     with fake_influx({("GET", "/api/v2/buckets"): [json_reply(200, {"buckets": [bucket(0)]})]}) as influx:
-        assert store_at(influx.url).apply_retention(None).startswith("unchanged: ")
+        assert str(store_at(influx.url).apply_retention(None)).startswith("unchanged: ")
     assert [r.method for r in influx.requests] == ["GET"]
 
 

@@ -55,9 +55,9 @@ def test_marketpipe_query_reads_from_influxdb_v1(influxdb_url: str) -> None:
 def test_retention_sets_the_default_policy_and_a_second_run_changes_nothing(influxdb_url: str) -> None:
     database = f"rp_{uuid.uuid4().hex[:12]}"
     store = InfluxDBV1Store(url=influxdb_url, database=database)
-    assert store.apply_retention("52w").startswith("updated: retention policy autogen")
-    assert store.apply_retention("52w").startswith("unchanged")
-    assert store.apply_retention("365d").startswith("updated")
+    assert str(store.apply_retention("52w")).startswith("updated: retention policy autogen")
+    assert str(store.apply_retention("52w")).startswith("unchanged")
+    assert str(store.apply_retention("365d")).startswith("updated")
     policies = httpx.get(f"{influxdb_url}/query", params={"q": f'SHOW RETENTION POLICIES ON "{database}"'}).json()[
         "results"
     ][0]["series"][0]
@@ -68,7 +68,7 @@ def test_retention_sets_the_default_policy_and_a_second_run_changes_nothing(infl
 def test_retention_creates_a_named_policy_when_missing(influxdb_url: str) -> None:
     database = f"rp_{uuid.uuid4().hex[:12]}"
     store = InfluxDBV1Store(url=influxdb_url, database=database, retention_policy="bars_1y")
-    assert store.apply_retention("365d").startswith("created: retention policy bars_1y")
+    assert str(store.apply_retention("365d")).startswith("created: retention policy bars_1y")
     store.write_bars(frame(n=3, start=(pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=3)).strftime("%Y-%m-%d")))
     assert len(store.read_bars("BRK-B")) == 3
 
