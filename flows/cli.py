@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     import httpx
     import pandas as pd
 
-    from configs.settings import Settings
 
 # The pipeline's modules (pandas, Prefect, the calendars) are imported by the commands that use
 # them: they take seconds to load, and `--help`, a usage error or `sandbox` need none of them.
@@ -293,7 +292,10 @@ def query(
     config: ConfigOption = None,
 ) -> None:
     """Print stored bars oldest first, with every stored column and time in ISO-8601 UTC."""
+    from blocks.store import StoreError
+    from blocks.stores import store_from_settings
     from configs.settings import load_settings
+    from flows.api import read_stored
     from tasks.bars import validate_interval, validate_symbol
 
     settings = _or_exit(lambda: load_settings(config))
@@ -301,33 +303,17 @@ def query(
     _or_exit(lambda: validate_interval(interval))
     first = _or_exit(lambda: _parse_date(start, "--start"))
     last = _or_exit(lambda: _parse_date(end, "--end"))
-    frame = _read(settings, checked, interval, source, first, last, quarantine)
+    store = _or_exit(lambda: store_from_settings(settings.storage))
+    try:
+        frame = read_stored(store, checked, interval, source, first, last, quarantine)
+    except StoreError as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
     if frame.empty and quarantine:
         _error(f"no quarantined {interval} bars for {checked}")
     elif frame.empty:
         _error(f"no stored {interval} bars for {checked}: run `marketpipe run --symbols {checked}` first")
     _emit(frame, format)
-
-
-def _read(
-    settings: Settings,
-    symbol: str,
-    interval: str,
-    source: str | None,
-    first: date | None,
-    last: date | None,
-    quarantine: bool = False,
-) -> pd.DataFrame:
-    from blocks.store import StoreError
-    from blocks.stores import store_from_settings
-    from flows.api import read_stored
-
-    store = _or_exit(lambda: store_from_settings(settings.storage))
-    try:
-        return read_stored(store, symbol, interval, source, first, last, quarantine)
-    except StoreError as exc:
-        _error(str(exc))
-        raise typer.Exit(EXIT_FAILED) from None
 
 
 def _iso(ts: datetime) -> str:
