@@ -234,7 +234,6 @@ class DuckDBStore(Block):
     @staticmethod
     def _clear(con: duckdb.DuckDBPyConnection, table: str, how: str, span: list[object]) -> None:
         """Delete what the incoming rows replace from ``table`` (see :meth:`_upsert`)."""
-        tags = " AND ".join(f'{table}."{c}" = {{0}}."{c}"' for c in SERIES_TAGS)
         if how == RANGES:  # each series' range, computed where the rows already are (as stored: microseconds)
             spans = con.execute(
                 "SELECT symbol, interval, source, min(time)::TIMESTAMPTZ, max(time)::TIMESTAMPTZ "
@@ -247,8 +246,9 @@ class DuckDBStore(Block):
         else:  # the time range lets DuckDB skip, by zonemap, the row groups no incoming row can match
             # A superseded duplicate's clean bar stays in bars (SUPERSEDED_RULES).
             kept = f"AND incoming.rule NOT IN ({', '.join('?' * len(SUPERSEDED_RULES))}) " if table == TABLE else ""
+            tags = " AND ".join(f'{table}."{c}" = incoming."{c}"' for c in SERIES_TAGS)
             con.execute(
-                f"DELETE FROM {table} USING incoming WHERE {tags.format('incoming')} {kept}"
+                f"DELETE FROM {table} USING incoming WHERE {tags} {kept}"
                 f"AND {table}.time = incoming.time::TIMESTAMPTZ AND {table}.time BETWEEN ? AND ?",
                 [*(sorted(SUPERSEDED_RULES) if kept else []), *span],
             )

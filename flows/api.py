@@ -27,7 +27,7 @@ from blocks.spool import Written
 from blocks.store import BarStore
 from blocks.stores import store_from_settings
 from configs.settings import load_settings
-from tasks.bars import Instrument, validate_interval, validate_symbol
+from tasks.bars import Instrument, parse_date, validate_interval, validate_symbol
 from tasks.collect import check_source
 from tasks.errors import UsageError
 from tasks.job import resolve_credentials
@@ -63,8 +63,10 @@ class DataCollector:
         """
         checked = validate_symbol(symbol)
         validate_interval(interval)
-        end = _day(end_date, "end_date") or datetime.now(UTC).date()
-        start = _day(start_date, "start_date") or end - timedelta(days=self.settings.collection.default_history_days)
+        end = parse_date(end_date, "end_date") or datetime.now(UTC).date()
+        start = parse_date(start_date, "start_date") or end - timedelta(
+            days=self.settings.collection.default_history_days
+        )
         if start > end:
             raise UsageError(f"start_date {start} is after end_date {end}: swap them")
         collected = self._source(source).collect(BarQuery(checked, interval, start, end))
@@ -127,7 +129,7 @@ class DataStorage:
         quarantine: bool = False,
     ) -> pd.DataFrame:
         """Stored bars (or with ``quarantine``, the bars validation set aside), oldest first."""
-        checked, first, last = validate_symbol(symbol), _day(start, "start"), _day(end, "end")
+        checked, first, last = validate_symbol(symbol), parse_date(start, "start"), parse_date(end, "end")
         return read_stored(self.store, checked, validate_interval(interval), source, first, last, quarantine)
 
 
@@ -172,15 +174,6 @@ def _one_series(df: pd.DataFrame) -> tuple[str, str]:
         shown = ", ".join(f"{s} {i}" for s, i in sorted(found)) or "no bars"
         raise UsageError(f"process_data takes one symbol's bars of one interval, got {shown}: split the frame")
     return found.pop()
-
-
-def _day(value: date | str | None, name: str) -> date | None:
-    if value is None or isinstance(value, date):
-        return value
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise UsageError(f"{name} {value!r} is not a date: use YYYY-MM-DD") from None
 
 
 __all__ = ["DataCollector", "DataProcessor", "DataStorage", "query"]

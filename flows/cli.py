@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
@@ -70,15 +70,6 @@ def _or_exit[T](step: Callable[[], T]) -> T:
         raise typer.Exit(EXIT_USAGE) from None
 
 
-def _parse_date(value: str | None, option: str) -> date | None:
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise UsageError(f"{option} {value!r} is not a date: use YYYY-MM-DD") from None
-
-
 def _parse_instant(value: str | None, option: str) -> float | None:
     """An ISO 8601 instant as epoch seconds; a naive one is read as UTC."""
     if value is None:
@@ -107,14 +98,14 @@ def run(
 ) -> None:
     """Run the market-data flow locally and print a per-symbol summary."""
     from configs.settings import load_settings
-    from tasks.bars import validate_interval, validate_symbols
+    from tasks.bars import parse_date, validate_interval, validate_symbols
 
     settings = _or_exit(lambda: load_settings(config))
     wanted = symbols.split(",") if symbols else settings.symbols
     checked = _or_exit(lambda: validate_symbols(wanted))
     _or_exit(lambda: validate_interval(interval))
-    first = _or_exit(lambda: _parse_date(start, "--start"))
-    last = _or_exit(lambda: _parse_date(end, "--end"))
+    first = _or_exit(lambda: parse_date(start, "--start"))
+    last = _or_exit(lambda: parse_date(end, "--end"))
 
     if first and last and first > last:
         _or_exit(lambda: _raise(UsageError(f"--start {first} is after --end {last}: swap them")))
@@ -296,13 +287,13 @@ def query(
     from blocks.stores import store_from_settings
     from configs.settings import load_settings
     from flows.api import read_stored
-    from tasks.bars import validate_interval, validate_symbol
+    from tasks.bars import parse_date, validate_interval, validate_symbol
 
     settings = _or_exit(lambda: load_settings(config))
     checked = _or_exit(lambda: validate_symbol(symbol))
     _or_exit(lambda: validate_interval(interval))
-    first = _or_exit(lambda: _parse_date(start, "--start"))
-    last = _or_exit(lambda: _parse_date(end, "--end"))
+    first = _or_exit(lambda: parse_date(start, "--start"))
+    last = _or_exit(lambda: parse_date(end, "--end"))
     store = _or_exit(lambda: store_from_settings(settings.storage))
     try:
         frame = read_stored(store, checked, interval, source, first, last, quarantine)

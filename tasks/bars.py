@@ -70,6 +70,16 @@ def validate_interval(interval: str) -> str:
     return interval
 
 
+def parse_date(value: date | str | None, name: str) -> date | None:
+    """A date given as YYYY-MM-DD (or already a date), or a UsageError naming ``name``."""
+    if value is None or isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{name} {value!r} is not a date: use YYYY-MM-DD") from None
+
+
 def is_daily_or_longer(interval: str) -> bool:
     return interval in DAILY_OR_LONGER
 
