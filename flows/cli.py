@@ -216,16 +216,17 @@ def _print_summary(rows: list[dict[str, Any]], spool_dir: str) -> None:
 
 def _summary_table(rows: list[dict[str, Any]]) -> Table:
     from tasks.process import describe_counts
+    from tasks.processing.pipeline import COUNTED
 
     table = Table(title="market-data run")
-    columns = ("symbol", "status", "rows written", "spooled", "collected", "quarantined", "repaired", "flagged",
-               "dropped", "missing sessions", "actions", "requests", "window", "history from")  # fmt: skip
+    columns = ("symbol", "status", "rows written", "spooled", "collected", *COUNTED, "missing sessions", "actions",
+               "requests", "window", "history from")  # fmt: skip
     for column in columns:
         table.add_column(column)
     colours = {"ok": "green", "deferred": "yellow", "spooled": "yellow"}
     for r in rows:
         status = f"[{colours.get(r['status'], 'red')}]{r['status']}[/]"
-        counts = [describe_counts(r[k]) or "0" for k in ("quarantined", "repaired", "flagged", "dropped")]
+        counts = [describe_counts(r[k]) or "0" for k in COUNTED]
         sessions = "n/a" if r["missing_sessions"] is None else str(r["missing_sessions"])
         table.add_row(
             r["symbol"], status, str(r["rows_written"]), str(r["spooled"]), str(r["bars_collected"]), *counts, sessions,

@@ -36,13 +36,12 @@ from tasks.collect import check_source, collect_bars, collect_batch
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.job import Job
 from tasks.process import describe_counts, process_bars, process_batch
-from tasks.processing.pipeline import Processed
+from tasks.processing.pipeline import COUNTED, KindCounts, Processed
 from tasks.shards import Shard
 from tasks.sources.base import Collected
 from tasks.store import Stored, record_metrics, replay_spool, store_bars, store_batch
 
 OK, FAILED, DEFERRED, SPOOLED = "ok", "failed", "deferred", "spooled"
-COUNTED = ("quarantined", "repaired", "flagged", "dropped")  # a SymbolResult's counts by rule or flag
 SUMMARY_KEY = "market-data-summary"  # the table artifact every run publishes
 _NO_BARS, _NO_ACTIONS = empty_bars(), empty_actions()
 
@@ -58,10 +57,7 @@ class SymbolResult:
     live_bars_skipped: int = 0
     actions_written: int = 0
     requests: int = 0
-    quarantined: dict[str, int] = field(default_factory=dict)  # by rule; kept in the store's quarantine
-    repaired: dict[str, int] = field(default_factory=dict)
-    flagged: dict[str, int] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)
+    counts: KindCounts = field(default_factory=dict)  # processing's, by kind (COUNTED) then rule or flag
     currency: str = ""
     missing_sessions: int | None = None  # None: no calendar known for the symbol, or bars longer than a day
     gaps: str = ""
@@ -73,6 +69,12 @@ class SymbolResult:
     coverage: str = ""  # set when the series starts after its window's start: what is missing, what to do
     error: str = ""
     spool_rejected: list[str] = field(default_factory=list)  # the run's, on every row: batches the store refused
+
+    def row(self) -> dict[str, Any]:
+        """The summary row a run returns: each kind of count is a column of its own."""
+        row = asdict(self)
+        counts = row.pop("counts")
+        return {**row, **{kind: counts.get(kind, {}) for kind in COUNTED}}
 
 
 class SymbolsFailedError(Exception):
@@ -170,7 +172,7 @@ def market_data(
         metrics_error = str(exc)
     if metrics_error or any(r.status in (FAILED, SPOOLED) for r in results):
         raise SymbolsFailedError(results, settings.storage.spool_dir, metrics_error)
-    return [asdict(r) for r in results]
+    return [r.row() for r in results]
 
 
 @flow(name="market-data-part", flow_run_name="market-data-{source}-{interval}-part-{part}", log_prints=True)
@@ -342,10 +344,7 @@ def _summarise(symbol: str, raw: Collected, outcome: Processed, written: Stored)
         live_bars_skipped=outcome.live_bars_skipped,
         actions_written=written.actions,
         requests=raw.requests,
-        quarantined=outcome.rejected,
-        repaired=outcome.repaired,
-        flagged=outcome.flagged,
-        dropped=outcome.dropped,
+        counts=outcome.counts,
         currency=outcome.currency or "",
         missing_sessions=outcome.missing_sessions,
         gaps=outcome.gaps.describe() if outcome.gaps else "",
@@ -379,7 +378,7 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
             "actions_written": float(r.actions_written),
             "requests": float(r.requests),
             "restated": float(bool(r.restated)),
-            **{kind: float(sum(getattr(r, kind).values())) for kind in COUNTED},
+            **{kind: float(sum(r.counts.get(kind, {}).values())) for kind in COUNTED},
             "missing_sessions": _count(r.missing_sessions),
             "uncovered_sessions": _count(r.uncovered_sessions),
         }
@@ -398,7 +397,7 @@ def _count(value: int | None) -> float:
 def publish_summary(results: list[SymbolResult], source: str, interval: str) -> None:
     """The run's table artifact, one row per symbol (a sharded run reads its shards' back)."""
     rows = [
-        {**asdict(r), **{k: describe_counts(getattr(r, k)) for k in COUNTED}, "spool_rejected": len(r.spool_rejected)}
-        for r in results
+        {**row, **{k: describe_counts(row[k]) for k in COUNTED}, "spool_rejected": len(r.spool_rejected)}
+        for r, row in ((r, r.row()) for r in results)
     ]
     create_table_artifact(key=SUMMARY_KEY, table=rows, description=f"{source} {interval} bars")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import date
 from typing import Any, cast
 from uuid import UUID
@@ -29,10 +29,11 @@ from prefect.deployments import run_deployment
 
 from blocks.stores import check_concurrent_writes
 from configs.settings import load_settings
-from flows.market_data import COUNTED, FAILED, SPOOLED, SUMMARY_KEY, SymbolResult, SymbolsFailedError, publish_summary
+from flows.market_data import FAILED, SPOOLED, SUMMARY_KEY, SymbolResult, SymbolsFailedError, publish_summary
 from tasks.bars import validate_interval, validate_symbols
 from tasks.collect import check_source
 from tasks.errors import UsageError
+from tasks.processing.pipeline import COUNTED
 from tasks.shards import Shard, partition
 
 SHARD_DEPLOYMENT = "market-data/market-data-shard"
@@ -118,7 +119,7 @@ def market_data_sharded(
     publish_summary(results, source, interval)
     if any(r.status in RETRIED for r in results):
         raise SymbolsFailedError(results, settings.storage.spool_dir)
-    return [asdict(r) for r in results]
+    return [r.row() for r in results]
 
 
 def _launch(deployment: str, shard: Shard, symbols: list[str], given: dict[str, Any], attempt: int) -> ShardRun:
@@ -186,8 +187,7 @@ def result_from_row(row: dict[str, Any]) -> SymbolResult:
     """
     known = {f.name for f in fields(SymbolResult)}
     values = {key: value for key, value in row.items() if key in known}
-    for kind in COUNTED:
-        values[kind] = parse_counts(str(values.get(kind) or ""))
+    values["counts"] = {kind: parse_counts(str(row.get(kind) or "")) for kind in COUNTED}
     values["spool_rejected"] = []
     return SymbolResult(**values)
 

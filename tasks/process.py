@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -40,15 +41,11 @@ def process_logged(collected: Collected, job: Job, symbol: str) -> Processed:
         with _cpu_slots:
             processed = process(*args, stored_from=collected.stored_from)
     logger = get_run_logger()
-    if processed.rejected:
-        logger.warning("%s: quarantined %s", symbol, describe_counts(processed.rejected))
-    for what, counts in (("repaired", processed.repaired), ("flagged", processed.flagged)):
+    for kind, counts in processed.counts.items():
         if counts:
-            logger.info("%s: %s %s", symbol, what, describe_counts(counts))
-    if processed.dropped:
-        logger.warning(
-            "%s: dropped %s (quality.missing: %s)", symbol, describe_counts(processed.dropped), quality.missing
-        )
+            level = logging.INFO if kind in ("repaired", "flagged") else logging.WARNING
+            why = f" (quality.missing: {quality.missing})" if kind == "dropped" else ""
+            logger.log(level, "%s: %s %s%s", symbol, kind, describe_counts(counts), why)
     if processed.gaps is not None and processed.gaps.count:
         logger.warning("%s: %s", symbol, processed.gaps.describe())
     if processed.coverage is not None and processed.coverage.short:

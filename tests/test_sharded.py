@@ -76,7 +76,7 @@ def test_summary_rows_read_back_as_results() -> None:
     assert parse_counts("") == {}
     row = {"symbol": "AAPL", "status": "ok", "rows_written": 65, "quarantined": "ohlc=1", "spool_rejected": 0}
     result = result_from_row(row)
-    assert (result.rows_written, result.quarantined, result.spool_rejected) == (65, {"ohlc": 1}, [])
+    assert (result.rows_written, result.counts["quarantined"], result.spool_rejected) == (65, {"ohlc": 1}, [])
 
 
 def test_a_sharded_run_on_duckdb_fails_at_once_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:

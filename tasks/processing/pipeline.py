@@ -67,14 +67,24 @@ WHOLE_SERIES: tuple[Step, ...] = (
 # On the new bars once cut from the history: what the store will hold.
 STORED: tuple[Step, ...] = (count_flags,)
 
-# The summary's kind of each count a step makes, its names in the summary's order. The rest are
-# quarantined bars by validation rule, most frequent first as validation counts them; the policy's
+# The summary's kind of each count a step makes, its names in the summary's order. Quarantined
+# bars are counted by validation rule, most frequent first as validation counts them; the policy's
 # ``missing_kept`` shows as the ``missing`` flag.
 COUNT_KINDS: dict[str, tuple[str, ...]] = {
+    "quarantined": tuple(RULE_CODES),
     "repaired": ("out_of_order", "unit_error", "ohlc_repaired", "missing_filled"),
     "flagged": ("missing", "zero_volume", "spike"),
     "dropped": ("missing_dropped",),
 }
+COUNTED = tuple(COUNT_KINDS)  # the kinds, as the summary, its table and pipeline_metrics name them
+KindCounts = dict[str, dict[str, int]]  # kind -> name -> count, nothing zero
+
+
+def by_kind(counts: Counts) -> KindCounts:
+    """The steps' counts under their kinds, each kind in the summary's order."""
+    quarantined = {name: count for name, count in counts.items() if name in RULE_CODES and count}
+    kinds = {kind: {n: counts[n] for n in names if counts.get(n)} for kind, names in COUNT_KINDS.items()}
+    return {**kinds, "quarantined": quarantined}
 
 
 @dataclass
@@ -86,13 +96,28 @@ class Processed:
     quarantined: pd.DataFrame
     collected: int
     live_bars_skipped: int
-    rejected: dict[str, int] = field(default_factory=dict)  # quarantined bars by rule
-    repaired: dict[str, int] = field(default_factory=dict)  # out_of_order, unit_error, ohlc_repaired, missing_filled
-    flagged: dict[str, int] = field(default_factory=dict)  # stored bars carrying a flag, by flag
-    dropped: dict[str, int] = field(default_factory=dict)  # missing_dropped
+    counts: KindCounts = field(default_factory=dict)  # by kind of COUNT_KINDS, then by rule or flag
     currency: str | None = None
     gaps: SessionGaps | None = None
     coverage: Coverage | None = None  # where the series starts against its window; None: not known
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Quarantined bars by validation rule."""
+        return self.counts.get("quarantined", {})
+
+    @property
+    def repaired(self) -> dict[str, int]:
+        return self.counts.get("repaired", {})
+
+    @property
+    def flagged(self) -> dict[str, int]:
+        """Stored bars carrying a flag, by flag."""
+        return self.counts.get("flagged", {})
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return self.counts.get("dropped", {})
 
     @property
     def missing_sessions(self) -> int | None:
@@ -144,17 +169,13 @@ def process(
         first = new["time"].iloc[0] if stored_from is None else min(stored_from, new["time"].iloc[0])
         source = str(new["source"].iloc[0])
         coverage = check_coverage(collected.window, first, symbol, source, interval, calendar, collected.instrument)
-    kinds = {kind: {n: counts[n] for n in names if counts.get(n)} for kind, names in COUNT_KINDS.items()}
     return Processed(
         bars=new,
         actions=collected.actions,
         quarantined=pd.concat(quarantined, ignore_index=True) if len(quarantined) > 1 else quarantined[0],
         collected=len(collected.bars),
         live_bars_skipped=collected.live_bars_skipped,
-        rejected={name: count for name, count in counts.items() if name in RULE_CODES and count},
-        repaired=kinds["repaired"],
-        flagged=kinds["flagged"],
-        dropped=kinds["dropped"],
+        counts=by_kind(counts),
         currency=major_unit(currency),
         gaps=gaps,
         coverage=coverage,
