@@ -18,28 +18,22 @@ from prefect.blocks.core import Block
 from pydantic import Field
 
 from blocks.store import (
-    ACTION_KEY,
-    BAR_KEY,
-    METRICS_KEY,
-    QUARANTINE_KEY,
+    BARS,
+    QUARANTINE,
+    RANGES,
     SERIES_TAGS,
     SUPERSEDED_RULES,
+    Filters,
     RetentionChange,
     StoreError,
     StoreUnavailableError,
+    Table,
+    TableVerbs,
     duration_to_timedelta,
 )
 
 # Value columns become SQL identifiers, so they must be plain snake_case names.
 COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-TABLE = "bars"
-ACTIONS_TABLE = "corporate_actions"
-QUARANTINE_TABLE = "quarantine"
-METRICS_TABLE = "pipeline_metrics"
-# The only text value columns; every other value is a DOUBLE.
-TEXT_COLUMNS = frozenset({"reason"})
-# How a write clears other tables first, in its transaction: a series' whole range, or each bar's key.
-RANGES, BARS_OF = "ranges", "bars_of"
 
 
 class _SharedConnections:
@@ -133,7 +127,7 @@ class _Schema:
 _connections = _SharedConnections()
 
 
-class DuckDBStore(Block):
+class DuckDBStore(TableVerbs, Block):
     """Bars in a local DuckDB file: no server, for development, the demo and single-node use."""
 
     _block_type_name: ClassVar[str] = "marketpipe DuckDB store"
@@ -154,15 +148,15 @@ class DuckDBStore(Block):
                 held.enter_context(self._connect())
             yield
 
-    def _ensure_table(
-        self, con: duckdb.DuckDBPyConnection, table: str, key: tuple[str, ...], value_columns: list[str]
-    ) -> _Schema:
+    def _ensure_table(self, con: duckdb.DuckDBPyConnection, declared: Table, value_columns: list[str]) -> _Schema:
         """Create the table or add the new value columns; whether it has a PRIMARY KEY (files of older versions)."""
+        table = declared.name
         known = _connections.schemas(Path(self.path)).get(table)
         if known is not None and known.columns.issuperset(value_columns):
             return known
         key_sql = ", ".join(
-            f"{column} TIMESTAMPTZ NOT NULL" if column == "time" else f"{column} VARCHAR NOT NULL" for column in key
+            f"{column} TIMESTAMPTZ NOT NULL" if column == "time" else f"{column} VARCHAR NOT NULL"
+            for column in declared.key
         )
         # No PRIMARY KEY: maintaining its index doubled the cost of a write; _upsert deletes then inserts instead.
         # Tables in files of older versions keep theirs, and _upsert replaces into those.
@@ -170,21 +164,21 @@ class DuckDBStore(Block):
         existing = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
         for column in value_columns:
             if column not in existing:
-                kind = "VARCHAR" if column in TEXT_COLUMNS else "DOUBLE"
+                kind = "VARCHAR" if column in declared.text_fields else "DOUBLE"
                 con.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {kind}')
         primary = con.execute(
             "SELECT 1 FROM duckdb_constraints() WHERE table_name = ? AND constraint_type = 'PRIMARY KEY'", [table]
         ).fetchall()
         return _Schema(frozenset(existing) | frozenset(value_columns), bool(primary))
 
-    def _upsert(
-        self, table: str, key: tuple[str, ...], rows: pd.DataFrame, clears: tuple[tuple[str, str], ...] = ()
-    ) -> int:
+    def write(self, declared: Table, rows: pd.DataFrame) -> int:
         """Replace the rows whose key is in ``rows`` and add the rest, keeping the last of repeated keys.
 
-        ``clears`` first deletes, in the same transaction, from each (table, how): with RANGES every row
-        in the closed range of each incoming series, with BARS_OF every row with an incoming bar key.
+        ``declared.clears`` first deletes, in the same transaction, from each (table, how): with RANGES
+        every row in the closed range of each incoming series, with BARS_OF every row with an incoming
+        bar key. A write is one transaction.
         """
+        table, key, clears = declared.name, declared.key, declared.clears
         if rows.empty:
             return 0
         missing = [c for c in key if c not in rows.columns]
@@ -196,7 +190,7 @@ class DuckDBStore(Block):
             raise StoreError(f"column names must be lowercase snake_case to be stored: {bad}")
         frame = rows[[*key, *value_columns]]
         # Cast only what is not a float already: at a million rows every needless copy shows.
-        casts = {c: "float64" for c in value_columns if c not in TEXT_COLUMNS and frame[c].dtype != "float64"}
+        casts = {c: "float64" for c in value_columns if c not in declared.text_fields and frame[c].dtype != "float64"}
         if casts:
             frame = frame.astype(casts)
         repeated = frame.duplicated(subset=list(key), keep="last")
@@ -211,7 +205,7 @@ class DuckDBStore(Block):
         span = [frame["time"].min(), frame["time"].max()]
         with _connections.write_lock(Path(self.path)), self._connect() as con:
             con.begin()
-            schema = self._ensure_table(con, table, key, value_columns)
+            schema = self._ensure_table(con, declared, value_columns)
             con.register("incoming", incoming)
             for cleared, how in clears:
                 # The table written is there: just made, uncommitted, so not asked about (and remembered).
@@ -245,7 +239,7 @@ class DuckDBStore(Block):
             con.executemany(f"DELETE FROM {table} WHERE {series} AND time BETWEEN ? AND ?", spans)
         else:  # the time range lets DuckDB skip, by zonemap, the row groups no incoming row can match
             # A superseded duplicate's clean bar stays in bars (SUPERSEDED_RULES).
-            kept = f"AND incoming.rule NOT IN ({', '.join('?' * len(SUPERSEDED_RULES))}) " if table == TABLE else ""
+            kept = f"AND incoming.rule NOT IN ({', '.join('?' * len(SUPERSEDED_RULES))}) " if table == BARS.name else ""
             tags = " AND ".join(f'{table}."{c}" = incoming."{c}"' for c in SERIES_TAGS)
             con.execute(
                 f"DELETE FROM {table} USING incoming WHERE {tags} {kept}"
@@ -253,73 +247,24 @@ class DuckDBStore(Block):
                 [*(sorted(SUPERSEDED_RULES) if kept else []), *span],
             )
 
-    def write_bars(self, bars: pd.DataFrame) -> int:
-        """Replace each series' range in bars and quarantine by the frame (the BarStore contract)."""
-        return self._upsert(TABLE, BAR_KEY, bars, clears=((TABLE, RANGES), (QUARANTINE_TABLE, RANGES)))
-
-    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
-        return self._upsert(ACTIONS_TABLE, ACTION_KEY, actions)
-
-    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        filters: dict[str, object] = {"symbol": symbol, "source": source}
-        return self._select(ACTIONS_TABLE, ACTION_KEY, filters, order="time, kind")
-
-    def write_quarantine(self, bars: pd.DataFrame) -> int:
-        """The bars' quarantine rows become the frame's, and their clean copies leave bars."""
-        clears = ((QUARANTINE_TABLE, BARS_OF), (TABLE, BARS_OF))
-        return self._upsert(QUARANTINE_TABLE, QUARANTINE_KEY, bars, clears=clears)
-
-    def read_quarantine(
-        self,
-        symbol: str,
-        interval: str | None = None,
-        source: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> pd.DataFrame:
-        filters: dict[str, object] = {"symbol": symbol, "interval": interval, "source": source}
-        return self._select(QUARANTINE_TABLE, QUARANTINE_KEY, filters, "time, source, rule", start, end)
-
-    def write_metrics(self, rows: pd.DataFrame) -> int:
-        return self._upsert(METRICS_TABLE, METRICS_KEY, rows)
-
-    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        filters: dict[str, object] = {"symbol": symbol, "source": source}
-        return self._select(METRICS_TABLE, METRICS_KEY, filters, order="source, time, interval")
-
-    def read_bars(
-        self,
-        symbol: str,
-        interval: str = "1d",
-        source: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> pd.DataFrame:
-        filters: dict[str, object] = {"symbol": symbol, "interval": interval, "source": source}
-        return self._select(TABLE, BAR_KEY, filters, order="source, time", start=start, end=end)
-
     def _select(
-        self,
-        table: str,
-        key: tuple[str, ...],
-        filters: dict[str, object],
-        order: str,
-        start: datetime | None = None,
-        end: datetime | None = None,
+        self, declared: Table, filters: Filters, start: datetime | None = None, end: datetime | None = None
     ) -> pd.DataFrame:
-        """Rows matching every non-None filter (bound parameters, never interpolated), in ``order``."""
+        """Rows matching every non-None filter (bound parameters, never interpolated), in the table's order."""
         conditions = [f"{column} = ?" for column, value in filters.items() if value is not None]
-        params = [value for value in filters.values() if value is not None]
+        params: list[object] = [value for value in filters.values() if value is not None]
         for clause, bound in (("time >= ?", start), ("time < ?", end)):
             if bound is not None:
                 conditions.append(clause)
                 params.append(bound)
+        empty = pd.DataFrame(columns=list(declared.key))
         if not Path(self.path).exists():
-            return pd.DataFrame(columns=list(key))
+            return empty
         with self._connect() as con:
-            if not self._has_table(con, table):
-                return pd.DataFrame(columns=list(key))
-            frame = con.execute(f"SELECT * FROM {table} WHERE {' AND '.join(conditions)} ORDER BY {order}", params).df()
+            if not self._has_table(con, declared.name):
+                return empty
+            where, order = " AND ".join(conditions), ", ".join(declared.order)
+            frame = con.execute(f"SELECT * FROM {declared.name} WHERE {where} ORDER BY {order}", params).df()
         frame["time"] = pd.to_datetime(frame["time"], utc=True).astype("datetime64[ns, UTC]")
         return frame
 
@@ -334,10 +279,10 @@ class DuckDBStore(Block):
         if not Path(self.path).exists():
             return None
         with self._connect() as con:
-            if not self._has_table(con, TABLE):
+            if not self._has_table(con, BARS.name):
                 return None
             row = con.execute(
-                f"SELECT {aggregate}(time) FROM {TABLE} WHERE symbol = ? AND interval = ? AND source = ?",
+                f"SELECT {aggregate}(time) FROM {BARS.name} WHERE symbol = ? AND interval = ? AND source = ?",
                 [symbol, interval, source],
             ).fetchone()
         return None if row is None or row[0] is None else pd.Timestamp(row[0]).tz_convert("UTC")
@@ -353,7 +298,7 @@ class DuckDBStore(Block):
         cutoff = pd.Timestamp.now(tz="UTC") - pd.Timedelta(duration_to_timedelta(duration))
         deleted = 0
         with _connections.write_lock(Path(self.path)), self._connect() as con:
-            for table in (TABLE, QUARANTINE_TABLE):
+            for table in (BARS.name, QUARANTINE.name):
                 if self._has_table(con, table):
                     row = con.execute(f"DELETE FROM {table} WHERE time < ? RETURNING 1", [cutoff]).fetchall()
                     deleted += len(row)

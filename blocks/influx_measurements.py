@@ -1,9 +1,9 @@
 """What both InfluxDB backends share: the measurements, and writing a frame as line protocol.
 
 A backend supplies three things: a sender that takes one gzip-ready batch of lines, a delete of
-series ranges from one measurement, and a select of one measurement's rows. Everything else (which
-measurement and tags each kind of row uses, what a write replaces, key checks, chunking,
-overlapping serialization with sending, the read verbs) lives here once.
+series ranges from one measurement, and a select of one measurement's rows. Everything else (what
+a write of each table replaces, key checks, chunking, overlapping serialization with sending) lives
+here once; each table is a measurement, declared in :mod:`blocks.store`.
 
 InfluxDB keeps the fields a rewrite does not send, and NaN fields are not sent; so a bars write
 first deletes its series' ranges (the BarStore contract), and only then writes. The two steps are
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
@@ -29,20 +29,19 @@ import pandas as pd
 
 from blocks.line_protocol import batches, serialize
 from blocks.store import (
-    ACTION_FIELDS,
-    ACTION_KEY,
-    BAR_KEY,
-    METRICS_KEY,
-    QUARANTINE_KEY,
+    BARS,
+    BARS_OF,
+    TABLES,
     Accepted,
+    Filters,
     SeriesSpan,
     StoreError,
+    Table,
+    TableVerbs,
     bar_points,
     series_spans,
 )
 
-BARS, ACTIONS, QUARANTINE, METRICS = "bars", "corporate_actions", "quarantine", "pipeline_metrics"
-TEXT_FIELDS = ("reason",)  # the one text field (quarantine's); every other field is a float
 ROWS_PER_CHUNK = 50_000
 WRITERS = 2
 PRECISION = "s"  # points are written in whole seconds, so deleted ranges are floored to seconds too
@@ -109,7 +108,7 @@ class DeletesApart:
                 self._changed.notify_all()
 
 
-class InfluxMeasurements:
+class InfluxMeasurements(TableVerbs):
     """The BarStore verbs over InfluxDB measurements; mixed into a backend's Block class."""
 
     _apart: ClassVar[DeletesApart] = DeletesApart()
@@ -128,91 +127,73 @@ class InfluxMeasurements:
         raise NotImplementedError
 
     def _select(
-        self,
-        measurement: str,
-        key: tuple[str, ...],
-        filters: Mapping[str, str | None],
-        start: datetime | None = None,
-        end: datetime | None = None,
+        self, table: Table, filters: Filters, start: datetime | None = None, end: datetime | None = None
     ) -> pd.DataFrame:
-        """Rows of ``measurement`` matching every non-None filter: key columns, then sorted fields."""
+        """Rows of ``table`` matching every non-None filter: key columns, then sorted fields, in its order."""
         raise NotImplementedError
 
     # --- writing -------------------------------------------------------------------------------
 
-    def write_bars(self, bars: pd.DataFrame) -> int:
-        """Delete each series' range from bars and quarantine, then write (the BarStore contract).
+    def write(self, table: Table, rows: pd.DataFrame) -> int:
+        """Delete what ``table.clears`` says, then write (the BarStore contract).
 
         With ``_reads_before_deleting`` (InfluxDB 1.x), a range that the write overwrites exactly
-        (every stored bar in it is rewritten, with every field it stores) needs no DELETE, so reruns,
-        replays and first writes send none: influxd 1.6 can hide rewritten series from queries until
-        it restarts when a DELETE came before their write (influxdb#9431), which a rerun after a
-        `kill -9` met on every try. Two reads per series buy that.
+        (every stored point in it is rewritten, with every field it stores) needs no DELETE, nor a
+        range of another table that holds nothing, so reruns, replays and first writes send none:
+        influxd 1.6 can hide rewritten series from queries until it restarts when a DELETE came
+        before their write (influxdb#9431), which a rerun after a `kill -9` met on every try. Two
+        reads per series buy that. Each bar's own key (BARS_OF) is deleted unasked: those are few.
         """
-        self._check_key(BARS, bars, BAR_KEY)
-        spans = series_spans(bars, PRECISION)
-        clear = {BARS: spans, QUARANTINE: spans}
-        if self._reads_before_deleting:
-            clear = {
-                BARS: [span for span in spans if not self._overwrites_exactly(span, bars)],
-                QUARANTINE: [span for span in spans if not self._stored(QUARANTINE, QUARANTINE_KEY, span).empty],
-            }
-        if clear[BARS] or clear[QUARANTINE]:
+        self._check_key(table, rows)
+        cleared = {name: self._to_clear(table, TABLES[name], how, rows) for name, how in table.clears}
+        if any(cleared.values()):
             with self._apart.deleting():
-                for measurement, cleared in clear.items():
-                    if cleared:
-                        self._delete(measurement, cleared)
-        return self._write(BARS, bars, BAR_KEY)
+                for name, spans in cleared.items():
+                    if spans:
+                        self._delete(name, spans)
+        return self._write(table, rows)
 
-    def _stored(self, measurement: str, key: tuple[str, ...], span: SeriesSpan) -> pd.DataFrame:
-        """What ``measurement`` holds of the span's series in its closed range."""
+    def _to_clear(self, table: Table, other: Table, how: str, rows: pd.DataFrame) -> list[SeriesSpan]:
+        """What of ``other`` a write of ``rows`` to ``table`` must delete first."""
+        if how == BARS_OF:  # a superseded duplicate's clean bar stays in bars (SUPERSEDED_RULES)
+            return bar_points(rows, PRECISION, skip_superseded=other is BARS)
+        spans = series_spans(rows, PRECISION)
+        if not self._reads_before_deleting:
+            return spans
+        if other is table:
+            return [span for span in spans if not self._overwrites_exactly(span, rows, table)]
+        return [span for span in spans if not self._stored(other, span).empty]
+
+    def _stored(self, table: Table, span: SeriesSpan) -> pd.DataFrame:
+        """What ``table`` holds of the span's series in its closed range."""
         end = span.last + pd.Timedelta(seconds=1)  # the next instant at PRECISION
-        return self._select(measurement, key, span.tags, span.first.to_pydatetime(), end.to_pydatetime())
+        return self._select(table, span.tags, span.first.to_pydatetime(), end.to_pydatetime())
 
-    def _overwrites_exactly(self, span: SeriesSpan, bars: pd.DataFrame) -> bool:
-        """Whether writing ``bars`` replaces every point and field stored in the span, with no DELETE."""
-        stored = self._stored(BARS, BAR_KEY, span)
+    def _overwrites_exactly(self, span: SeriesSpan, rows: pd.DataFrame, table: Table) -> bool:
+        """Whether writing ``rows`` replaces every point and field stored in the span, with no DELETE."""
+        stored = self._stored(table, span)
         if stored.empty:
             return True
-        mine = (bars["symbol"] == span.symbol) & (bars["interval"] == span.interval) & (bars["source"] == span.source)
-        new = bars.loc[mine].assign(time=pd.DatetimeIndex(bars.loc[mine, "time"]).floor(PRECISION))
+        mine = (rows["symbol"] == span.symbol) & (rows["interval"] == span.interval) & (rows["source"] == span.source)
+        new = rows.loc[mine].assign(time=pd.DatetimeIndex(rows.loc[mine, "time"]).floor(PRECISION))
         new = new.drop_duplicates("time", keep="last").set_index("time").reindex(stored["time"])
-        for field in (c for c in stored.columns if c not in BAR_KEY):
+        for field in (c for c in stored.columns if c not in table.key):
             kept = stored[field].notna().to_numpy()
             given = new[field].notna().to_numpy() if field in new.columns else False
-            if (kept & ~given).any():  # also true for a stored bar the write does not have
+            if (kept & ~given).any():  # also true for a stored point the write does not have
                 return False
         return True
 
-    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
-        return self._write(ACTIONS, actions, ACTION_KEY)
-
-    def write_quarantine(self, bars: pd.DataFrame) -> int:
-        """Delete each bar's quarantine rows and clean copy (one instant each: they are few), then write.
-
-        A superseded duplicate (SUPERSEDED_RULES) leaves its clean bar alone.
-        """
-        self._check_key(QUARANTINE, bars, QUARANTINE_KEY)
-        with self._apart.deleting():
-            self._delete(QUARANTINE, bar_points(bars, PRECISION))
-            self._delete(BARS, bar_points(bars, PRECISION, skip_superseded=True))
-        return self._write(QUARANTINE, bars, QUARANTINE_KEY)
-
-    def write_metrics(self, rows: pd.DataFrame) -> int:
-        return self._write(METRICS, rows, METRICS_KEY)
-
-    def _write(self, measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> Accepted:
+    def _write(self, table: Table, rows: pd.DataFrame) -> Accepted:
         """Write every row that has a value; returns the points stored (all-NaN rows have none) and dropped."""
         if rows.empty:
             return Accepted(0)
-        self._check_key(measurement, rows, key)
-        rows = rows.drop_duplicates(subset=list(key), keep="last")
-        tags = [c for c in key if c != "time"]
+        rows = rows.drop_duplicates(subset=list(table.key), keep="last")
         chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
         with self._apart.writing(), self._sender() as send, ThreadPoolExecutor(WRITERS) as pool:
 
             def write_chunk(chunk: pd.DataFrame) -> tuple[int, int]:
-                lines = serialize(chunk, measurement, tags, TEXT_FIELDS)
+                lines = serialize(chunk, table.name, list(table.tags), tuple(table.text_fields))
                 dropped = sum(send(body) for body in batches(lines))
                 return len(lines), dropped
 
@@ -221,39 +202,7 @@ class InfluxMeasurements:
             return Accepted(sent - dropped, dropped)
 
     @staticmethod
-    def _check_key(measurement: str, rows: pd.DataFrame, key: tuple[str, ...]) -> None:
-        missing = [c for c in key if c not in rows.columns]
+    def _check_key(table: Table, rows: pd.DataFrame) -> None:
+        missing = [c for c in table.key if c not in rows.columns]
         if missing and not rows.empty:
-            raise StoreError(f"cannot store {measurement} without key columns: {', '.join(missing)}")
-
-    # --- reading -------------------------------------------------------------------------------
-
-    def read_bars(
-        self,
-        symbol: str,
-        interval: str = "1d",
-        source: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> pd.DataFrame:
-        filters = {"symbol": symbol, "interval": interval, "source": source}
-        return self._select(BARS, BAR_KEY, filters, start, end)
-
-    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        actions = self._select(ACTIONS, ACTION_KEY, {"symbol": symbol, "source": source})
-        # A field never written (no dividend yet, say) is no column in InfluxDB; every reader expects both.
-        return actions.reindex(columns=[*ACTION_KEY, *ACTION_FIELDS])
-
-    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
-        return self._select(METRICS, METRICS_KEY, {"symbol": symbol, "source": source})
-
-    def read_quarantine(
-        self,
-        symbol: str,
-        interval: str | None = None,
-        source: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> pd.DataFrame:
-        filters = {"symbol": symbol, "interval": interval, "source": source}
-        return self._select(QUARANTINE, QUARANTINE_KEY, filters, start, end)
+            raise StoreError(f"cannot store {table.name} without key columns: {', '.join(missing)}")

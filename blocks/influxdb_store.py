@@ -40,12 +40,15 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from urllib3.exceptions import LocationValueError, MaxRetryError, ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
-from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send, beyond_retention
+from blocks.influx_measurements import InfluxMeasurements, Send, beyond_retention
 from blocks.store import (
+    BARS,
+    Filters,
     RetentionChange,
     SeriesSpan,
     StoreError,
     StoreUnavailableError,
+    Table,
     duration_to_timedelta,
 )
 
@@ -184,23 +187,18 @@ class InfluxDBStore(InfluxMeasurements, Block):
         return pd.Timestamp(pd.to_datetime(pd.Series(times), utc=True).iloc[0]) if times else None
 
     def _select(
-        self,
-        measurement: str,
-        key: tuple[str, ...],
-        filters: Mapping[str, str | None],
-        start: datetime | None = None,
-        end: datetime | None = None,
+        self, table: Table, filters: Filters, start: datetime | None = None, end: datetime | None = None
     ) -> pd.DataFrame:
-        query = select_query(self.bucket, measurement, key, filters, start, end)
+        query = select_query(self.bucket, table.name, table.key, filters, start, end)
         result: pd.DataFrame | list[pd.DataFrame] = self._ask(
             lambda api: api.query_data_frame(query.text, org=self.org, params=query.params), []
         )
         # One frame per table schema; the query's group() leaves one table, an empty result none.
         frames: list[pd.DataFrame] = [f for f in (result if isinstance(result, list) else [result]) if not f.empty]
         if not frames:
-            return pd.DataFrame(columns=list(key))
+            return pd.DataFrame(columns=list(table.key))
         rows = pd.concat(frames, ignore_index=True).drop(columns=["result", "table"], errors="ignore")
-        return _shape(rows.rename(columns={"_time": "time"}), key)
+        return _shape(rows.rename(columns={"_time": "time"}), table)
 
     def _ask(self, read: Callable[[QueryApi], T], empty: T) -> T:
         """Run one query (not retried, like every read); a bucket nothing was written to yet reads as ``empty``."""
@@ -372,7 +370,7 @@ def first_time_query(bucket: str, filters: Mapping[str, str | None]) -> FluxQuer
 
 
 def _edge_time_query(bucket: str, filters: Mapping[str, str | None], edge: str, desc: bool) -> FluxQuery:
-    head = _head(bucket, BARS, filters, None, None)
+    head = _head(bucket, BARS.name, filters, None, None)
     text = (
         f"{head.text}\n"
         f"  |> {edge}()\n"
@@ -447,19 +445,19 @@ def _name(name: str) -> str:
 # --- results -----------------------------------------------------------------------------------
 
 
-def _shape(rows: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
-    """Like every backend's read: key columns first, then the fields sorted; float64 fields; oldest first."""
+def _shape(rows: pd.DataFrame, table: Table) -> pd.DataFrame:
+    """Like every backend's read: key columns first, then the fields sorted; float64 fields; in the table's order."""
+    key = table.key
     values = sorted(c for c in rows.columns if c not in key)
     rows["time"] = pd.to_datetime(rows["time"], utc=True).astype("datetime64[ns, UTC]")
-    for tag in key[1:]:
+    for tag in table.tags:
         rows[tag] = rows[tag].astype(str)
     for column in values:
-        if column not in TEXT_FIELDS:
+        if column not in table.text_fields:
             rows[column] = pd.to_numeric(rows[column]).astype(np.float64)
     rows = rows[[*key, *values]]
-    order: list[str] = [c for c in ("source", "time", "kind", "rule") if c in key]
-    order += [c for c in key if c not in order]  # a total order: rows from one pivot come in no fixed order
-    return rows.sort_values(order, kind="stable").reset_index(drop=True)
+    # A total order: rows from one pivot come in no fixed order.
+    return rows.sort_values(list(table.order), kind="stable").reset_index(drop=True)
 
 
 def _expire_after(seconds: int) -> Any:

@@ -27,12 +27,15 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from blocks.influx_measurements import BARS, TEXT_FIELDS, InfluxMeasurements, Send, beyond_retention
+from blocks.influx_measurements import InfluxMeasurements, Send, beyond_retention
 from blocks.store import (
+    BARS,
+    Filters,
     RetentionChange,
     SeriesSpan,
     StoreError,
     StoreUnavailableError,
+    Table,
     duration_to_timedelta,
 )
 
@@ -150,7 +153,8 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         """The time of a series' first point in ``order``; None for an empty series."""
         filters = {"symbol": symbol, "interval": interval, "source": source}
         where, params = _where(filters, None, None)
-        rows = self._rows(f"SELECT * FROM {self._source(BARS)} WHERE {where} ORDER BY time {order} LIMIT 1", params)
+        query = f"SELECT * FROM {self._source(BARS.name)} WHERE {where} ORDER BY time {order} LIMIT 1"
+        rows = self._rows(query, params)
         return None if rows.empty else pd.Timestamp(rows["time"].iloc[0])
 
     def retention(self) -> timedelta | None:
@@ -204,24 +208,18 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
             ) from None
 
     def _select(
-        self,
-        measurement: str,
-        key: tuple[str, ...],
-        filters: Mapping[str, str | None],
-        start: datetime | None = None,
-        end: datetime | None = None,
+        self, table: Table, filters: Filters, start: datetime | None = None, end: datetime | None = None
     ) -> pd.DataFrame:
         where, params = _where(filters, start, end)
-        rows = self._rows(f"SELECT * FROM {self._source(measurement)} WHERE {where}", params)
+        rows = self._rows(f"SELECT * FROM {self._source(table.name)} WHERE {where}", params)
         if rows.empty:
-            return pd.DataFrame(columns=list(key))
-        values = sorted(c for c in rows.columns if c not in key)
-        rows = rows[[*key, *values]]
+            return pd.DataFrame(columns=list(table.key))
+        values = sorted(c for c in rows.columns if c not in table.key)
+        rows = rows[[*table.key, *values]]
         for column in values:
-            if column not in TEXT_FIELDS:
+            if column not in table.text_fields:
                 rows[column] = pd.to_numeric(rows[column]).astype(np.float64)
-        order = [c for c in ("source", "time", "kind", "rule") if c in key]
-        return rows.sort_values(order, kind="stable").reset_index(drop=True)
+        return rows.sort_values(list(table.order), kind="stable").reset_index(drop=True)
 
     def _rows(self, query: str, params: dict[str, str]) -> pd.DataFrame:
         """Every row a SELECT matches, read in chunks: a whole answer is cut at the server's `max-row-limit`."""

@@ -32,17 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
 
-from blocks.store import BarStore, StoreError, StoreUnavailableError
+from blocks.store import TABLES, BarStore, StoreError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
-# What a spooled file holds, and the store method that writes it.
-WRITERS: dict[str, str] = {
-    "bars": "write_bars",
-    "corporate_actions": "write_corporate_actions",
-    "quarantine": "write_quarantine",
-    "pipeline_metrics": "write_metrics",
-}
 SUFFIX = ".parquet"
 META_KEY = b"marketpipe"
 REJECTED = "rejected"  # the subdirectory of batches the store refused for good
@@ -57,7 +50,7 @@ Handler = Callable[[BarStore, pd.DataFrame, dict[str, Any]], int]
 @dataclass(frozen=True)
 class SpooledBatch:
     path: Path
-    kind: str  # a key of WRITERS
+    kind: str  # a table's name (blocks.store.TABLES), or a handler's kind
     points: int
 
 
@@ -108,7 +101,7 @@ class Spool:
         return self.directory / REJECTED
 
     def _kinds(self) -> set[str]:
-        return {*WRITERS, *self.handlers}
+        return {*TABLES, *self.handlers}
 
     def append(self, kind: str, rows: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> SpooledBatch:
         """Keep ``rows`` (and ``meta``, JSON) durably; raises StoreError when the directory can't take them.
@@ -221,8 +214,8 @@ class Spool:
 
     def _write_back(self, store: BarStore, batch: SpooledBatch, table: pa.Table) -> None:
         rows = table.to_pandas()
-        if batch.kind in WRITERS:
-            getattr(store, WRITERS[batch.kind])(rows)
+        if batch.kind in TABLES:
+            store.write(TABLES[batch.kind], rows)
         elif batch.kind not in self.handlers:
             raise StoreError(f"nothing here can replay {batch.kind!r} batches")
         else:
@@ -262,7 +255,7 @@ class Spool:
             except ReplayStoppedError as exc:
                 return Written(0, self.keep(kind, rows, str(exc)), exc.replayed.rejected)
         try:
-            written: int = getattr(store, WRITERS[kind])(rows)
+            written = store.write(TABLES[kind], rows)
         except StoreUnavailableError as exc:
             return Written(0, self.keep(kind, rows, str(exc)), rejected)
         return Written(written, 0, rejected)

@@ -8,6 +8,7 @@ validation are kept apart, in quarantine, with the rule they broke; a bar is in 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,6 +29,49 @@ QUARANTINE_KEY: tuple[str, ...] = (*BAR_KEY, "rule")
 SUPERSEDED_RULES: frozenset[str] = frozenset({"duplicate_time"})
 # Run metrics (`pipeline_metrics`): one row per run and series, at the run's start; float fields only.
 METRICS_KEY: tuple[str, ...] = BAR_KEY
+
+# How a write first clears a table of what it replaces: each incoming series' whole closed range,
+# or each incoming bar's key (one instant of one series).
+RANGES, BARS_OF = "ranges", "bars_of"
+
+
+@dataclass(frozen=True)
+class Table:
+    """One kind of row every store keeps, declared once: a DuckDB table and an InfluxDB measurement.
+
+    Backends know tables only through this, so a new table is one declaration here (and in
+    ``TABLES``): the backends' generic ``write`` and ``read``, and the spool, then take it.
+    """
+
+    name: str
+    key: tuple[str, ...]  # time and the tags; writing a key again replaces its row
+    order: tuple[str, ...]  # a read's order: a total one over the key, oldest first within a series
+    fields: tuple[str, ...] = ()  # fields every read has, as NaN where none was stored; the rest are the frame's
+    text_fields: frozenset[str] = frozenset()  # every other field is a float
+    clears: tuple[tuple[str, str], ...] = ()  # (table, RANGES or BARS_OF) a write first clears, in this order
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(c for c in self.key if c != "time")
+
+
+def _order(*first: str, key: tuple[str, ...]) -> tuple[str, ...]:
+    return (*first, *(c for c in key if c not in first))
+
+
+BARS = Table("bars", BAR_KEY, _order("source", "time", key=BAR_KEY), clears=(("bars", RANGES), ("quarantine", RANGES)))
+QUARANTINE = Table(
+    "quarantine",
+    QUARANTINE_KEY,
+    _order("source", "time", "rule", key=QUARANTINE_KEY),
+    text_fields=frozenset({"reason"}),
+    clears=(("quarantine", BARS_OF), ("bars", BARS_OF)),  # its superseded duplicates leave bars alone
+)
+CORPORATE_ACTIONS = Table(
+    "corporate_actions", ACTION_KEY, _order("source", "time", "kind", key=ACTION_KEY), fields=ACTION_FIELDS
+)
+PIPELINE_METRICS = Table("pipeline_metrics", METRICS_KEY, _order("source", "time", key=METRICS_KEY))
+TABLES: dict[str, Table] = {t.name: t for t in (BARS, QUARANTINE, CORPORATE_ACTIONS, PIPELINE_METRICS)}
 
 
 class StoreError(Exception):
@@ -135,8 +179,21 @@ def duration_to_timedelta(duration: str) -> timedelta:
     return timedelta(**{unit: int(match[1])})
 
 
+Filters = Mapping[str, str | None]  # tag -> value a read matches; None matches any
+
+
 @runtime_checkable
 class BarStore(Protocol):
+    def write(self, table: Table, rows: pd.DataFrame) -> int:
+        """Upsert ``rows`` on the table's key, first clearing what ``table.clears`` says; returns the points written."""
+        ...
+
+    def read(
+        self, table: Table, filters: Filters, start: datetime | None = None, end: datetime | None = None
+    ) -> pd.DataFrame:
+        """Rows matching every non-None filter, in ``table.order``: key columns first; ``end`` is exclusive."""
+        ...
+
     def write_bars(self, bars: pd.DataFrame) -> int:
         """Replace, per series, everything stored in the frame's range by the frame; returns the bars written.
 
@@ -231,3 +288,64 @@ class BarStore(Protocol):
     def session(self) -> AbstractContextManager[object]:
         """Around many writes (a run): keeps open what they share; a no-op where nothing is worth keeping."""
         ...
+
+
+class TableVerbs:
+    """BarStore's per-table verbs as thin typed wrappers over a backend's generic ones, mixed into its block.
+
+    A backend supplies ``write`` and ``_select``; ``read`` gives every table its declared fields.
+    """
+
+    def write(self, table: Table, rows: pd.DataFrame) -> int:
+        raise NotImplementedError
+
+    def _select(
+        self, table: Table, filters: Filters, start: datetime | None = None, end: datetime | None = None
+    ) -> pd.DataFrame:
+        """What the store holds of ``table`` matching the filters, in ``table.order``."""
+        raise NotImplementedError
+
+    def read(
+        self, table: Table, filters: Filters, start: datetime | None = None, end: datetime | None = None
+    ) -> pd.DataFrame:
+        rows = self._select(table, filters, start, end)
+        # A field never written (no dividend yet, say) is no column in the store; every reader expects them.
+        return rows.reindex(columns=[*table.key, *table.fields]) if table.fields else rows
+
+    def write_bars(self, bars: pd.DataFrame) -> int:
+        return self.write(BARS, bars)
+
+    def write_quarantine(self, bars: pd.DataFrame) -> int:
+        return self.write(QUARANTINE, bars)
+
+    def write_corporate_actions(self, actions: pd.DataFrame) -> int:
+        return self.write(CORPORATE_ACTIONS, actions)
+
+    def write_metrics(self, rows: pd.DataFrame) -> int:
+        return self.write(PIPELINE_METRICS, rows)
+
+    def read_bars(
+        self,
+        symbol: str,
+        interval: str = "1d",
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        return self.read(BARS, {"symbol": symbol, "interval": interval, "source": source}, start, end)
+
+    def read_quarantine(
+        self,
+        symbol: str,
+        interval: str | None = None,
+        source: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> pd.DataFrame:
+        return self.read(QUARANTINE, {"symbol": symbol, "interval": interval, "source": source}, start, end)
+
+    def read_corporate_actions(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        return self.read(CORPORATE_ACTIONS, {"symbol": symbol, "source": source})
+
+    def read_metrics(self, symbol: str, source: str | None = None) -> pd.DataFrame:
+        return self.read(PIPELINE_METRICS, {"symbol": symbol, "source": source})

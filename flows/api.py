@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from blocks.spool import Written
-from blocks.store import BarStore
+from blocks.store import BARS, BarStore
 from blocks.stores import store_from_settings
 from configs.settings import load_settings
 from tasks.bars import Instrument, parse_date, validate_interval, validate_symbol
@@ -117,7 +117,7 @@ class DataStorage:
         others = sorted(set(df["symbol"].astype(str)) - {checked})
         if others:
             raise UsageError(f"store_data({checked!r}) was given bars of {', '.join(others)}: pass each symbol alone")
-        return open_spool(self.settings).write(self.store, "bars", df)
+        return open_spool(self.settings).write(self.store, BARS.name, df)
 
     def query(
         self,

@@ -144,7 +144,7 @@ def run(
             _api_lost(exc, settings.storage.spool_dir)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, SymbolsFailedError):
-        _print_summary([r.__dict__ for r in outcome.results], settings.storage.spool_dir)
+        _print_summary([r.row() for r in outcome.results], settings.storage.spool_dir)
         if outcome.metrics_error:
             from flows.market_data import describe_metrics_error
 

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.spool import RejectedBatch, Replayed, ReplayStoppedError, Spool, Written
-from blocks.store import StoreError, dropped_by_retention
+from blocks.store import BARS, CORPORATE_ACTIONS, PIPELINE_METRICS, QUARANTINE, StoreError, dropped_by_retention
 from configs.settings import Settings
 from tasks.bars import BAR_COLUMNS
 from tasks.job import Job, batch_run_name, each_alone, store_for
@@ -83,9 +83,9 @@ def store_together(processed: dict[str, Processed], job: Job) -> dict[str, Store
     for index, (symbol, writes) in enumerate(rows.items()):
         share = {kind: _share(outcomes[kind], len(writes[kind])) for kind in WRITE_ORDER}
         stored[symbol] = Stored(
-            share["bars"].written,
-            share["corporate_actions"].written,
-            share["quarantine"].written,
+            share[BARS.name].written,
+            share[CORPORATE_ACTIONS.name].written,
+            share[QUARANTINE.name].written,
             spooled=sum(s.spooled for s in share.values()),
             # Earlier runs' spooled batches the replay set aside belong to no symbol: told once.
             rejected=[b for o in outcomes.values() for b in o.rejected] if index == 0 else [],
@@ -100,15 +100,15 @@ def _share(outcome: Written, rows: int) -> Written:
 
 # Bars go first: their write replaces the collected range, quarantined copies included, and the
 # quarantine write then takes this run's rejected bars out of bars. The spool replays in the same order.
-WRITE_ORDER = ("bars", "quarantine", "corporate_actions")
+WRITE_ORDER = (BARS.name, QUARANTINE.name, CORPORATE_ACTIONS.name)
 
 
 def writes_of(processed: Processed) -> dict[str, pd.DataFrame]:
     """A symbol's rows for each kind of write, in WRITE_ORDER."""
     return {
-        "bars": processed.bars,
-        "quarantine": quarantine_rows(processed.quarantined),
-        "corporate_actions": processed.actions,
+        BARS.name: processed.bars,
+        QUARANTINE.name: quarantine_rows(processed.quarantined),
+        CORPORATE_ACTIONS.name: processed.actions,
     }
 
 
@@ -129,9 +129,9 @@ def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
             refused[kind] = str(exc)
             outcomes[kind] = Written(0, 0)
     return Stored(
-        outcomes["bars"].written,
-        outcomes["corporate_actions"].written,
-        outcomes["quarantine"].written,
+        outcomes[BARS.name].written,
+        outcomes[CORPORATE_ACTIONS.name].written,
+        outcomes[QUARANTINE.name].written,
         spooled=sum(o.spooled for o in outcomes.values()),
         rejected=[batch for o in outcomes.values() for batch in o.rejected],
         dropped_by_retention=sum(dropped_by_retention(o.written) for o in outcomes.values()),
@@ -142,7 +142,7 @@ def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
 @task(name="record-metrics", cache_policy=NO_CACHE, persist_result=False)
 def record_metrics(metrics: pd.DataFrame, settings: Settings) -> Written:
     """The run's per-symbol counts into `pipeline_metrics`, spooled like bars when the store is away."""
-    return open_spool(settings).write(store_for(settings.storage), "pipeline_metrics", metrics)
+    return open_spool(settings).write(store_for(settings.storage), PIPELINE_METRICS.name, metrics)
 
 
 @task(name="replay-spool", cache_policy=NO_CACHE, persist_result=False)

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blocks.influx_measurements import BARS, PRECISION
+from blocks.influx_measurements import PRECISION
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.spool import Spool
-from blocks.store import StoreError, StoreUnavailableError, dropped_by_retention, series_spans
+from blocks.store import BARS, StoreError, StoreUnavailableError, dropped_by_retention, series_spans
 from tasks.bars import conform_actions
 from tests.conftest import Sandbox, marketpipe, query_csv
 from tests.servers import free_port, influxdb_process, influxdb_server
@@ -263,7 +263,7 @@ def test_a_rerun_after_series_were_emptied_reads_back_whole(tmp_path: Path) -> N
         series = [frame(f"S{k:02d}", n=260) for k in range(24)]
         for bars in series:
             store.write_bars(bars)
-        store._delete(BARS, series_spans(pd.concat(series[:4]), PRECISION))  # what the killed run left
+        store._delete(BARS.name, series_spans(pd.concat(series[:4]), PRECISION))  # what the killed run left
         time.sleep(3)
         for bars in series:
             store.write_bars(bars)
