@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import date
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -192,6 +193,18 @@ def conform_actions(frame: pd.DataFrame) -> pd.DataFrame:
     for column in ("ratio", "amount"):
         out[column] = pd.to_numeric(out[column], errors="coerce").astype(np.float64)
     return out.sort_values(["time", "kind"], kind="stable").reset_index(drop=True)
+
+
+def corporate_actions(
+    symbol: str, source: str, kind: str, time: Any, ratio: Any = np.nan, amount: Any = np.nan
+) -> pd.DataFrame:
+    """One kind of action in the standard frame, from its times and values (arrays or scalars).
+
+    Events without their value (a split's ``ratio``, a payout's ``amount``) are no action, and skipped.
+    """
+    frame = pd.DataFrame({"time": time, "kind": kind, "ratio": ratio, "amount": amount})
+    value = frame["ratio"] if kind == "split" else frame["amount"]
+    return conform_actions(frame.loc[value.notna().to_numpy()].assign(symbol=symbol, source=source))
 
 
 def flag_missing(frame: pd.DataFrame) -> pd.DataFrame:

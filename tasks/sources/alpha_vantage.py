@@ -24,6 +24,7 @@ from tasks.bars import (
     Instrument,
     conform,
     conform_actions,
+    corporate_actions,
     empty_bars,
     flag_missing,
     is_daily_or_longer,
@@ -330,14 +331,14 @@ def _technical_interval(av_interval: str) -> str:
 
 def _actions(frame: pd.DataFrame, symbol: str, source: str) -> pd.DataFrame:
     """Dividends and splits from an adjusted series, dated like the bar that carries them."""
-    rows: list[dict[str, object]] = []
-    for bar in frame[["time", "dividend", "split"]].itertuples(index=False):
-        if pd.notna(bar.dividend) and bar.dividend != 0:
-            rows.append({"time": bar.time, "kind": "dividend", "ratio": np.nan, "amount": bar.dividend})
-        if pd.notna(bar.split) and bar.split != 1:
-            rows.append({"time": bar.time, "kind": "split", "ratio": bar.split, "amount": np.nan})
-    actions = pd.DataFrame(rows, columns=["time", "kind", "ratio", "amount"])
-    return conform_actions(actions.assign(symbol=symbol, source=source))
+    time = frame["time"].to_numpy()
+    dividends = frame["dividend"].where(frame["dividend"] != 0).to_numpy()
+    splits = frame["split"].where(frame["split"] != 1).to_numpy()
+    both = (
+        corporate_actions(symbol, source, "dividend", time, amount=dividends),
+        corporate_actions(symbol, source, "split", time, ratio=splits),
+    )
+    return conform_actions(pd.concat(both, ignore_index=True))
 
 
 def _split_adjusted(frame: pd.DataFrame) -> pd.DataFrame:

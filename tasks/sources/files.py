@@ -38,6 +38,7 @@ from tasks.bars import (
     VALUE_COLUMNS,
     conform,
     conform_actions,
+    corporate_actions,
     empty_bars,
     flag_missing,
     is_daily_or_longer,
@@ -189,19 +190,8 @@ def actions(
     amount: pd.Series[float] | float = np.nan,
 ) -> pd.DataFrame:
     """Corporate actions in the query's dates; events with no value are skipped."""
-    frame = pd.DataFrame(
-        {
-            "time": times(dates, "Date", daily=True),
-            "symbol": query.symbol,
-            "source": source,
-            "kind": kind,
-            "ratio": ratio,
-            "amount": amount,
-        },
-        index=dates.index,
-    )
-    value = "ratio" if kind == "split" else "amount"
-    return conform_actions(within(frame.loc[frame[value].notna()], query))
+    found = corporate_actions(query.symbol, source, kind, times(dates, "Date", daily=True), ratio, amount)
+    return conform_actions(within(found, query))
 
 
 def times(values: pd.Series[Any], column: str, daily: bool) -> pd.Series[pd.Timestamp]:

@@ -27,6 +27,7 @@ from tasks.bars import (
     Instrument,
     conform,
     conform_actions,
+    corporate_actions,
     empty_actions,
     empty_bars,
     flag_missing,
@@ -273,26 +274,21 @@ def parse_chart_result(
 
 
 def _corporate_actions(events: dict[str, Any], symbol: str, interval: str, source: str, zone: Any) -> pd.DataFrame:
-    rows: list[dict[str, object]] = []
+    found = []
     for key, kind in EVENT_KINDS.items():
-        for event in (events.get(key) or {}).values():
-            if not isinstance(event, dict) or "date" not in event:
-                continue
-            ratio = amount = np.nan
-            if kind == "split":
-                numerator, denominator = event.get("numerator"), event.get("denominator")
-                if not numerator or not denominator:
-                    continue
-                ratio = float(numerator) / float(denominator)
-            else:
-                amount = float(event.get("amount", np.nan))
-            rows.append({"time": int(event["date"]), "kind": kind, "ratio": ratio, "amount": amount})
-    if not rows:
-        return empty_actions()
-    frame = pd.DataFrame(rows)
-    # Events are dated by the trading day they take effect, like daily bars.
-    frame["time"] = _stamp(pd.DatetimeIndex(pd.to_datetime(frame["time"], unit="s", utc=True)), "1d", zone)
-    return conform_actions(frame.assign(symbol=symbol, source=source))
+        dated = [e for e in (events.get(key) or {}).values() if isinstance(e, dict) and "date" in e]
+        if not dated:
+            continue
+        if kind == "split":  # a split without both of its terms says nothing: its ratio stays empty
+            terms = [(e.get("numerator"), e.get("denominator")) for e in dated]
+            ratio = [float(n) / float(d) if n and d else np.nan for n, d in terms]
+            values: dict[str, Any] = {"ratio": ratio}
+        else:
+            values = {"amount": [float(e.get("amount", np.nan)) for e in dated]}
+        # Events are dated by the trading day they take effect, like daily bars.
+        time = _stamp(pd.DatetimeIndex(pd.to_datetime([int(e["date"]) for e in dated], unit="s", utc=True)), "1d", zone)
+        found.append(corporate_actions(symbol, source, kind, time, **values))
+    return conform_actions(pd.concat(found, ignore_index=True)) if found else empty_actions()
 
 
 def _float_array(values: Any, n: int, where: str, symbol: str) -> npt.NDArray[np.float64]:
