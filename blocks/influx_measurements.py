@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import ClassVar
 
 import pandas as pd
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from blocks.line_protocol import batches, serialize
 from blocks.store import (
@@ -42,6 +43,10 @@ from blocks.store import (
     series_spans,
 )
 
+# Both backends' one retry policy for a write or delete: seconds before the first retry, then the
+# wait doubles (plus as much jitter) up to MAX_WAIT.
+FIRST_WAIT = 0.5
+MAX_WAIT = 10.0
 ROWS_PER_CHUNK = 50_000
 WRITERS = 2
 PRECISION = "s"  # points are written in whole seconds, so deleted ranges are floored to seconds too
@@ -58,6 +63,16 @@ _BEYOND_RETENTION = re.compile(
     r".*?dropped=([0-9]+)",
     re.DOTALL,
 )
+
+
+def retrying(attempts: int, retryable: Callable[[BaseException], bool]) -> Retrying:
+    """Up to ``attempts`` tries while ``retryable`` says the error passes; the last error is raised."""
+    return Retrying(
+        retry=retry_if_exception(retryable),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential_jitter(multiplier=FIRST_WAIT, max=MAX_WAIT, jitter=FIRST_WAIT),
+        reraise=True,
+    )
 
 
 def beyond_retention(message: str) -> int | None:

@@ -36,11 +36,10 @@ from influxdb_client.rest import ApiException
 from influxdb_client.service.ping_service import PingService
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from urllib3.exceptions import LocationValueError, MaxRetryError, ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
-from blocks.influx_measurements import InfluxMeasurements, Send, beyond_retention
+from blocks.influx_measurements import InfluxMeasurements, Send, beyond_retention, retrying
 from blocks.store import (
     BARS,
     Filters,
@@ -52,9 +51,6 @@ from blocks.store import (
     duration_to_timedelta,
 )
 
-# Seconds before the first retry; the wait doubles (plus as much jitter) up to MAX_WAIT.
-FIRST_WAIT = 0.5
-MAX_WAIT = 10.0
 # InfluxDB's whole time range (MinNanoTime, MaxNanoTime): an open range must reach bars before 1970.
 EARLIEST = pd.Timestamp("1677-09-21T00:12:43.145224194Z")
 LATEST = pd.Timestamp("2262-04-11T23:47:16.854775806Z")
@@ -155,13 +151,7 @@ class InfluxDBStore(InfluxMeasurements, Block):
                     raise self._failure("delete", exc, self.write_attempts) from None
 
     def _retrying(self, operation: Callable[[], T]) -> T:
-        retrying = Retrying(
-            retry=retry_if_exception(_retryable),
-            stop=stop_after_attempt(self.write_attempts),
-            wait=wait_exponential_jitter(multiplier=FIRST_WAIT, max=MAX_WAIT, jitter=FIRST_WAIT),
-            reraise=True,
-        )
-        return retrying(operation)
+        return retrying(self.write_attempts, _retryable)(operation)
 
     def _ensure_bucket(self, client: InfluxDBClient) -> None:
         """Create the bucket (no expiry) unless it exists; serialized, so concurrent writers create it once."""

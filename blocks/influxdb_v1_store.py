@@ -25,9 +25,8 @@ import numpy as np
 import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from blocks.influx_measurements import InfluxMeasurements, Send, beyond_retention
+from blocks.influx_measurements import InfluxMeasurements, Send, beyond_retention, retrying
 from blocks.store import (
     BARS,
     Filters,
@@ -90,12 +89,7 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
         dropped: int | None = None
         try:
-            for attempt in Retrying(
-                retry=retry_if_exception(_retryable),
-                stop=stop_after_attempt(self.write_attempts),
-                wait=wait_exponential_jitter(multiplier=0.5, max=10),
-                reraise=True,
-            ):
+            for attempt in retrying(self.write_attempts, _retryable):
                 with attempt:
                     response = client.post(path, params=params, content=body, headers=headers)
                     dropped = beyond_retention(response.text) if response.status_code == 400 else None

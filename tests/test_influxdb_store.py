@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blocks import influxdb_store
+from blocks import influx_measurements
 from blocks.influxdb_store import InfluxDBStore, delete_predicate, first_time_query, last_time_query, select_query
 from blocks.line_protocol import serialize
 from blocks.store import BAR_KEY, QUARANTINE_KEY, StoreError, StoreUnavailableError, dropped_by_retention
@@ -39,7 +39,7 @@ BAR_TAGS = ["symbol", "interval", "source"]
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(influxdb_store, "FIRST_WAIT", 0.01)
+    monkeypatch.setattr(influx_measurements, "FIRST_WAIT", 0.01)
 
 
 # --- a stand-in server -------------------------------------------------------------------------
