@@ -397,7 +397,7 @@ def _count(value: int | None) -> float:
 def publish_summary(results: list[SymbolResult], source: str, interval: str) -> None:
     """The run's table artifact, one row per symbol (a sharded run reads its shards' back)."""
     rows = [
-        {**row, **{k: describe_counts(row[k]) for k in COUNTED}, "spool_rejected": len(r.spool_rejected)}
-        for r, row in ((r, r.row()) for r in results)
+        {**row, **{k: describe_counts(row[k]) for k in COUNTED}, "spool_rejected": len(row["spool_rejected"])}
+        for row in map(SymbolResult.row, results)
     ]
     create_table_artifact(key=SUMMARY_KEY, table=rows, description=f"{source} {interval} bars")

@@ -37,7 +37,6 @@ from tasks.bars import (
     OHLCV,
     VALUE_COLUMNS,
     conform,
-    conform_actions,
     corporate_actions,
     empty_bars,
     flag_missing,
@@ -191,7 +190,7 @@ def actions(
 ) -> pd.DataFrame:
     """Corporate actions in the query's dates; events with no value are skipped."""
     found = corporate_actions(query.symbol, source, kind, times(dates, "Date", daily=True), ratio, amount)
-    return conform_actions(within(found, query))
+    return within(found, query)  # in the standard frame already; the cut keeps its order and dtypes
 
 
 def times(values: pd.Series[Any], column: str, daily: bool) -> pd.Series[pd.Timestamp]:
