@@ -37,15 +37,17 @@ def _serving(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    if httpx.get(ready, timeout=2).status_code == status:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start:\n{log_path.read_text()}")
-                time.sleep(0.1)
+            # One client for the whole wait: each new one loads the CA bundle, CPU the starting server needs.
+            with httpx.Client(timeout=2) as client:
+                while True:
+                    try:
+                        if client.get(ready).status_code == status:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"{name} did not start:\n{log_path.read_text()}")
+                    time.sleep(0.1)
             yield process
         finally:
             process.terminate()
