@@ -15,7 +15,16 @@ from typing import Annotated, Any, Literal
 
 import exchange_calendars as xc
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -55,6 +64,9 @@ class RetrySettings(_Section):
 
 
 class SourceSettings(_Section):
+    """The keys every source reads. A source with keys of its own declares them beside it, in a
+    subclass in ``tasks/sources/<name>.py`` (its ``settings_model``), which checks them."""
+
     base_url: str = ""
     rate_limit: int = Field(3600, gt=0, description="requests per hour, paced smoothly")
     requests_per_minute: int | None = Field(None, gt=0)
@@ -68,9 +80,13 @@ class SourceSettings(_Section):
     retry: RetrySettings = RetrySettings()
     api_key: SecretStr | None = None
     api_key_block: str | None = Field(None, description="name of a saved SourceCredentials block holding the API key")
-    outputsize: Literal["compact", "full"] = "compact"
-    adjusted: bool = False
-    path: str | None = Field(None, description="directory of vendor files (source `files`)")
+
+
+class SourceEntry(SourceSettings):
+    """A ``data_sources`` entry as configured: the common keys are checked on load, and the source's
+    own keys are kept for its settings model, which checks them when the source is loaded."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 class CollectionSettings(_Section):
@@ -299,13 +315,19 @@ class Settings(BaseSettings):
 
     environment: str = "development"
     debug: bool = False
-    data_sources: dict[str, SourceSettings]
+    data_sources: dict[str, SourceEntry]
     storage: StorageSettings = StorageSettings()
     collection: CollectionSettings = CollectionSettings()
     quality: QualitySettings = QualitySettings()
     retention: RetentionSettings = RetentionSettings()
     symbols: list[str] = Field(default_factory=list)
     indicators: list[IndicatorSpec] = Field(default_factory=default_indicators)
+    _file: Path | None = PrivateAttr(None)
+
+    @property
+    def config_file(self) -> Path | None:
+        """The file these settings were read from, for error messages."""
+        return self._file
 
     def source(self, name: str) -> SourceSettings:
         try:
@@ -403,19 +425,25 @@ def load_settings(config_file: str | Path | None = None) -> Settings:
     path = resolve_config_file(config_file)
     token = _config_file.set(path)
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(describe(exc, path)) from None
     finally:
         _config_file.reset(token)
+    settings._file = path
+    return settings
 
 
-def _describe(error: ValidationError, path: Path) -> str:
+def describe(error: ValidationError, path: Path | None, within: tuple[str, ...] = ()) -> str:
+    """The problems of ``error`` as one message naming each key, its variable and the fix; ``within``
+    is the section the validated model sits in (``("data_sources", "files")``)."""
     problems = []
+    where = f"file {path}" if path is not None else "the config file"
     for item in error.errors(include_url=False):
-        location = [str(part) for part in item["loc"] if not isinstance(part, int)]
+        loc = (*within, *item["loc"])
+        location = [str(part) for part in loc if not isinstance(part, int)]
         key = ""
-        for part in item["loc"]:
+        for part in loc:
             key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
         key = key or "(top level)"
         env_name = ENV_PREFIX + "__".join(p.upper() for p in location)
@@ -427,7 +455,7 @@ def _describe(error: ValidationError, path: Path) -> str:
             hint = item["msg"]
             if "input" in item and not _looks_secret(location):
                 hint += f" (got {item['input']!r})"
-        problems.append(f"  {key}: {hint} [file {path} or env {env_name}]")
+        problems.append(f"  {key}: {hint} [{where} or env {env_name}]")
     return "invalid configuration:\n" + "\n".join(problems)
 
 

@@ -20,7 +20,16 @@ from tasks.job import Job, batch_run_name, failed
 from tasks.restatement import restatement_reason
 from tasks.retention import clamp
 from tasks.shards import Shard
-from tasks.sources.base import BarQuery, Collected, HttpSource, Source, Window, load_source, pacer_for
+from tasks.sources.base import (
+    BarQuery,
+    Collected,
+    HttpSource,
+    Source,
+    Window,
+    check_sources,
+    load_source,
+    pacer_for,
+)
 
 
 def plan_window(
@@ -50,6 +59,7 @@ def check_source(settings: Settings, source: str, shard: Shard | None = None) ->
     """Fail a run once, before any symbol: the source's settings, and the directory its pace and
     daily quota are kept in (created if missing, and only this user may write it); for a shard,
     also that each limit splits into its share."""
+    check_sources(settings)
     source_settings = settings.source(source)
     provider = load_source(source, source_settings)
     provider.check_config()

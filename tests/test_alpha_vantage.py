@@ -26,12 +26,19 @@ from tasks.errors import (
     SourceError,
     TransientSourceError,
 )
-from tasks.sources.alpha_vantage import SOURCE, AlphaVantage, months_touched, parse_technical, stamp_keys
+from tasks.sources.alpha_vantage import (
+    SOURCE,
+    AlphaVantage,
+    AlphaVantageSettings,
+    months_touched,
+    parse_technical,
+    stamp_keys,
+)
 from tasks.sources.base import BarQuery, Collected, load_source, pacer_for, redact_url
 
 AV = Path(__file__).parent / "fixtures" / "alphavantage"
 KEY = "TESTKEY-do-not-leak"
-SETTINGS = SourceSettings(base_url="http://127.0.0.1:9/query", api_key=KEY, timeout=5)
+SETTINGS = AlphaVantageSettings(base_url="http://127.0.0.1:9/query", api_key=KEY, timeout=5)
 WIDE = (date(1990, 1, 1), date(2030, 1, 1))
 EASTERN = ZoneInfo("US/Eastern")
 

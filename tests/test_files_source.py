@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.settings import ConfigError, SourceSettings
+from configs.settings import ConfigError
 from tasks.bars import BAR_COLUMNS, FLAG_MISSING, conform
 from tasks.errors import PermanentSourceError
 from tasks.sources.base import BarQuery, Collected, load_source
-from tasks.sources.files import VendorFiles, holds_symbol
+from tasks.sources.files import VendorFiles, VendorFilesSettings, holds_symbol
 from tests.conftest import FIXTURES, YAHOO
 
 pytestmark = pytest.mark.unit  # no server, no child process: `pytest -m unit`
@@ -44,7 +44,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 
 def source(directory: Path) -> VendorFiles:
-    return VendorFiles(SourceSettings(path=str(directory)))
+    return VendorFiles(VendorFilesSettings(path=str(directory)))
 
 
 def collect(directory: Path, symbol: str, interval: str = "1d", window: tuple[date, date] = WIDE) -> Collected:
@@ -69,7 +69,7 @@ def vendor_dir(tmp_path: Path) -> Path:
 
 
 def test_load_source_finds_the_module(tmp_path: Path) -> None:
-    loaded = load_source("files", SourceSettings(path=str(tmp_path)))
+    loaded = load_source("files", VendorFilesSettings(path=str(tmp_path)))
     assert isinstance(loaded, VendorFiles)
     assert loaded.name == "files"
 
@@ -348,7 +348,7 @@ def test_parquet_with_naive_times_and_date_column(tmp_path: Path) -> None:
 
 
 def test_missing_directory_is_a_config_error(tmp_path: Path) -> None:
-    for settings in (SourceSettings(), SourceSettings(path=str(tmp_path / "nope"))):
+    for settings in (VendorFilesSettings(), VendorFilesSettings(path=str(tmp_path / "nope"))):
         with pytest.raises(ConfigError, match=r"data_sources\.files\.path"):
             VendorFiles(settings).collect(BarQuery("AAPL", "1d", *WIDE))
     (tmp_path / "file").write_text("")

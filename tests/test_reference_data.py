@@ -21,7 +21,7 @@ from configs.settings import SourceSettings
 from tasks.errors import PermanentSourceError, RateLimitedError, SourceError
 from tasks.sources.alpha_vantage import AlphaVantage, parse_technical
 from tasks.sources.base import BarQuery, Collected
-from tasks.sources.files import VendorFiles
+from tasks.sources.files import VendorFiles, VendorFilesSettings
 from tasks.sources.yahoo_finance import YahooFinance
 from tests.conftest import REPO
 
@@ -94,7 +94,7 @@ def csv_through_the_files_source(body: bytes, folder: Path) -> None:
     header = body.decode().splitlines()[0]
     name = "ANY.csv" if header.startswith("Date,Open") else "ANY.events.csv"
     (folder / name).write_bytes(body)
-    collected = VendorFiles(SourceSettings(path=str(folder))).collect(BarQuery("ANY", "1d", *WIDE))
+    collected = VendorFiles(VendorFilesSettings(path=str(folder))).collect(BarQuery("ANY", "1d", *WIDE))
     rows = len(body.decode().strip().splitlines()) - 1
     if "Dividends" in header:
         assert collected.bars.empty and set(collected.actions["kind"]) == {"dividend"}
@@ -118,7 +118,7 @@ AV_ERRORS: dict[str, type[SourceError]] = {
 def test_every_alpha_vantage_file(path: Path, tmp_path: Path) -> None:
     if path.suffix == ".csv":  # the intraday-extended CSV: a vendor dump
         shutil.copy(path, tmp_path / "MSFT.csv")
-        collected = VendorFiles(SourceSettings(path=str(tmp_path))).collect(BarQuery("MSFT", "1m", *WIDE))
+        collected = VendorFiles(VendorFilesSettings(path=str(tmp_path))).collect(BarQuery("MSFT", "1m", *WIDE))
         assert len(collected.bars) == len(path.read_text().splitlines()) - 1
         return
     if "_SMA_" in path.name or "_RSI_" in path.name:

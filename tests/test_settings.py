@@ -128,6 +128,45 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "data_sources: [unclosed"))
 
 
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (("  files:\n    path: data/vendor", "  files:\n    paht: data/vendor"), "data_sources.files.paht"),
+        (("    timeout: 30\n", "    timeout: 30\n    outputsiz: full\n"), "data_sources.alpha_vantage.outputsiz"),
+        (("    rate_limit: 2000", "    rate_limit: 2000\n    adjusted: true"), "data_sources.yahoo_finance.adjusted"),
+    ],
+)
+def test_a_key_its_source_does_not_declare_is_refused_before_a_run(
+    tmp_path: Path, edit: tuple[str, str], key: str
+) -> None:
+    """A source's own keys are declared beside it; whichever source a run uses, every section is checked."""
+    from tasks.sources.base import check_sources
+
+    text = (CONFIG_DIR / "development.yaml").read_text()
+    assert edit[0] in text
+    path = write(tmp_path, text.replace(*edit))
+    with pytest.raises(ConfigError) as caught:
+        check_sources(load_settings(path))
+    message = str(caught.value)
+    env = "MARKETPIPE__" + key.replace(".", "__").upper()
+    assert f"{key}: unknown key: remove it or fix its spelling [file {path} or env {env}]" in message, message
+
+
+def test_a_sources_own_keys_reach_it_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.sources.alpha_vantage import AlphaVantageSettings
+    from tasks.sources.base import check_sources, load_source
+
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__OUTPUTSIZE", "full")
+    settings = load_settings()
+    check_sources(settings)
+    source = load_source("alpha_vantage", settings.source("alpha_vantage"))
+    assert isinstance(source.settings, AlphaVantageSettings)
+    assert (source.settings.outputsize, source.settings.adjusted, source.settings.rate_limit) == ("full", False, 25)
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__OUTPUTSIZE", "most")
+    with pytest.raises(ConfigError, match=r"data_sources\.alpha_vantage\.outputsize: Input should be 'compact' or"):
+        load_source("alpha_vantage", load_settings().source("alpha_vantage"))
+
+
 def test_unknown_source_says_how_to_add_it() -> None:
     with pytest.raises(ConfigError, match=r"data_sources\.polygon"):
         load_settings().source("polygon")

@@ -11,14 +11,15 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, date, timedelta, timezone, tzinfo
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from configs.settings import ConfigError
+from configs.settings import ConfigError, SourceSettings
 from tasks.bars import (
     OHLCV,
     Instrument,
@@ -79,9 +80,20 @@ _GMT_OFFSET = re.compile(r"^(?:GMT|UTC)\s*([+-])(\d{1,2})(?::?(\d{2}))?$", re.IG
 _TECHNICAL_PREFIX = "Technical Analysis:"
 
 
+class AlphaVantageSettings(SourceSettings):
+    """``data_sources.alpha_vantage``: the common keys, and which of AV's series and how much of it."""
+
+    outputsize: Literal["compact", "full"] = Field(
+        "compact", description="compact: the latest 100 daily bars; full: the whole history (a premium key)"
+    )
+    adjusted: bool = Field(False, description="the _ADJUSTED series, with adjusted close and corporate actions")
+
+
 class AlphaVantage(HttpSource):
     name = "alpha_vantage"
     vendor = "Alpha Vantage"
+    settings_model = AlphaVantageSettings
+    settings: AlphaVantageSettings
 
     def build_requests(self, query: BarQuery) -> list[httpx.Request]:
         """Intraday history is served one calendar month per call, so intraday queries fan out by month."""

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -24,8 +25,9 @@ import pandas as pd
 import tenacity
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
+from pydantic import ValidationError
 
-from configs.settings import ConfigError, SourceSettings
+from configs.settings import ConfigError, Settings, SourceSettings, describe
 from tasks.bars import Instrument, conform, conform_actions, empty_actions, empty_bars
 from tasks.errors import QuotaExhaustedError, RateLimitedError, SourceError, TransientSourceError
 from tasks.redaction import redact_url
@@ -136,9 +138,11 @@ class Source(ABC):
     """One data provider: turns a :class:`BarQuery` into a :class:`Collected`."""
 
     name: ClassVar[str]
+    # The source's keys: the common ones, plus any of its own in a subclass declared beside it.
+    settings_model: ClassVar[type[SourceSettings]] = SourceSettings
 
     def __init__(self, settings: SourceSettings, pacer: Pacer | None = None) -> None:
-        self.settings = settings
+        self.settings = own_settings(self.name, self.settings_model, settings)
         self.pacer = pacer
 
     @abstractmethod
@@ -332,16 +336,40 @@ for _name in ("httpx", "httpcore"):
 _SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def load_source(name: str, settings: SourceSettings, pacer: Pacer | None = None) -> Source:
-    """Instantiate the source whose module is ``tasks.sources.<name>``."""
+def source_class(name: str) -> type[Source]:
+    """The source whose module is ``tasks.sources.<name>``."""
     if not _SOURCE_NAME.fullmatch(name):
         raise ConfigError(f"invalid source name {name!r}: use the lowercase config key, e.g. yahoo_finance")
     try:
         module = importlib.import_module(f"tasks.sources.{name}")
     except ModuleNotFoundError:
         raise ConfigError(f"source {name!r} has a config entry but no module tasks/sources/{name}.py") from None
-    source_class: type[Source] = module.SOURCE
-    return source_class(settings, pacer)
+    found: type[Source] = module.SOURCE
+    return found
+
+
+def load_source(name: str, settings: SourceSettings, pacer: Pacer | None = None) -> Source:
+    """Instantiate the source whose module is ``tasks.sources.<name>``."""
+    return source_class(name)(settings, pacer)
+
+
+def own_settings[S: SourceSettings](
+    name: str, model: type[S], settings: SourceSettings, config_file: Path | None = None
+) -> S:
+    """``settings`` as the source's own model: its keys checked, a key it does not know refused."""
+    if type(settings) is model:
+        return settings
+    try:
+        return model.model_validate(settings.model_dump(exclude_unset=True))
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, config_file, ("data_sources", name))) from None
+
+
+def check_sources(settings: Settings) -> None:
+    """Every configured source's section against the keys its source declares, before a run: a key
+    misspelt in any of them is a config error, whichever source the run uses."""
+    for name, entry in settings.data_sources.items():
+        own_settings(name, source_class(name).settings_model, entry, settings.config_file)
 
 
 def pacer_for(name: str, settings: SourceSettings, state_dir: str, shard: Shard | None = None) -> Pacer:

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from configs.settings import ConfigError
+from configs.settings import ConfigError, SourceSettings
 from tasks.bars import (
     OHLCV,
     VALUE_COLUMNS,
@@ -57,8 +58,16 @@ class BadFileError(ValueError):
     """A file's content can't be used; :meth:`VendorFiles.parse` adds the file name and symbol."""
 
 
+class VendorFilesSettings(SourceSettings):
+    """``data_sources.files``: the common keys, and where the vendor files are."""
+
+    path: str | None = Field(None, description="directory of vendor files: SYMBOL.csv, SYMBOL.parquet ...")
+
+
 class VendorFiles(Source):
     name = "files"
+    settings_model = VendorFilesSettings
+    settings: VendorFilesSettings
 
     def collect(self, query: BarQuery) -> Collected:
         parts = [self.parse(query, path, self.fetch(query, path)) for path in self.build_requests(query)]
