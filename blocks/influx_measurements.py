@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import pandas as pd
+from pydantic import Field
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from blocks.line_protocol import batches, serialize
@@ -45,6 +46,13 @@ from blocks.store import (
 
 # Both backends' one retry policy for a write or delete: seconds before the first retry, then the
 # wait doubles (plus as much jitter) up to MAX_WAIT.
+# The connection fields both InfluxDB store blocks have, declared once (each block keeps its own
+# field order, so the block schemas `marketpipe setup` registers are unchanged).
+InfluxUrl = Annotated[str, Field(description="base URL of the InfluxDB HTTP API")]
+RequestTimeout = Annotated[float, Field(gt=0, description="seconds per request")]
+WriteAttempts = Annotated[int, Field(ge=1, description="attempts per batch before the write fails")]
+DEFAULT_URL = "http://localhost:8086"
+
 FIRST_WAIT = 0.5
 MAX_WAIT = 10.0
 ROWS_PER_CHUNK = 50_000

@@ -39,7 +39,16 @@ from pydantic import Field, SecretStr
 from urllib3.exceptions import LocationValueError, MaxRetryError, ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
-from blocks.influx_measurements import InfluxMeasurements, Send, beyond_retention, retrying
+from blocks.influx_measurements import (
+    DEFAULT_URL,
+    InfluxMeasurements,
+    InfluxUrl,
+    RequestTimeout,
+    Send,
+    WriteAttempts,
+    beyond_retention,
+    retrying,
+)
 from blocks.store import (
     BARS,
     Filters,
@@ -76,12 +85,12 @@ class InfluxDBStore(InfluxMeasurements, Block):
     _block_type_name: ClassVar[str] = "marketpipe InfluxDB store"
     _description: ClassVar[str] = "InfluxDB 2.x or InfluxDB Cloud: URL, organization, bucket and API token."
 
-    url: str = Field(default="http://localhost:8086", description="base URL of the InfluxDB API")
+    url: InfluxUrl = DEFAULT_URL
     org: str = Field(default="marketpipe", description="organization name (or ID) owning the bucket")
     bucket: str = Field(default="market_data", description="created on the first write when missing")
     token: SecretStr = Field(description="API token that may read and write the bucket (and create it)")
-    timeout: float = Field(default=30.0, gt=0, description="seconds per request")
-    write_attempts: int = Field(default=4, ge=1, description="attempts per batch before the write fails")
+    timeout: RequestTimeout = 30.0
+    write_attempts: WriteAttempts = 4
 
     _guard: ClassVar[threading.Lock] = threading.Lock()
 

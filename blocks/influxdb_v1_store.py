@@ -26,7 +26,16 @@ import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from blocks.influx_measurements import InfluxMeasurements, Send, beyond_retention, retrying
+from blocks.influx_measurements import (
+    DEFAULT_URL,
+    InfluxMeasurements,
+    InfluxUrl,
+    RequestTimeout,
+    Send,
+    WriteAttempts,
+    beyond_retention,
+    retrying,
+)
 from blocks.store import (
     BARS,
     Filters,
@@ -60,13 +69,13 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
     _description: ClassVar[str] = "InfluxDB 1.x (or 3.x's v1 API): database, retention policy, user, password."
     _reads_before_deleting: ClassVar[bool] = True  # influxd 1.6 hides series rewritten after a DELETE
 
-    url: str = Field(default="http://localhost:8086", description="base URL of the InfluxDB HTTP API")
+    url: InfluxUrl = DEFAULT_URL
     database: str = "market_data"
     retention_policy: str = Field(default="", description="empty: the database's default policy")
     username: str | None = None
     password: SecretStr | None = None
-    timeout: float = Field(default=30.0, gt=0, description="seconds per request")
-    write_attempts: int = Field(default=4, ge=1, description="attempts per batch before the write fails")
+    timeout: RequestTimeout = 30.0
+    write_attempts: WriteAttempts = 4
 
     _guard: ClassVar[threading.Lock] = threading.Lock()
     _ready: ClassVar[set[tuple[str, str]]] = set()
