@@ -1,5 +1,6 @@
 """Collection against the simulator, end to end: rate limits across processes, faults, incremental
-runs, quotas and secrets. Real processes, a real Prefect server, the sandbox and DuckDB."""
+runs, quotas and secrets. The CLI's own commands (child processes where two must share a limit or
+their log lines are searched), a real Prefect server, the sandbox and DuckDB."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 
 from blocks.duckdb_store import DuckDBStore
-from tests.conftest import BIN, REPO, Sandbox, server_home
+from tests.conftest import BIN, REPO, Sandbox, marketpipe_process, server_home
 from tests.conftest import marketpipe as run
 from tests.conftest import query_csv as query
 
@@ -207,7 +208,9 @@ def test_alpha_vantage_key_leaves_no_trace(env: dict[str, str], tmp_path: Path, 
         "PREFECT_LOGGING_LEVEL": "DEBUG",
         "PREFECT_LOGGING_ROOT_LEVEL": "INFO",  # httpx's request lines too
     }
-    result = run("run", "--source", "alpha_vantage", "--symbols", "IBM,MSFT,ERR", "--start", "2025-01-01", env=env)
+    # A child process: Prefect's log lines, searched for the key below, go to its own stderr.
+    args = ("run", "--source", "alpha_vantage", "--symbols", "IBM,MSFT,ERR", "--start", "2025-01-01")
+    result = marketpipe_process(*args, env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "ERR failed" in result.stdout
     assert "apikey=***" in result.stderr  # debug logging did print the request URLs, redacted
@@ -312,7 +315,7 @@ def test_setup_twice_changes_nothing_the_second_time(env: dict[str, str], tmp_pa
         AV_BLOCK: "setup-test-av",
         "ALPHA_VANTAGE_API_KEY": "first-key",
     }
-    first = run("setup", env=env)
+    first = marketpipe_process("setup", env=env)  # a child: its log lines are searched for the key too
     assert first.returncode == 0, first.stderr
     assert "concurrency limit collect:yahoo_finance = 3" in first.stdout
     assert "created  block marketpipe-duckdb-store/setup-test-store" in first.stdout

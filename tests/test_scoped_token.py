@@ -35,7 +35,7 @@ from flows.scoped_token import (
     retire_authorizations,
     store_token_in_secret,
 )
-from tests.conftest import marketpipe
+from tests.conftest import marketpipe, marketpipe_process
 from tests.servers import serving_http
 
 ORG, ORG_ID = "marketpipe", "0123456789abcdef"
@@ -365,7 +365,7 @@ def test_setup_saves_the_scoped_token_never_the_operator_token(
     }
     env.pop("KUBERNETES_SERVICE_HOST", None)
     args = ("setup", "--scoped-token-secret", SECRET, "--scoped-token-namespace", NAMESPACE)
-    first = marketpipe(*args, env=env)
+    first = marketpipe_process(*args, env=env)  # a child: its log lines are searched for the tokens too
     assert first.returncode == 0, first.stdout + first.stderr
     scoped = kubernetes.token()
     assert scoped.startswith("scoped-") and scoped == influxdb.authorizations[0]["token"]
