@@ -18,7 +18,7 @@ import pandas as pd
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.store import BarStore
 from tests.conftest import BIN, REPO, Sandbox
-from tests.conftest import marketpipe as run_marketpipe
+from tests.conftest import marketpipe_process as run_marketpipe
 from tests.servers import free_port, prefect_process
 
 Preexec = Callable[[], None]
