@@ -99,8 +99,10 @@ def run(
     """Run the market-data flow locally and print a per-symbol summary."""
     from configs.settings import load_settings
     from tasks.bars import parse_date, validate_interval, validate_symbols
+    from tasks.sources.base import check_sources
 
     settings = _or_exit(lambda: load_settings(config))
+    _or_exit(lambda: check_sources(settings))  # each source's own keys, before anything starts
     wanted = symbols.split(",") if symbols else settings.symbols
     checked = _or_exit(lambda: validate_symbols(wanted))
     _or_exit(lambda: validate_interval(interval))

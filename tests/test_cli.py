@@ -161,6 +161,16 @@ def test_invalid_config_exits_2_naming_the_key(env: dict[str, str], sandbox: San
     env_error = marketpipe("run", "--symbols", "AAPL", env={**env, "MARKETPIPE__STORAGE__BACKEND": "mongodb"})
     assert env_error.returncode == 2
     assert "storage.backend" in env_error.stderr
+    # A source's own key, misspelt in a section the run does not use, is refused before anything
+    # starts: on a new machine no local Prefect database is made first.
+    home = tmp_path / "new-machine"
+    bare = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    bare |= {"PREFECT_HOME": str(home), "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__OUTPUTSIZ": "full"}
+    typo = marketpipe("run", "--symbols", "AAPL", env=bare)
+    assert typo.returncode == 2
+    assert "data_sources.alpha_vantage.outputsiz: unknown key" in typo.stderr
+    assert "MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__OUTPUTSIZ" in typo.stderr
+    assert not list(home.rglob("*.db")), "a config error must come before the first run's database"
     assert sandbox.requests() == []
 
 

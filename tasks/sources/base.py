@@ -23,8 +23,6 @@ from typing import Any, ClassVar
 import httpx
 import pandas as pd
 import tenacity
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 from pydantic import ValidationError
 
 from configs.settings import ConfigError, Settings, SourceSettings, describe
@@ -306,6 +304,11 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    # Prefect is imported once a source logs, not with the module: `marketpipe run` checks the
+    # sources' settings before it starts anything, and Prefect takes seconds to import.
+    from prefect.exceptions import MissingContextError  # noqa: PLC0415
+    from prefect.logging import get_run_logger  # noqa: PLC0415
+
     try:
         return get_run_logger()
     except MissingContextError:
