@@ -81,6 +81,18 @@ class Written:
     rejected: list[RejectedBatch] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SpoolDepth:
+    """How much waits in the spool: batches, and when the oldest of them was spooled (None: empty)."""
+
+    batches: int
+    oldest: datetime | None = None
+
+    def age_seconds(self, now: datetime) -> float:
+        """How long the oldest batch has waited; 0 for an empty spool."""
+        return max(0.0, (now - self.oldest).total_seconds()) if self.oldest is not None else 0.0
+
+
 class ReplayStoppedError(StoreUnavailableError):
     """The store went away during a replay; carries what the replay did before it stopped."""
 
@@ -176,6 +188,17 @@ class Spool:
 
     def points(self) -> int:
         return sum(batch.points for batch in self.pending())
+
+    def depth(self) -> SpoolDepth:
+        """The batches waiting and the oldest one's age, from the listing alone: cheap enough for every run."""
+        names = self._pending_names()
+        for name in names:  # the oldest still there: a replayer may take batches meanwhile
+            try:
+                spooled = (self.directory / name).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            return SpoolDepth(len(names), datetime.fromtimestamp(spooled, UTC))
+        return SpoolDepth(0)
 
     def replay(self, store: BarStore) -> Replayed:
         """Write every spooled batch in append order; the store becoming unavailable stops it.

@@ -25,7 +25,7 @@ from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State
 
-from blocks.spool import REJECTED
+from blocks.spool import REJECTED, SpoolDepth
 from blocks.store import StoreError
 from blocks.stores import check_concurrent_writes
 from configs.settings import load_settings
@@ -35,11 +35,12 @@ from tasks.bars import empty_actions, empty_bars, validate_interval, validate_sy
 from tasks.collect import check_source, collect_bars, collect_batch
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.job import Job
+from tasks.monitoring.metrics import Operation, Traffic, operation_of
 from tasks.process import describe_counts, process_bars, process_batch
 from tasks.processing.pipeline import COUNTED, KindCounts, Processed
 from tasks.shards import Shard
 from tasks.sources.base import Collected
-from tasks.store import Stored, record_metrics, replay_spool, store_bars, store_batch
+from tasks.store import Stored, open_spool, record_metrics, replay_spool, store_bars, store_batch
 
 OK, FAILED, DEFERRED, SPOOLED = "ok", "failed", "deferred", "spooled"
 SUMMARY_KEY = "market-data-summary"  # the table artifact every run publishes
@@ -69,6 +70,14 @@ class SymbolResult:
     coverage: str = ""  # set when the series starts after its window's start: what is missing, what to do
     error: str = ""
     spool_rejected: list[str] = field(default_factory=list)  # the run's, on every row: batches the store refused
+    # Each stage's cost (tasks/monitoring/metrics.py): a failed stage's too, as far as it went.
+    collect_seconds: float = 0.0
+    process_seconds: float = 0.0
+    store_seconds: float = 0.0
+    retries: int = 0
+    rate_limited: int = 0  # answers saying we were too fast: HTTP 429, Alpha Vantage's `Note`
+    bytes_received: int = 0
+    bars_processed: int = 0  # the clean bars processing handed to the store
 
     def row(self) -> dict[str, Any]:
         """The summary row a run returns: each kind of count is a column of its own."""
@@ -167,7 +176,8 @@ def market_data(
     publish_summary(results, source, interval)
     metrics_error = ""
     try:  # neither store nor spool taking the metrics must not hide which symbols' bars they lost
-        record_metrics(run_metrics(results, source, interval, started), settings)
+        depth = open_spool(settings).depth()
+        record_metrics(run_metrics(results, source, interval, started, depth), settings)
     except StoreError as exc:
         metrics_error = str(exc)
     if metrics_error or any(r.status in (FAILED, SPOOLED) for r in results):
@@ -322,7 +332,19 @@ def _not_done(symbol: str, state: State[Any]) -> SymbolResult:
 def _failure(symbol: str, error: object, fallback: str) -> SymbolResult:
     status = DEFERRED if isinstance(error, QuotaExhaustedError) else FAILED
     message = str(error) if isinstance(error, BaseException) else ""
-    return SymbolResult(symbol, status, error=message or fallback)
+    result = SymbolResult(symbol, status, error=message or fallback)
+    cost = operation_of(error)
+    if cost is not None:  # the failed stage's own time; a stage before it succeeded is not carried on
+        setattr(result, f"{cost.stage}_seconds", cost.seconds)
+        _add_traffic(result, cost.traffic)
+    return result
+
+
+def _add_traffic(result: SymbolResult, traffic: Traffic) -> None:
+    result.requests = max(result.requests, traffic.requests)
+    result.retries += traffic.retries
+    result.rate_limited += traffic.rate_limited
+    result.bytes_received += traffic.bytes
 
 
 def _summarise(symbol: str, raw: Collected, outcome: Processed, written: Stored) -> SymbolResult:
@@ -334,7 +356,7 @@ def _summarise(symbol: str, raw: Collected, outcome: Processed, written: Stored)
         status, error = SPOOLED, "the store was unavailable, so its points wait in the spool"
     else:
         status, error = OK, ""
-    return SymbolResult(
+    result = SymbolResult(
         symbol,
         status,
         rows_written=written.bars,
@@ -356,11 +378,26 @@ def _summarise(symbol: str, raw: Collected, outcome: Processed, written: Stored)
         coverage=coverage.describe() if coverage and coverage.short else "",
         error=error,
         spool_rejected=[batch.name for batch in written.rejected],  # the flow puts the run's whole list here
+        collect_seconds=_seconds(raw.operation),
+        process_seconds=_seconds(outcome.operation),
+        store_seconds=_seconds(written.operation),
+        bars_processed=len(outcome.bars),
     )
+    if raw.operation is not None:
+        _add_traffic(result, raw.operation.traffic)
+    return result
 
 
-def run_metrics(results: list[SymbolResult], source: str, interval: str, started: datetime) -> pd.DataFrame:
-    """One `pipeline_metrics` row per symbol at the run's start: its outcome and counts, as floats."""
+def _seconds(cost: Operation | None) -> float:
+    return cost.seconds if cost is not None else 0.0
+
+
+def run_metrics(
+    results: list[SymbolResult], source: str, interval: str, started: datetime, spool: SpoolDepth | None = None
+) -> pd.DataFrame:
+    """One `pipeline_metrics` row per symbol at the run's start: its outcome, counts and each stage's
+    cost, as floats; and the spool's depth at the run's end, the same on every row."""
+    spool = spool or SpoolDepth(0)
     rows = [
         {
             "time": started,
@@ -381,6 +418,9 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
             **{kind: float(sum(r.counts.get(kind, {}).values())) for kind in COUNTED},
             "missing_sessions": _count(r.missing_sessions),
             "uncovered_sessions": _count(r.uncovered_sessions),
+            **stage_metrics(r),
+            "spool_depth": float(spool.batches),
+            "spool_oldest_seconds": spool.age_seconds(started),
         }
         for r in results
     ]
@@ -388,6 +428,24 @@ def run_metrics(results: list[SymbolResult], source: str, interval: str, started
     if not metrics.empty:
         metrics["time"] = pd.to_datetime(metrics["time"], utc=True).astype("datetime64[ns, UTC]")
     return metrics
+
+
+def stage_metrics(r: SymbolResult) -> dict[str, float]:
+    """Each stage's time, traffic and bars in and out, named ``<stage>_<what>`` for the dashboard."""
+    return {
+        "collect_seconds": r.collect_seconds,
+        "collect_requests": float(r.requests),
+        "collect_retries": float(r.retries),
+        "collect_rate_limited": float(r.rate_limited),
+        "collect_bytes": float(r.bytes_received),
+        "collect_bars_out": float(r.bars_collected),
+        "process_seconds": r.process_seconds,
+        "process_bars_in": float(r.bars_collected),
+        "process_bars_out": float(r.bars_processed),
+        "store_seconds": r.store_seconds,
+        "store_bars_in": float(r.bars_processed),
+        "store_bars_out": float(r.rows_written),
+    }
 
 
 def _count(value: int | None) -> float:

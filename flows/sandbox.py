@@ -285,6 +285,7 @@ class SandboxServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: SandboxServer
     protocol_version = "HTTP/1.1"
+    body_bytes = 0  # the last answer's body, for the request log
 
     def do_GET(self) -> None:
         arrived = time.time()
@@ -301,8 +302,9 @@ class _Handler(BaseHTTPRequestHandler):
         if config.latency:
             time.sleep(config.latency)
         entry: dict[str, Any] = {"t": arrived, "api": api, "symbol": symbol, "params": redact_params(params)}
+        self.body_bytes = 0
         status = self._answer(api, symbol, params, entry)
-        entry["status"] = status
+        entry["status"], entry["bytes"] = status, self.body_bytes
         self.server.record(entry)
 
     def _answer(self, api: str, symbol: str, params: dict[str, str], entry: dict[str, Any]) -> int:
@@ -362,6 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+            self.body_bytes = len(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (its timeout): nothing to answer
         return status

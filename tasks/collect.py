@@ -17,6 +17,7 @@ from configs.settings import CollectionSettings, Settings
 from tasks.bars import empty_bars, is_daily_or_longer
 from tasks.errors import HistoryUnavailableError, MarketpipeError, TransientSourceError
 from tasks.job import Job, batch_run_name, failed
+from tasks.monitoring.metrics import operation
 from tasks.restatement import restatement_reason
 from tasks.retention import clamp
 from tasks.shards import Shard
@@ -244,7 +245,9 @@ def collect_batch(job: Job, symbols: list[str]) -> dict[str, Collected | Excepti
 
 
 def collect_logged(job: Job, symbol: str) -> Collected:
-    collected = collect(job, symbol)
+    with operation("collect") as cost:
+        collected = collect(job, symbol)
+    collected.operation = cost
     if collected.clamped:
         get_run_logger().info("%s: %s", symbol, collected.clamped)
     if collected.restated and collected.window is not None:

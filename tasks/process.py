@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import process_pool
 from tasks.job import Job, batch_run_name, each_alone
+from tasks.monitoring.metrics import operation
 from tasks.processing.pipeline import Processed, process
 from tasks.sources.base import Collected
 
@@ -35,11 +36,13 @@ def process_logged(collected: Collected, job: Job, symbol: str) -> Processed:
     """One symbol's collected bars through :func:`process`, with the stored history collect brought along."""
     quality = job.settings.quality
     args = (collected, symbol, job.interval, quality, job.settings.indicators, collected.history)
-    if process_pool.running():
-        processed = process_pool.run(process, *args, stored_from=collected.stored_from)
-    else:
-        with _cpu_slots:
-            processed = process(*args, stored_from=collected.stored_from)
+    with operation("process") as cost:  # waiting for a core counts: it is part of what the stage takes
+        if process_pool.running():
+            processed = process_pool.run(process, *args, stored_from=collected.stored_from)
+        else:
+            with _cpu_slots:
+                processed = process(*args, stored_from=collected.stored_from)
+    processed.operation = cost
     logger = get_run_logger()
     for kind, counts in processed.counts.items():
         if counts:

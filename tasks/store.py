@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 from prefect import get_run_logger, task
@@ -13,6 +13,7 @@ from blocks.store import BARS, CORPORATE_ACTIONS, PIPELINE_METRICS, QUARANTINE, 
 from configs.settings import Settings
 from tasks.bars import BAR_COLUMNS
 from tasks.job import Job, batch_run_name, each_alone, store_for
+from tasks.monitoring.metrics import Operation, operation
 from tasks.processing.pipeline import Processed
 from tasks.processing.validation import QUARANTINE_COLUMNS
 
@@ -28,6 +29,7 @@ class Stored:
     dropped_by_retention: int = 0
     # What the store refused for good, by kind (bars, quarantine, corporate_actions), and why: lost.
     refused: dict[str, str] = field(default_factory=dict)
+    operation: Operation | None = None  # the store stage's time (a batch's, shared evenly by its symbols)
 
     def describe_refused(self) -> str:
         """Which writes the store refused and why, and what it took anyway."""
@@ -55,7 +57,12 @@ def store_batch(processed: dict[str, Processed], job: Job) -> dict[str, Stored |
     since a write's transaction and round trip cost more than its rows. If the store refuses one,
     each symbol is written alone, so an error fails only its symbol (what the store and spool
     can't take is already in its Stored)."""
-    return store_together(processed, job) or each_alone(processed, store_one, job)
+    with operation("store") as cost:
+        together = store_together(processed, job)
+    if together is None:
+        return each_alone(processed, store_one, job)
+    share = Operation("store", cost.seconds / max(1, len(together)))
+    return {symbol: replace(s, operation=share) if isinstance(s, Stored) else s for symbol, s in together.items()}
 
 
 def store_together(processed: dict[str, Processed], job: Job) -> dict[str, Stored | Exception] | None:
@@ -121,13 +128,14 @@ def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
     writes = writes_of(processed)
     outcomes: dict[str, Written] = {}
     refused: dict[str, str] = {}
-    for kind, rows in writes.items():
-        try:
-            outcomes[kind] = spool.write(store, kind, rows)
-        except StoreError as exc:  # refused for good, or neither the store nor the spool took it
-            get_run_logger().error("%s: %d %s rows not stored: %s", symbol, len(rows), kind, exc)
-            refused[kind] = str(exc)
-            outcomes[kind] = Written(0, 0)
+    with operation("store") as cost:
+        for kind, rows in writes.items():
+            try:
+                outcomes[kind] = spool.write(store, kind, rows)
+            except StoreError as exc:  # refused for good, or neither the store nor the spool took it
+                get_run_logger().error("%s: %d %s rows not stored: %s", symbol, len(rows), kind, exc)
+                refused[kind] = str(exc)
+                outcomes[kind] = Written(0, 0)
     return Stored(
         outcomes[BARS.name].written,
         outcomes[CORPORATE_ACTIONS.name].written,
@@ -136,6 +144,7 @@ def store_one(processed: Processed, job: Job, symbol: str) -> Stored:
         rejected=[batch for o in outcomes.values() for batch in o.rejected],
         dropped_by_retention=sum(dropped_by_retention(o.written) for o in outcomes.values()),
         refused=refused,
+        operation=cost,
     )
 
 

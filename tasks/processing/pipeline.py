@@ -19,6 +19,7 @@ import pandas as pd
 from configs.settings import IndicatorSpec, QualitySettings
 from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED
 from tasks.calendars import SessionGaps, calendar_for, missing_sessions
+from tasks.monitoring.metrics import Operation
 from tasks.processing.adjust import adjusted_prices, returns
 from tasks.processing.coverage import Coverage, check_coverage
 from tasks.processing.indicators import technical_indicators
@@ -100,6 +101,7 @@ class Processed:
     currency: str | None = None
     gaps: SessionGaps | None = None
     coverage: Coverage | None = None  # where the series starts against its window; None: not known
+    operation: Operation | None = None  # the process stage's time, set by the process task
 
     @property
     def rejected(self) -> dict[str, int]:

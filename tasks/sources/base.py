@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from configs.settings import ConfigError, Settings, SourceSettings, describe
 from tasks.bars import Instrument, conform, conform_actions, empty_actions, empty_bars
 from tasks.errors import QuotaExhaustedError, RateLimitedError, SourceError, TransientSourceError
+from tasks.monitoring.metrics import Operation, Traffic, metered
 from tasks.redaction import redact_url
 from tasks.shards import Shard, shard_limits, shard_window
 from tasks.sources.pacing import Pacer, rates_for, sends_per_second, utc_text
@@ -103,6 +104,7 @@ class Collected:
     # need before the new ones, and the stored series' first bar (None: nothing stored).
     history: pd.DataFrame | None = None
     stored_from: pd.Timestamp | None = None
+    operation: Operation | None = None  # the collect stage's time and traffic, set by the collect task
 
     @staticmethod
     def merge(parts: list[Collected]) -> Collected:
@@ -185,7 +187,11 @@ class HttpSource(Source):
             return json.loads(response.content.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             kind = response.headers.get("content-type", "unknown content type")
-            raise TransientSourceError(
+            # Yahoo's throttling page comes with status 200: it is a rate-limit answer all the same.
+            error = (
+                RateLimitedError if b"too many requests" in response.content[:4096].lower() else TransientSourceError
+            )
+            raise error(
                 self.name,
                 query.symbol,
                 f"{self.vendor} answered HTTP {response.status_code} with non-JSON ({kind}) instead of JSON{hint}: "
@@ -210,9 +216,18 @@ class HttpSource(Source):
             before_sleep=self._log_retry,
             reraise=True,
         )
+        traffic = metered() or Traffic()
         for attempt in attempts:
             with attempt:
-                part = self._parse(query, self._paced_send(http, query, request))
+                traffic.requests += 1
+                traffic.retries += attempt.retry_state.attempt_number > 1
+                try:
+                    response = self._paced_send(http, query, request)
+                    traffic.bytes += len(response.content)
+                    part = self._parse(query, response)
+                except (RateLimitedError, QuotaExhaustedError):  # a 429, or a `Note` saying so
+                    traffic.rate_limited += 1
+                    raise
                 part.requests = attempt.retry_state.attempt_number
                 return part
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
