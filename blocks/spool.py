@@ -87,6 +87,7 @@ class SpoolDepth:
 
     batches: int
     oldest: datetime | None = None
+    oldest_batch: str = ""  # its file name: what an alert about it is keyed on
 
     def age_seconds(self, now: datetime) -> float:
         """How long the oldest batch has waited; 0 for an empty spool."""
@@ -197,7 +198,7 @@ class Spool:
                 spooled = (self.directory / name).stat().st_mtime
             except FileNotFoundError:
                 continue
-            return SpoolDepth(len(names), datetime.fromtimestamp(spooled, UTC))
+            return SpoolDepth(len(names), datetime.fromtimestamp(spooled, UTC), name)
         return SpoolDepth(0)
 
     def replay(self, store: BarStore) -> Replayed:

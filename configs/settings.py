@@ -8,8 +8,10 @@ Precedence, highest first: ``MARKETPIPE__SECTION__KEY`` variables, the seed's pl
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextvars import ContextVar
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +19,7 @@ import exchange_calendars as xc
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -166,6 +169,79 @@ class QualitySettings(_Section):
     @classmethod
     def _known_calendars(cls, calendars: dict[str, str]) -> dict[str, str]:
         return {symbol.strip().upper(): trading_calendar_name(name) for symbol, name in calendars.items()}
+
+
+Level = Literal["info", "warning", "error", "critical"]
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _short_duration(value: Any) -> Any:
+    """``90m``, ``2h``, ``1d`` as a timedelta; ISO 8601 (``PT2H``) and seconds still work."""
+    if isinstance(value, str) and (found := _DURATION.match(value)):
+        return timedelta(seconds=float(found[1]) * _UNIT_SECONDS[found[2]])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_short_duration)]
+
+
+class AlertChannel(_Section):
+    """Where alerts go: a Prefect notification block `marketpipe setup` saves from this entry."""
+
+    kind: Literal["slack", "webhook"] = Field(
+        description="slack: an incoming-webhook URL; webhook: JSON {title, text, level} POSTed to the URL"
+    )
+    url: SecretStr = Field(description="the webhook URL; it often holds a token, so set it from the environment")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (webhook only)")
+
+
+class AlertRule(_Section):
+    enabled: bool = True
+    level: Level = "error"
+    channels: list[str] = Field(default_factory=list, description="channel names; empty: every channel")
+
+
+class SpoolRule(AlertRule):
+    level: Level = "warning"
+    older_than: Duration = Field(timedelta(hours=6), description="alert once the oldest spooled batch is older")
+
+
+class FreshnessRule(AlertRule):
+    level: Level = "warning"
+    deadline: Duration = Field(
+        timedelta(hours=2), description="a session's bar is due this long after its exchange's close"
+    )
+
+
+class AlertRules(_Section):
+    run_failed: AlertRule = AlertRule()  # a flow run failed or crashed (not for its symbols: those say so)
+    symbol_failed: AlertRule = AlertRule()  # a symbol failed or was spooled
+    spool_stale: SpoolRule = SpoolRule()
+    freshness: FreshnessRule = FreshnessRule()
+
+
+class AlertSettings(_Section):
+    """Alert channels and rules; `marketpipe setup` makes them notification blocks and Prefect automations."""
+
+    channels: dict[str, AlertChannel] = Field(default_factory=dict)
+    rules: AlertRules = AlertRules()
+    flows: list[str] = Field(
+        default_factory=lambda: ["market-data", "market-data-sharded", "maintenance", "monitor"],
+        description="the flows whose failed or crashed runs the run_failed rule reports",
+    )
+
+    @model_validator(mode="after")
+    def _known_channels(self) -> AlertSettings:
+        for name in type(self.rules).model_fields:
+            unknown = [c for c in getattr(self.rules, name).channels if c not in self.channels]
+            if unknown:
+                known = ", ".join(sorted(self.channels)) or "none configured"
+                raise ValueError(
+                    f"alerts.rules.{name}.channels names {', '.join(unknown)}, not a channel of alerts.channels "
+                    f"({known}): add it there or fix the name"
+                )
+        return self
 
 
 class RetentionSettings(_Section):
@@ -320,6 +396,7 @@ class Settings(BaseSettings):
     collection: CollectionSettings = CollectionSettings()
     quality: QualitySettings = QualitySettings()
     retention: RetentionSettings = RetentionSettings()
+    alerts: AlertSettings = AlertSettings()
     symbols: list[str] = Field(default_factory=list)
     indicators: list[IndicatorSpec] = Field(default_factory=default_indicators)
     _file: Path | None = PrivateAttr(None)
@@ -460,4 +537,5 @@ def describe(error: ValidationError, path: Path | None, within: tuple[str, ...] 
 
 
 def _looks_secret(location: list[str]) -> bool:
-    return any(part in {"api_key", "token", "password"} for part in location)
+    # Alert channels' URLs hold tokens, and a rule's error is told on the whole section.
+    return any(part in {"api_key", "token", "password", "alerts"} for part in location)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 from prefect import flow, get_run_logger
+from prefect.automations import Automation
 from prefect.blocks.core import Block
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
@@ -32,6 +33,7 @@ from flows.scoped_token import (
     retire_authorizations,
     store_token_in_secret,
 )
+from tasks.monitoring.automations import RULES, automation, block_name, block_values, comparable, notification_block
 from tasks.store import open_spool, replay_spool
 
 BLOCK_CLASSES: tuple[type[Block], ...] = (SourceCredentials, DuckDBStore, InfluxDBStore, InfluxDBV1Store)
@@ -119,9 +121,41 @@ def _save(kind: type[Block], name: str, block: Block | None, needs: str) -> Chan
 
 
 def _values(block: Block) -> dict[str, Any]:
-    """A block's field values with secrets revealed, to compare a saved block with a fresh one."""
-    values = {name: getattr(block, name) for name in type(block).model_fields}
-    return {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in values.items()}
+    return block_values(block)
+
+
+def ensure_alerts(settings: Settings) -> list[Change]:
+    """A notification block per ``alerts.channels`` entry, an automation per rule (tasks/monitoring/automations.py)."""
+    alerts = settings.alerts
+    if not alerts.channels:
+        return [Change("alerts: no alerts.channels configured, so no notification blocks or automations", "skipped")]
+    changes, ids = [], {}
+    for channel, entry in sorted(alerts.channels.items()):
+        name = block_name(channel)
+        block = notification_block(name, entry)
+        changes.append(_save(type(block), name, block, f"alerts.channels.{channel}.url"))
+        saved = cast(Block, type(block).load(name))
+        assert saved._block_document_id is not None  # a loaded block has its document
+        ids[channel] = saved._block_document_id
+    for rule in RULES:
+        changes.append(_ensure_automation(automation(rule, alerts, ids)))
+    return changes
+
+
+def _ensure_automation(desired: Automation) -> Change:
+    what = f"automation '{desired.name}'" + ("" if desired.enabled else " (disabled)")
+    try:
+        current: Automation | None = cast(Automation, Automation.read(name=desired.name))  # sync: no loop runs
+    except ValueError:
+        current = None
+    if current is None:
+        desired.create()
+        return Change(what, "created")
+    if comparable(current) == comparable(desired):
+        return Change(what, "unchanged")
+    desired.id = current.id
+    desired.update()
+    return Change(what, "updated")
 
 
 def apply_retention(settings: Settings) -> list[Change]:
@@ -162,6 +196,7 @@ def setup(settings: Settings, scoped: ScopedTokenTarget | None = None) -> list[C
             *register_blocks(),
             *save_blocks(settings),
             *apply_retention(settings),
+            *ensure_alerts(settings),
         ]
     if settings.storage.backend != "influxdb":
         raise ConfigError(
@@ -178,6 +213,7 @@ def setup(settings: Settings, scoped: ScopedTokenTarget | None = None) -> list[C
         *ensure_concurrency_limits(flow_runs),
         *register_blocks(),
         *save_blocks(flow_runs),
+        *ensure_alerts(flow_runs),
     ]
 
 

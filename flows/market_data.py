@@ -24,17 +24,19 @@ import pandas as pd
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State
+from prefect.runtime import flow_run
 
 from blocks.spool import REJECTED, SpoolDepth
 from blocks.store import StoreError
 from blocks.stores import check_concurrent_writes
-from configs.settings import load_settings
+from configs.settings import AlertRules, load_settings
 from flows import progress
 from tasks import process_pool
 from tasks.bars import empty_actions, empty_bars, validate_interval, validate_symbols
 from tasks.collect import check_source, collect_bars, collect_batch
 from tasks.errors import QuotaExhaustedError, UsageError
 from tasks.job import Job
+from tasks.monitoring.alerts import SYMBOL_FAILED, SYMBOL_SPOOLED, Alert, send_alerts, symbol_resource
 from tasks.monitoring.metrics import Operation, Traffic, operation_of
 from tasks.process import describe_counts, process_bars, process_batch
 from tasks.processing.pipeline import COUNTED, KindCounts, Processed
@@ -174,6 +176,7 @@ def market_data(
     for result in results:
         result.spool_rejected = rejected
     publish_summary(results, source, interval)
+    send_alerts(symbol_alerts(results, source, interval, settings.storage.spool_dir, settings.alerts.rules))
     metrics_error = ""
     try:  # neither store nor spool taking the metrics must not hide which symbols' bars they lost
         depth = open_spool(settings).depth()
@@ -450,6 +453,35 @@ def stage_metrics(r: SymbolResult) -> dict[str, float]:
 
 def _count(value: int | None) -> float:
     return float("nan") if value is None else float(value)
+
+
+def symbol_alerts(
+    results: list[SymbolResult], source: str, interval: str, spool_dir: str, rules: AlertRules
+) -> list[Alert]:
+    """One alert event per symbol that failed or was spooled, naming the run and what to do."""
+    run = f"{flow_run.get_flow_name()}/{flow_run.get_name()}"
+    related = [{"prefect.resource.id": f"prefect.flow-run.{flow_run.get_id()}", "prefect.resource.role": "flow-run"}]
+    alerts = []
+    for r in results:
+        if r.status == FAILED:
+            event, message = SYMBOL_FAILED, f"{r.symbol} failed in run {run}"
+            todo = f"fix what the error names, then `marketpipe run --symbols {r.symbol}` or retry the run"
+        elif r.status == SPOOLED:
+            event, message = SYMBOL_SPOOLED, f"{r.symbol}'s bars were spooled in run {run}: the store did not take them"
+            todo = f"bring the store back, then `marketpipe replay` (the next run replays {spool_dir} too)"
+        else:
+            continue
+        details = {
+            "symbol": r.symbol,
+            "source": source,
+            "interval": interval,
+            "run": run,
+            "error": r.error,
+            "what to do": todo,
+        }
+        resource = symbol_resource(r.symbol, source, interval)
+        alerts.append(Alert(event, rules.symbol_failed.level, message, resource, details, related=related))
+    return alerts
 
 
 def publish_summary(results: list[SymbolResult], source: str, interval: str) -> None:

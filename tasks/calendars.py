@@ -167,6 +167,32 @@ def sessions_before(first: date, bar_time: pd.Timestamp, interval: str, calendar
     return len(cal.sessions_in_range(lo, hi)) if lo <= hi else 0
 
 
+def due_session(calendar: str, cutoff: pd.Timestamp) -> date | None:
+    """The latest session whose close is at or before ``cutoff``: the one a fresh series must hold by then.
+
+    The freshness SLA asks this with ``now - deadline``; weekends and holidays have no close, so they
+    never make a bar due. None when the calendar can't reach the date.
+    """
+    name = str(xc.resolve_alias(calendar))
+    cutoff = _utc(pd.DatetimeIndex([cutoff]))[0]
+    first = (cutoff - pd.Timedelta(days=15)).tz_localize(None)  # covers any holiday run
+    cal = _calendar_covering(name, first.normalize(), cutoff.tz_localize(None).normalize())
+    if cal is None:
+        return None
+    sessions = cal.sessions_in_range(
+        max(first.normalize(), cal.first_session), min(cutoff.tz_localize(None).normalize(), cal.last_session)
+    )
+    closes = cal.closes.reindex(sessions)
+    closed = sessions[(closes <= cutoff).to_numpy()]
+    return closed[-1].date() if len(closed) else None
+
+
+def session_of(bar_time: pd.Timestamp, interval: str, calendar: str) -> date:
+    """The session a bar belongs to (see the module's note on session dates)."""
+    zone = "UTC" if is_daily_or_longer(interval) else _calendar_zone(str(xc.resolve_alias(calendar)))
+    return _session_dates(_utc(pd.DatetimeIndex([bar_time])), zone)[0].date()
+
+
 def _utc(stamps: pd.DatetimeIndex) -> pd.DatetimeIndex:
     """Bar times are UTC by contract; a naive stamp is read as UTC rather than refused."""
     return stamps.tz_localize("UTC") if stamps.tz is None else stamps.tz_convert("UTC")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SECRET_PARAMS = frozenset({"apikey", "api_key", "token", "password", "key"})
+URL_IN_TEXT = re.compile(r"https?://\S+")
 
 
 def redact_params(params: dict[str, str]) -> dict[str, str]:
@@ -23,3 +25,8 @@ def redact_url(url: str) -> str:
 
 def _shown(key: str, value: str) -> str:
     return "***" if key.lower() in SECRET_PARAMS else value
+
+
+def redact_text(text: str) -> str:
+    """Every URL in ``text`` redacted: for messages that leave the process (log lines, alerts)."""
+    return URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text

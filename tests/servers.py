@@ -82,9 +82,12 @@ def migrated_prefect_database(env: dict[str, str], timeout: float) -> Path:
 
 
 @contextmanager
-def prefect_process(home: Path, port: int, timeout: float = 300) -> Iterator[subprocess.Popen[bytes]]:
+def prefect_process(
+    home: Path, port: int, timeout: float = 300, services: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
     """`prefect server start` (SQLite under ``home``) on ``port``; the same ``home`` and ``port`` make
-    a restart of the same server, its database kept.
+    a restart of the same server, its database kept. With ``services`` it also runs its background
+    services (automations' triggers and actions among them), which most tests do without.
 
     The timeout allows for two servers starting at once on two cores that other work keeps busy.
     """
@@ -94,16 +97,18 @@ def prefect_process(home: Path, port: int, timeout: float = 300) -> Iterator[sub
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "prefect.db").exists():
         shutil.copyfile(migrated_prefect_database(env, timeout), home / "prefect.db")
-    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"]
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    if not services:
+        command.append("--no-services")
     with _serving("Prefect server", command, home / "server.log", f"{url}/health", 200, timeout, env) as process:
         yield process
 
 
 @contextmanager
-def prefect_server(home: Path, timeout: float = 300) -> Iterator[str]:
+def prefect_server(home: Path, timeout: float = 300, services: bool = False) -> Iterator[str]:
     """`prefect server start` (SQLite under ``home``) on a free port; yields its API URL."""
     port = free_port()
-    with prefect_process(home, port, timeout):
+    with prefect_process(home, port, timeout, services):
         yield f"http://127.0.0.1:{port}/api"
 
 

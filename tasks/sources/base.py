@@ -29,7 +29,7 @@ from configs.settings import ConfigError, Settings, SourceSettings, describe
 from tasks.bars import Instrument, conform, conform_actions, empty_actions, empty_bars
 from tasks.errors import QuotaExhaustedError, RateLimitedError, SourceError, TransientSourceError
 from tasks.monitoring.metrics import Operation, Traffic, metered
-from tasks.redaction import redact_url
+from tasks.redaction import redact_text, redact_url
 from tasks.shards import Shard, shard_limits, shard_window
 from tasks.sources.pacing import Pacer, rates_for, sends_per_second, utc_text
 
@@ -330,9 +330,6 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return logger
 
 
-_URL_IN_TEXT = re.compile(r"https?://\S+")
-
-
 class RedactSecrets(logging.Filter):
     """Rewrites URLs in log records so an API key in a query string never reaches a log line.
 
@@ -342,7 +339,7 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "://" in message:
-            record.msg = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), message)
+            record.msg = redact_text(message)
             record.args = None
         return True
 
