@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from blocks.spool import Replayed
     from flows.sandbox import SandboxConfig
     from flows.scoped_token import ScopedTokenTarget
+    from tasks.monitoring.health import Status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -500,6 +501,56 @@ def _print_rejected(done: Replayed, directory: Path) -> None:
             highlight=False,
             soft_wrap=True,
         )
+
+
+@app.command()
+def status(
+    symbols: Annotated[str | None, typer.Option(help="Comma-separated symbols (default: the config's)")] = None,
+    source: Annotated[str, typer.Option()] = "yahoo_finance",
+    interval: Annotated[str, typer.Option()] = "1d",
+    format: Annotated[Literal["table", "json"], typer.Option("--format")] = "table",  # noqa: A002
+    config: ConfigOption = None,
+) -> None:
+    """Health of the store, the Prefect API, the spool and each symbol's freshness; exits 1 if anything is unhealthy."""
+    from prefect.settings import PREFECT_API_URL
+
+    from blocks.stores import store_from_settings
+    from configs.settings import load_settings
+    from tasks.bars import validate_interval, validate_symbols
+    from tasks.monitoring.health import check_status
+
+    settings = _or_exit(lambda: load_settings(config))
+    checked = _or_exit(lambda: validate_symbols(symbols.split(",") if symbols else settings.symbols))
+    _or_exit(lambda: validate_interval(interval))
+    _or_exit(lambda: settings.source(source))
+    store = _or_exit(lambda: store_from_settings(settings.storage))
+    now = datetime.now(UTC)
+    found = check_status(settings, store, checked, source, interval, now, PREFECT_API_URL.value())
+    if format == "json":
+        sys.stdout.write(json.dumps(found.as_json(), indent=1) + "\n")
+    else:
+        _print_status(found)
+    if not found.healthy:
+        _error(f"unhealthy: {', '.join(found.unhealthy())}")
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_status(found: Status) -> None:
+    """The checks, then one row per symbol; what is unhealthy in red, with what to do."""
+    parts = Table(show_lines=False)
+    for column in ("check", "state", "detail"):
+        parts.add_column(column, overflow="fold")
+    for check in found.checks:
+        parts.add_row(check.name, "[green]ok[/]" if check.healthy else "[red]unhealthy[/]", escape(check.detail))
+    console.print(parts)
+    per_symbol = Table(show_lines=False)
+    for column in ("symbol", "last bar", "freshness", "due session", "last run", "detail"):
+        per_symbol.add_column(column, overflow="fold")
+    for row in found.symbols:
+        state = row.freshness if row.healthy else f"[red]{row.freshness}[/]"
+        per_symbol.add_row(row.symbol, row.last_bar, state, row.due, escape(row.last_run), escape(row.detail))
+    console.print(per_symbol)
+    console.print("healthy" if found.healthy else "[red]unhealthy[/]", highlight=False)
 
 
 @app.command()

@@ -23,8 +23,15 @@ from tests.conftest import BIN, REPO, Sandbox, prefect, stop, wait_until_final
 from tests.test_store_conformance import unavailable
 
 DEPLOYMENT_FILES = ("prefect.yaml", "prefect.local.yaml")
-DEPLOYMENTS = ["market-data-daily", "market-data-backfill", "maintenance", "market-data-shard", "market-data-sharded"]
-FLOWS = {"maintenance": "maintenance", "market-data-sharded": "market-data-sharded"}  # else market-data
+DEPLOYMENTS = [
+    "market-data-daily",
+    "market-data-backfill",
+    "maintenance",
+    "monitor",
+    "market-data-shard",
+    "market-data-sharded",
+]
+FLOWS = {"maintenance": "maintenance", "monitor": "monitor", "market-data-sharded": "market-data-sharded"}
 
 
 def deployments(file: str) -> dict[str, dict[str, Any]]:
