@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,33 @@ def test_a_calendar_override_is_checked_and_resolved_when_the_config_is_read(tmp
     bad.write_text("data_sources: {}\nquality:\n  calendars: {SPY: NYSEE}\n")
     with pytest.raises(ConfigError, match=r"quality\.calendars.*NYSEE"):
         load_settings(str(bad))
+
+
+@pytest.mark.parametrize("file", ["development.yaml", "production.yaml"])
+def test_the_commented_alerts_example_is_a_valid_config(
+    file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (CONFIG_DIR / file).read_text()
+    example = text[text.index("# alerts:") :].split("\n\n")[0]
+    uncommented = "\n".join(line[2:] for line in example.splitlines())
+    config = tmp_path / "alerts.yaml"
+    config.write_text(text + "\n" + uncommented + "\n")
+    monkeypatch.setenv("MARKETPIPE__ALERTS__CHANNELS__OPS__URL", "https://hooks.example/T0/B0/secret")
+    monkeypatch.setenv("MARKETPIPE__ALERTS__CHANNELS__PAGER__URL", "https://pager.example/hook")
+    alerts = load_settings(config).alerts
+    assert sorted(alerts.channels) == ["ops", "pager"]
+    assert alerts.rules.freshness.deadline == timedelta(hours=2)
+    assert alerts.rules.spool_stale.older_than == timedelta(hours=6)
+
+
+def test_an_alert_rule_naming_an_unknown_channel_is_a_config_error_that_hides_the_urls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MARKETPIPE__ALERTS__CHANNELS__OPS__KIND", "webhook")
+    monkeypatch.setenv("MARKETPIPE__ALERTS__CHANNELS__OPS__URL", "https://hooks.example/?token=s3cret")
+    monkeypatch.setenv("MARKETPIPE__ALERTS__RULES__FRESHNESS__CHANNELS", '["opz"]')
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "alerts.rules.freshness.channels names opz" in message and "(ops)" in message
+    assert "s3cret" not in message
