@@ -13,11 +13,13 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from blocks.store import BarStore
 from blocks.stores import store_from_settings
 from configs.settings import Settings, load_settings
 from tasks.bars import validate_interval, validate_symbols
 from tasks.monitoring.alerts import FRESHNESS_BREACHED, SPOOL_STALE, Alert, send_alerts, symbol_resource
 from tasks.monitoring.freshness import Freshness, check_freshness, duration_text
+from tasks.monitoring.health import last_run
 from tasks.store import open_spool
 
 FRESHNESS_KEY = "marketpipe-freshness"
@@ -38,7 +40,8 @@ def monitor(
     now = as_of or datetime.now(UTC)
     store = store_from_settings(settings.storage)
     checked = check_freshness(store, settings, checked_symbols, source, interval, now)
-    alerts = freshness_alerts(checked, settings) + spool_alerts(settings, now)
+    runs = {f.symbol: last_run_text(store, f) for f in checked if f.breached}
+    alerts = freshness_alerts(checked, settings, runs) + spool_alerts(settings, now)
     sent = send_alerts(alerts)
     stale = [f for f in checked if f.breached]
     logger = get_run_logger()
@@ -56,7 +59,13 @@ def monitor(
     return {"symbols": len(checked), "stale": len(stale), "alerts_sent": sent}
 
 
-def freshness_alerts(checked: list[Freshness], settings: Settings) -> list[Alert]:
+def last_run_text(store: BarStore, fresh: Freshness) -> str:
+    """The symbol's last market-data run, as its pipeline_metrics recorded it."""
+    outcome, when = last_run(store, fresh.symbol, fresh.source, fresh.interval)
+    return f"{outcome}, started {when}" if outcome else "none recorded"
+
+
+def freshness_alerts(checked: list[Freshness], settings: Settings, runs: dict[str, str] | None = None) -> list[Alert]:
     """One alert per stale series and missing session: the next check finds it again, and alerts no more."""
     rule = settings.alerts.rules.freshness
     if not rule.enabled:
@@ -73,6 +82,7 @@ def freshness_alerts(checked: list[Freshness], settings: Settings) -> list[Alert
                 "interval": f.interval,
                 "calendar": str(f.calendar),
                 "last bar": str(f.last_bar) if f.last_bar is not None else "none stored",
+                "last run": (runs or {}).get(f.symbol, "unknown"),
                 "what to do": f.describe(),
             },
             key=f"freshness:{f.source}:{f.interval}:{f.symbol}:{f.due}",

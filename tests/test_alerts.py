@@ -191,6 +191,7 @@ def test_a_missed_deadline_alerts_once_and_a_holiday_never(alerting: tuple[Recei
     assert len(alerts) == 1, alerts
     (alert,) = alerts
     assert alert["title"] == "marketpipe warning: AAPL has no bar for the 2024-04-01 session, due 2h after its close"
+    assert "last run: ok, started 20" in alert["text"]
     assert "calendar: XNYS" in alert["text"] and "marketpipe run --symbols AAPL" in alert["text"]
     # The next check finds the same breach: it is not told again.
     assert monitor(["AAPL"], as_of=late.replace(minute=45))["alerts_sent"] == 0
