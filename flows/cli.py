@@ -554,6 +554,46 @@ def _print_status(found: Status) -> None:
 
 
 @app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write")],
+    symbols: Annotated[str | None, typer.Option(help="Comma-separated symbols (default: the config's)")] = None,
+    start: Annotated[str | None, typer.Option(help="First date, YYYY-MM-DD (default: the first bar)")] = None,
+    end: Annotated[str | None, typer.Option(help="Last date, YYYY-MM-DD, inclusive (default: the last bar)")] = None,
+    source: Annotated[str, typer.Option()] = "yahoo_finance",
+    interval: Annotated[str, typer.Option()] = "1d",
+    config: ConfigOption = None,
+) -> None:
+    """Write the data-quality report: one self-contained HTML page with its charts, viewable offline."""
+    from blocks.store import StoreError
+    from blocks.stores import store_from_settings
+    from configs.settings import load_settings
+    from tasks.bars import parse_date, validate_interval, validate_symbols
+    from tasks.monitoring.quality import build_report
+    from tasks.monitoring.report_page import render_html
+
+    settings = _or_exit(lambda: load_settings(config))
+    checked = _or_exit(lambda: validate_symbols(symbols.split(",") if symbols else settings.symbols))
+    _or_exit(lambda: validate_interval(interval))
+    first = _or_exit(lambda: parse_date(start, "--start"))
+    last = _or_exit(lambda: parse_date(end, "--end"))
+    if first and last and first > last:
+        _or_exit(lambda: _raise(UsageError(f"--start {first} is after --end {last}: swap them")))
+    store = _or_exit(lambda: store_from_settings(settings.storage))
+    try:
+        built = _or_exit(lambda: build_report(store, settings, checked, source, interval, first, last))
+    except StoreError as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
+    page = render_html(built)
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        _error(f"cannot write {out}: {exc.strerror or exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    console.print(f"wrote {out} ({len(page.encode()) / 1e6:.1f} MB, {len(checked)} symbol(s))", highlight=False)
+
+
+@app.command()
 def setup(
     config: ConfigOption = None,
     scoped_token_secret: Annotated[

@@ -167,6 +167,17 @@ def sessions_before(first: date, bar_time: pd.Timestamp, interval: str, calendar
     return len(cal.sessions_in_range(lo, hi)) if lo <= hi else 0
 
 
+def expected_sessions(calendar: str, first: date, last: date) -> pd.DatetimeIndex | None:
+    """The calendar's sessions from ``first`` to ``last`` inclusive (naive midnights); None where it can't tell."""
+    name = str(xc.resolve_alias(calendar))
+    lo, hi = pd.Timestamp(first), pd.Timestamp(last)
+    cal = _calendar_covering(name, lo, hi)
+    if cal is None:
+        return None
+    lo, hi = max(lo, cal.first_session), min(hi, cal.last_session)
+    return pd.DatetimeIndex(cal.sessions_in_range(lo, hi)) if lo <= hi else pd.DatetimeIndex([])
+
+
 def due_session(calendar: str, cutoff: pd.Timestamp) -> date | None:
     """The latest session whose close is at or before ``cutoff``: the one a fresh series must hold by then.
 
