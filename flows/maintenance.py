@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.automations import Automation
 from prefect.blocks.core import Block
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -33,7 +34,11 @@ from flows.scoped_token import (
     retire_authorizations,
     store_token_in_secret,
 )
+from tasks.bars import validate_symbols
+from tasks.errors import UsageError
 from tasks.monitoring.automations import RULES, automation, block_name, block_values, comparable, notification_block
+from tasks.monitoring.quality import build_report
+from tasks.monitoring.report_page import render_markdown
 from tasks.store import open_spool, replay_spool
 
 BLOCK_CLASSES: tuple[type[Block], ...] = (SourceCredentials, DuckDBStore, InfluxDBStore, InfluxDBV1Store)
@@ -217,9 +222,23 @@ def setup(settings: Settings, scoped: ScopedTokenTarget | None = None) -> list[C
     ]
 
 
+QUALITY_KEY = "data-quality"  # the markdown artifact of each maintenance run
+
+
+def publish_quality(settings: Settings, source: str = "yahoo_finance", interval: str = "1d") -> str:
+    """The data-quality summary of the configured symbols (`marketpipe report`'s table) as an artifact."""
+    store = store_from_settings(settings.storage)
+    try:
+        summary = render_markdown(build_report(store, settings, validate_symbols(settings.symbols), source, interval))
+    except UsageError as exc:  # nothing stored yet: say so, the maintenance itself is fine
+        summary = f"# Data quality: {source} {interval}\n\n{exc}\n"
+    create_markdown_artifact(key=QUALITY_KEY, markdown=summary, description=f"{source} {interval} data quality")
+    return summary
+
+
 @flow(name="maintenance", log_prints=True, retries=1, retry_delay_seconds=300)
 def maintenance(config: str | None = None) -> list[dict[str, str]]:
-    """Daily: the store answers, retention holds, and nothing waits in the spool."""
+    """Daily: the store answers, retention holds, nothing waits in the spool; and the data-quality summary."""
     settings = load_settings(config)
     logger = get_run_logger()
     store_from_settings(settings.storage).health()
@@ -228,6 +247,7 @@ def maintenance(config: str | None = None) -> list[dict[str, str]]:
     changes.append(Change(f"spool: replayed {replayed.points} points", "updated" if replayed.points else "unchanged"))
     for change in changes:
         logger.info("%s: %s", change.outcome, change.what)
+    publish_quality(settings)
     left = open_spool(settings).points()
     if left:
         raise StoreError(f"{left} points are still spooled in {settings.storage.spool_dir}: the store refuses them")
