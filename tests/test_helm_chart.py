@@ -850,3 +850,59 @@ def test_deployments_override_job_variables() -> None:
     # a deployment's env adds to the pool's, it does not replace it
     assert env["MARKETPIPE__COLLECTION__OVERLAP_DAYS"] == "10"
     assert env["INFLUXDB_URL"] == "http://mp-marketpipe-influxdb.marketpipe.svc:8086"
+
+
+# --- the Grafana dashboard ----------------------------------------------------------------------
+
+DASHBOARD_FILE = CHART / "files" / "grafana" / "marketpipe.json"
+DASHBOARDS_ON = merged(MINIMAL, {"grafana": {"dashboards": {"enabled": True}}})
+
+
+def test_the_dashboard_configmap_is_off_by_default(case: tuple[str, list[Doc]]) -> None:
+    _, docs = case
+    assert not [d for d in docs if "grafana_dashboard" in d["metadata"].get("labels", {})]
+
+
+def test_the_dashboard_reaches_grafanas_sidecar_by_its_label() -> None:
+    report = helm.lint(CHART, DASHBOARDS_ON, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+    dashboard = one(render(DASHBOARDS_ON), "ConfigMap", "-grafana-dashboard")
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(dashboard, version, strict=True)
+    assert dashboard["metadata"]["namespace"] == NAMESPACE
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "annotations" not in dashboard["metadata"]
+    # the file as it is: Grafana's own ${datasource} and $symbol are left for Grafana
+    assert dashboard["data"]["marketpipe.json"] == DASHBOARD_FILE.read_text()
+    assert json.loads(dashboard["data"]["marketpipe.json"])["uid"] == "marketpipe"
+
+
+def test_the_dashboards_label_namespace_and_folder_follow_the_sidecars_settings() -> None:
+    values = merged(
+        DASHBOARDS_ON,
+        {
+            "grafana": {
+                "dashboards": {
+                    "label": "grafana.example/dashboard",
+                    "labelValue": "markets",
+                    "namespace": "monitoring",
+                    "annotations": {"grafana_folder": "Markets"},
+                }
+            }
+        },
+    )
+    dashboard = one(render(values), "ConfigMap", "-grafana-dashboard")
+    kubernetes_validate.validate(dashboard, KUBE_VERSION, strict=True)
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["labels"]["grafana.example/dashboard"] == "markets"
+    assert "grafana_dashboard" not in dashboard["metadata"]["labels"]
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Markets"}
+
+
+@pytest.mark.parametrize(
+    "dashboards",
+    [{"enabled": "yes"}, {"label": "not a label"}, {"labelValue": 1}, {"namespace": "Monitoring"}, {"folder": "x"}],
+    ids=["enabled-string", "label-with-spaces", "value-number", "namespace-uppercase", "unknown-key"],
+)
+def test_dashboard_values_outside_the_schema_fail(dashboards: dict[str, Any]) -> None:
+    assert "schema" in render_error(merged(MINIMAL, {"grafana": {"dashboards": dashboards}}))
