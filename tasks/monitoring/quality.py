@@ -84,7 +84,7 @@ def build_report(
     start: date | None = None,
     end: date | None = None,
 ) -> QualityReport:
-    """Read each symbol's bars, quarantine and run metrics in the range; a UsageError if none has bars."""
+    """Each symbol's bars and quarantine in the range, and its recorded runs; a UsageError if none has bars."""
     lo = pd.Timestamp(start, tz="UTC").to_pydatetime() if start else None
     hi = (pd.Timestamp(end, tz="UTC") + pd.Timedelta(days=1)).to_pydatetime() if end else None
     found, runs = [], []
@@ -92,12 +92,8 @@ def build_report(
         bars = store.read_bars(symbol, interval, source, lo, hi)
         quarantined = store.read_quarantine(symbol, interval, source, lo, hi)
         metrics = store.read_metrics(symbol, source)
-        if not metrics.empty:
+        if not metrics.empty:  # every run: a run's time is when it ran, not the bars' dates the range bounds
             metrics = metrics[metrics["interval"] == interval]
-            if lo is not None:
-                metrics = metrics[metrics["time"] >= lo]
-            if hi is not None:
-                metrics = metrics[metrics["time"] < hi]
             runs.append(metrics)
         calendar = calendar_for(symbol, Instrument(), settings.quality.calendars.get(symbol.upper()))
         found.append(_symbol_quality(symbol, calendar, bars, quarantined, interval, metrics))

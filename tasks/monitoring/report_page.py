@@ -52,7 +52,7 @@ def render_html(report: QualityReport) -> str:
         if len(s.bars)
     ]
     health = health_figure(report)
-    no_runs = "" if health else '<p class="note">no run metrics recorded in this range</p>'
+    no_runs = "" if health else '<p class="note">no run metrics recorded for these symbols</p>'
     figures.append(("pipeline-health", "Pipeline health per run (pipeline_metrics)", health, no_runs))
     sections, first = [], True
     for section_id, title, figure, extra in figures:
