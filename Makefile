@@ -7,7 +7,7 @@ export MYPY_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/marketpipe/mypy
 
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: install demo test drills lint format clean
+.PHONY: install demo test drills pictures lint format clean
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -36,6 +36,10 @@ test: lint
 # Fault drills against the real parts; each prints what it injected and what survived, then the table.
 drills: install
 	$(UV) run --frozen pytest tests/drills -m drill
+
+# The README's pictures (docs/images), from replayed real Yahoo responses into influxd and DuckDB.
+pictures: install
+	$(UV) run --frozen python -m tests.pictures docs/images
 
 format: install
 	$(UV) run --frozen ruff format .
