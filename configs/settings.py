@@ -190,7 +190,7 @@ class AlertChannel(_Section):
     """Where alerts go: a Prefect notification block `marketpipe setup` saves from this entry."""
 
     kind: Literal["slack", "webhook"] = Field(
-        description="slack: an incoming-webhook URL; webhook: JSON {title, text, level} POSTed to the URL"
+        description="slack: an incoming-webhook URL; webhook: JSON {title, text, source} POSTed to the URL"
     )
     url: SecretStr = Field(description="the webhook URL; it often holds a token, so set it from the environment")
     headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (webhook only)")
