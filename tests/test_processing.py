@@ -15,6 +15,7 @@ from configs.settings import QualitySettings, default_indicators
 from tasks.bars import conform, flag_missing
 from tasks.process import describe_counts
 from tasks.processing.adjust import add_adjusted_prices, add_returns
+from tasks.processing.indicators import indicator_columns, lookback_bars
 from tasks.processing.missing import FLAG_FILLED, apply_missing_policy
 from tasks.processing.pipeline import Processed, process
 from tasks.processing.validation import RULES
@@ -165,6 +166,23 @@ def test_incremental_returns_use_the_stored_previous_bar() -> None:
         full.bars["return_1"].iloc[25:],
         rtol=1e-12,
     )
+
+
+def test_an_incremental_run_past_the_lookback_equals_a_full_run_for_every_default_indicator() -> None:
+    """The history read back is the last `lookback_bars` stored bars, far fewer than the series: the
+    recursive indicators must have forgotten their seed, and OBV (a running sum) must carry on."""
+    n = 1_500
+    rng = np.random.default_rng(11)
+    whole = bars(n, time=pd.bdate_range("2015-01-02", periods=n, tz="UTC"), volume=rng.uniform(5e5, 2e6, n).round())
+    full = run(whole).bars
+    lookback = lookback_bars(default_indicators())
+    assert lookback < n - 100  # the history given is a tail, not the whole series
+    incremental = run(whole.iloc[n - 100 :].reset_index(drop=True), history=full.iloc[: n - 100].tail(lookback)).bars
+    expected = full.iloc[n - 100 :].reset_index(drop=True)
+    for column in indicator_columns(default_indicators()):
+        np.testing.assert_allclose(incremental[column], expected[column], rtol=1e-9, atol=1e-9, err_msg=column)
+    # Without the stored values to carry on from, OBV would restart at the lookback's first bar.
+    assert abs(expected["obv"].iloc[0]) > 1e6
 
 
 def test_pence_are_stored_as_pounds_and_the_summary_names_the_currency() -> None:

@@ -47,6 +47,32 @@ def lookback_bars(specs: Sequence[IndicatorSpec]) -> int:
     return max(500, 20 * max((longest_period(s) for s in specs), default=1))
 
 
+def continue_cumulative(
+    new: pd.DataFrame, computed_past: pd.DataFrame, stored_past: pd.DataFrame | None, specs: Sequence[IndicatorSpec]
+) -> pd.DataFrame:
+    """Carry cumulative indicators (OBV) on from their stored values.
+
+    A cumulative sum never forgets its start, so recomputed over the lookback alone it is off by
+    a constant from the stored series: the difference at the last bar both have. Adding it back
+    makes an incremental run's values those of one run over the whole series.
+    """
+    if stored_past is None or stored_past.empty or computed_past.empty:
+        return new
+    for spec in specs:
+        if not isinstance(spec, OBV):
+            continue
+        (column,) = spec.columns
+        if column not in stored_past or column not in computed_past:
+            continue
+        stored = stored_past.set_index("time")[column]
+        computed = computed_past.set_index("time")[column].reindex(stored.index)
+        both = stored.notna() & computed.notna()
+        if both.any():
+            last = both[both].index[-1]
+            new[column] = new[column] + (float(stored[last]) - float(computed[last]))
+    return new
+
+
 def indicator_columns(specs: Sequence[IndicatorSpec]) -> list[str]:
     return [column for spec in specs for column in spec.columns]
 

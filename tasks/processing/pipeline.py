@@ -22,7 +22,7 @@ from tasks.calendars import SessionGaps, calendar_for, missing_sessions
 from tasks.monitoring.metrics import Operation
 from tasks.processing.adjust import adjusted_prices, returns
 from tasks.processing.coverage import Coverage, check_coverage
-from tasks.processing.indicators import technical_indicators
+from tasks.processing.indicators import continue_cumulative, technical_indicators
 from tasks.processing.missing import mark_missing, missing_policy
 from tasks.processing.step import Counts, Series, Step, Stepped
 from tasks.processing.ticks import (
@@ -161,7 +161,11 @@ def process(
         past = history.loc[history["time"] < new["time"].iloc[0], list(BAR_COLUMNS)]
     whole = pd.concat([past, new], ignore_index=True) if not past.empty else new
     whole = _run(WHOLE_SERIES, whole, replace(series, stored=len(past)), counts, quarantined)
-    new = _run(STORED, whole.iloc[len(past) :].reset_index(drop=True), series, counts, quarantined)
+    fresh = whole.iloc[len(past) :].reset_index(drop=True)
+    if len(past):
+        stored_past = history.loc[history["time"] < new["time"].iloc[0]] if history is not None else None
+        fresh = continue_cumulative(fresh, whole.iloc[: len(past)], stored_past, indicators)
+    new = _run(STORED, fresh, series, counts, quarantined)
 
     gaps = coverage = None
     if calendar is not None and not new.empty:
