@@ -33,6 +33,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 import pandas as pd
 
+from flows import sandbox_market
+from tasks.realtime.clock import Clock
 from tasks.redaction import redact_params
 
 CHART_PREFIX = "/v8/finance/chart/"
@@ -76,6 +78,13 @@ class SandboxConfig:
     request_log: Path | None = None
     access_log: bool = True
     now: float | None = None  # a fixed clock (epoch seconds): serve the sessions completed by then
+    clock: Clock | None = None  # a running clock (e.g. a simulated, faster one); ``now`` wins over it
+
+    def time(self) -> float:
+        """The sandbox's now: what it serves, and the ``Date`` of its answers."""
+        if self.now is not None:
+            return self.now
+        return self.clock.time() if self.clock is not None else time.time()
 
 
 @lru_cache(maxsize=1)
@@ -116,6 +125,8 @@ def completed_sessions(symbol: str, now: float) -> pd.DataFrame:
 
 
 def synthetic_chart(symbol: str, period1: int, period2: int, interval: str, now: float) -> tuple[int, dict[str, Any]]:
+    if interval in sandbox_market.INTRADAY_MINUTES:
+        return 200, sandbox_market.chart_payload(symbol, interval, period1, period2, now)
     if interval != "1d":
         error = {"code": "Bad Request", "description": f"Invalid input - interval={interval} is not simulated"}
         return 400, {"chart": {"result": None, "error": error}}
@@ -159,6 +170,8 @@ def alpha_vantage_series(params: dict[str, str], now: float) -> dict[str, Any]:
     symbol = params.get("symbol", "")
     if not params.get("apikey"):
         return {"Error Message": "the parameter apikey is invalid or missing. Please claim your free API key."}
+    if function == "TIME_SERIES_INTRADAY":
+        return alpha_vantage_intraday(params, now)
     adjusted = function.endswith("_ADJUSTED")
     period = function.removeprefix("TIME_SERIES_").removesuffix("_ADJUSTED")
     if not function.startswith("TIME_SERIES_") or period not in AV_PERIODS or not symbol:
@@ -191,6 +204,49 @@ def alpha_vantage_series(params: dict[str, str], now: float) -> dict[str, Any]:
     meta[f"{len(meta) + 1}. Time Zone"] = "US/Eastern"
     key = f"{period.title()} Adjusted Time Series" if adjusted and freq is not None else series_key
     return {"Meta Data": meta, key: series}
+
+
+AV_INTRADAY = {"1min": "1m", "5min": "5m", "15min": "15m", "30min": "30m", "60min": "60m"}
+
+
+def alpha_vantage_intraday(params: dict[str, str], now: float) -> dict[str, Any]:
+    """TIME_SERIES_INTRADAY from the simulated market: completed bars only, each labelled by its end
+    in US/Eastern as AV does, newest first; ``month`` (YYYY-MM) or else the latest days, and
+    ``compact`` (the default) keeps the latest 100 bars."""
+    symbol, av_interval = params.get("symbol", ""), params.get("interval", "")
+    if av_interval not in AV_INTRADAY:
+        return {"Error Message": "Invalid API call. Please retry or visit the documentation for TIME_SERIES_INTRADAY."}
+    interval = AV_INTRADAY[av_interval]
+    step = sandbox_market.INTRADAY_MINUTES[interval] * 60
+    if month := params.get("month"):
+        first = pd.Timestamp(f"{month}-01", tz="UTC")
+        window = (first.timestamp(), (first + pd.offsets.MonthBegin(1)).timestamp())
+    else:
+        window = (now - 5 * 86_400, now)
+    served = sandbox_market.bars(symbol, interval, window[0], window[1], now)
+    served = served[served["timestamp"] + step <= now]  # AV serves completed bars only
+    if params.get("outputsize", "compact") != "full":
+        served = served.tail(100)
+    ends = pd.to_datetime(served["timestamp"] + step, unit="s", utc=True).dt.tz_convert("US/Eastern")
+    series = {
+        f"{end:%Y-%m-%d %H:%M:%S}": {
+            "1. open": f"{row.open:.4f}",
+            "2. high": f"{row.high:.4f}",
+            "3. low": f"{row.low:.4f}",
+            "4. close": f"{row.close:.4f}",
+            "5. volume": f"{row.volume:.0f}",
+        }
+        for end, row in zip(ends.iloc[::-1], served.iloc[::-1].itertuples(index=False), strict=True)
+    }
+    meta = {
+        "1. Information": f"Intraday ({av_interval}) open, high, low, close prices and volume",
+        "2. Symbol": symbol,
+        "3. Last Refreshed": next(iter(series), ""),
+        "4. Interval": av_interval,
+        "5. Output Size": "Compact" if params.get("outputsize", "compact") != "full" else "Full size",
+        "6. Time Zone": "US/Eastern",
+    }
+    return {"Meta Data": meta, f"Time Series ({av_interval})": series}
 
 
 def _periods(days: pd.DataFrame, freq: str) -> pd.DataFrame:
@@ -320,7 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             entry["fault"] = fault
             return self._fault(fault)
-        now = self.server.config.now if self.server.config.now is not None else time.time()
+        now = self.server.config.time()
         if api == "alpha_vantage":
             return self._send(200, json.dumps(alpha_vantage_series(params, now)).encode())
         if symbol in self.server.config.not_found:
@@ -368,6 +424,10 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (its timeout): nothing to answer
         return status
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header by the sandbox's clock: sources read what was live from it."""
+        return super().date_time_string(self.server.config.time() if timestamp is None else timestamp)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         if not self.server.config.access_log:

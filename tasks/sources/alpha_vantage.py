@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import UTC, date, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -115,6 +115,25 @@ class AlphaVantage(HttpSource):
             self._request({**intraday, "month": month, "apikey": apikey})
             for month in months_touched(query.start, query.end)
         ]
+
+    def newest_requests(self, query: BarQuery, since: datetime, now: datetime) -> list[httpx.Request]:
+        """The latest 100 bars (``compact``) when they reach back to ``since``, else whole months."""
+        function, av_interval = self._function(query)
+        if av_interval is None:
+            raise RangeNotServedError(self.name, query.symbol, f"{query.interval} is not an intraday interval")
+        if now - since > _interval_length(query.interval) * 90:
+            return self.build_requests(query)
+        params = {
+            "function": function,
+            "symbol": query.symbol,
+            "datatype": "json",
+            "interval": av_interval,
+            "outputsize": "compact",
+            "adjusted": "true" if self.settings.adjusted else "false",
+            "extended_hours": "false",
+            "apikey": self._api_key(),
+        }
+        return [self._request(params)]
 
     def parse(self, query: BarQuery, response: httpx.Response) -> Collected:
         self.check_status(query, response)

@@ -16,7 +16,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +27,13 @@ from pydantic import ValidationError
 
 from configs.settings import ConfigError, Settings, SourceSettings, describe
 from tasks.bars import Instrument, conform, conform_actions, empty_actions, empty_bars
-from tasks.errors import QuotaExhaustedError, RateLimitedError, SourceError, TransientSourceError
+from tasks.errors import (
+    QuotaExhaustedError,
+    RangeNotServedError,
+    RateLimitedError,
+    SourceError,
+    TransientSourceError,
+)
 from tasks.monitoring.metrics import Operation, Traffic, metered
 from tasks.redaction import redact_text, redact_url
 from tasks.shards import Shard, shard_limits, shard_window
@@ -156,6 +162,10 @@ class Source(ABC):
         """The oldest date this source still serves for ``interval`` (None: no limit)."""
         return None
 
+    def poll(self, symbol: str, interval: str, since: datetime, now: datetime) -> Collected:
+        """The newest intraday bars, from ``since`` on, as served at ``now``: what real time asks for."""
+        raise RangeNotServedError(self.name, symbol, f"{self.name} serves no intraday bars to poll: use yahoo_finance")
+
 
 class HttpSource(Source):
     """A source behind an HTTP API. Subclasses implement :meth:`build_requests` and :meth:`parse`."""
@@ -205,6 +215,15 @@ class HttpSource(Source):
     def collect(self, query: BarQuery) -> Collected:
         http = self.client()
         return Collected.merge([self._fetch(http, query, request) for request in self.build_requests(query)])
+
+    def newest_requests(self, query: BarQuery, since: datetime, now: datetime) -> list[httpx.Request]:
+        """The requests for the bars from ``since`` to ``now`` only; sources with intraday bars override it."""
+        raise RangeNotServedError(self.name, query.symbol, f"{self.vendor} serves no intraday bars to poll")
+
+    def poll(self, symbol: str, interval: str, since: datetime, now: datetime) -> Collected:
+        query = BarQuery(symbol, interval, since.date(), now.date())
+        http = self.client()
+        return Collected.merge([self._fetch(http, query, r) for r in self.newest_requests(query, since, now)])
 
     def _fetch(self, http: httpx.Client, query: BarQuery, request: httpx.Request) -> Collected:
         """One request: paced, sent, parsed; transient failures retried with backoff."""

@@ -133,6 +133,27 @@ class YahooFinance(HttpSource):
     def earliest_start(self, interval: str, today: date) -> date | None:
         return earliest_servable(interval, today)
 
+    def newest_requests(self, query: BarQuery, since: datetime, now: datetime) -> list[httpx.Request]:
+        """From the last stored bar to now, in windows Yahoo serves; older than its limit is refused."""
+        if query.interval not in INTRADAY_LIMITS:
+            raise RangeNotServedError(self.name, query.symbol, f"{query.interval} is not an intraday interval")
+        per_request, days_back = INTRADAY_LIMITS[query.interval]
+        earliest = now - timedelta(days=days_back) + timedelta(minutes=1)
+        if since < earliest:
+            raise RangeNotServedError(
+                self.name,
+                query.symbol,
+                f"Yahoo serves {query.interval} bars for the last {days_back} days only, "
+                f"not from {since:%Y-%m-%d %H:%M} UTC",
+            )
+        url = self.settings.base_url + quote(query.symbol, safe="")
+        windows = []
+        while since < now:
+            upto = min(since + timedelta(days=per_request), now)
+            windows.append(httpx.Request("GET", url, params=_params(query.interval, since, upto)))
+            since = upto
+        return windows
+
     def parse(self, query: BarQuery, response: httpx.Response) -> Collected:
         self.check_status(query, response)
         payload = self.json_body(query, response, hint=" (usually a 'Too Many Requests' page)")

@@ -1,0 +1,1 @@
+"""Real time: sessions, polling, the streamer's ticks turned into bars, and the series they extend."""
