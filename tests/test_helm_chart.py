@@ -44,7 +44,7 @@ API_URL = "http://prefect-server.prefect.svc:4200/api"
 # prefect.apiUrl has no default (a wrong one would send the worker nowhere): the one value to pass.
 MINIMAL = {"prefect": {"apiUrl": API_URL}}
 WORKLOADS = {"Deployment", "StatefulSet", "Job"}
-CLIENT_COMPONENTS = {"worker", "flow-run", "setup"}
+CLIENT_COMPONENTS = {"worker", "flow-run", "setup", "realtime"}
 
 # The work pool's variables, which deployments set through job_variables in prefect.yaml.
 TEMPLATE_VARIABLES = {
@@ -906,3 +906,450 @@ def test_the_dashboards_label_namespace_and_folder_follow_the_sidecars_settings(
 )
 def test_dashboard_values_outside_the_schema_fail(dashboards: dict[str, Any]) -> None:
     assert "schema" in render_error(merged(MINIMAL, {"grafana": {"dashboards": dashboards}}))
+
+
+# --- the realtime Deployment --------------------------------------------------------------------
+
+SYMBOLS = ["AAPL", "MSFT", "^GSPC"]
+REALTIME_ON = {"realtime": {"enabled": True, "symbols": SYMBOLS}}
+REALTIME_ARGS = [
+    "marketpipe",
+    "realtime",
+    "--symbols",
+    "AAPL,MSFT,^GSPC",
+    "--source",
+    "yahoo_finance",
+    "--interval",
+    "1m",
+    "--mode",
+    "poll",
+    "--poll-seconds",
+    "5",
+    "--health-port",
+    "8080",
+]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def realtime_case(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
+    """Each case with the realtime Deployment enabled."""
+    name = cast(str, request.param)
+    return name, render(merged(CASES[name], REALTIME_ON))
+
+
+def is_realtime(doc: Doc) -> bool:
+    labels = doc["metadata"].get("labels", {})
+    return labels.get("app.kubernetes.io/component") == "realtime" or "realtime" in doc["metadata"]["name"]
+
+
+def realtime_container(docs: list[Doc]) -> Doc:
+    (container,) = one(docs, "Deployment", "-realtime")["spec"]["template"]["spec"]["containers"]
+    return cast(Doc, container)
+
+
+def flow_run_pod(docs: list[Doc]) -> Doc:
+    """The pod spec of a flow-run Job, as the worker makes it from the base job template."""
+    pod: Doc = resolve(base_job_template(docs), {}).job_manifest["spec"]["template"]["spec"]
+    return pod
+
+
+def test_the_realtime_deployment_is_off_by_default(case: tuple[str, list[Doc]]) -> None:
+    name, docs = case
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["realtime"]["enabled"] is False
+    assert [f"{d['kind']}/{d['metadata']['name']}" for d in docs if is_realtime(d)] == []
+    assert "marketpipe realtime" not in render_files(CASES[name])["marketpipe/templates/NOTES.txt"]
+
+
+def test_realtime_manifests_lint_and_validate_strictly(realtime_case: tuple[str, list[Doc]]) -> None:
+    name, docs = realtime_case
+    values = merged(CASES[name], REALTIME_ON)
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+        assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
+    # enabling it adds its Deployment and ServiceAccount, and nothing else (no Role, no Service)
+    before = {(d["kind"], d["metadata"]["name"]) for d in render(CASES[name])}
+    after = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert before < after
+    assert sorted(after - before) == [
+        ("Deployment", "mp-marketpipe-realtime"),
+        ("ServiceAccount", "mp-marketpipe-realtime"),
+    ]
+    assert sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs if is_realtime(d)) == [
+        "Deployment/mp-marketpipe-realtime",
+        "ServiceAccount/mp-marketpipe-realtime",
+    ]
+
+
+def test_the_realtime_deployment_is_one_replica_replaced_with_recreate(realtime_case: tuple[str, list[Doc]]) -> None:
+    name, docs = realtime_case
+    deployment = one(docs, "Deployment", "-realtime")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    labels = spec["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "realtime"
+    assert selects(spec["selector"], labels)
+    worker = one(docs, "Deployment", "-worker")
+    assert not selects(spec["selector"], worker["spec"]["template"]["metadata"]["labels"])
+    assert not selects(worker["spec"]["selector"], labels)
+    pod = spec["template"]["spec"]
+    assert "initContainers" not in pod
+    assert pod["terminationGracePeriodSeconds"] == 30  # the process needs about 20 s to store what it has
+    container = realtime_container(docs)
+    assert container["args"] == REALTIME_ARGS
+    assert "command" not in container  # the image's entrypoint stays PID 1
+    (worker_container,) = worker["spec"]["template"]["spec"]["containers"]
+    assert (container["image"], container["imagePullPolicy"]) == (
+        worker_container["image"],
+        worker_container["imagePullPolicy"],
+    )
+    assert container["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    }
+    if name == "production":
+        assert container["image"] == "registry.example.com/marketpipe:0.1.0"
+        assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    else:
+        assert container["image"] == "marketpipe:0.1.0" and "imagePullSecrets" not in pod
+
+
+def test_realtime_probes_ask_healthz_on_the_health_port(realtime_case: tuple[str, list[Doc]]) -> None:
+    _, docs = realtime_case
+    container = realtime_container(docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8080}
+    assert container["ports"][0]["protocol"] == "TCP"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/healthz", probe
+        assert ports.get(get["port"], get["port"]) == 8080, probe
+    # the first backfill has 5 minutes before liveness may restart the pod; a stall, two minutes at most
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] <= 120
+
+
+def test_realtime_args_ports_and_scheduling_follow_the_values() -> None:
+    values = merged(
+        MINIMAL,
+        {
+            "realtime": {
+                "enabled": True,
+                "symbols": ["BTC-USD", "EURUSD=X"],
+                "source": "alpha_vantage",
+                "interval": "5m",
+                "mode": "stream",
+                "pollSeconds": 30,
+                "healthPort": 9090,
+                "terminationGracePeriodSeconds": 45,
+                "extraArgs": ["--log-level", "DEBUG"],
+                "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+                "serviceAccount": {"annotations": {"example.com/team": "data"}},
+                "podAnnotations": {"example.com/scrape": "false"},
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [{"key": "realtime", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["data"]}]}
+                            ]
+                        }
+                    }
+                },
+            }
+        },
+    )
+    docs = render(values)
+    deployment = one(docs, "Deployment", "-realtime")
+    for doc in (deployment, one(docs, "ServiceAccount", "-realtime")):
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    container = realtime_container(docs)
+    assert container["args"] == [
+        "marketpipe",
+        "realtime",
+        "--symbols",
+        "BTC-USD,EURUSD=X",
+        "--source",
+        "alpha_vantage",
+        "--interval",
+        "5m",
+        "--mode",
+        "stream",
+        "--poll-seconds",
+        "30",
+        "--health-port",
+        "9090",
+        "--log-level",
+        "DEBUG",
+    ]
+    assert container["ports"] == [{"name": "health", "containerPort": 9090, "protocol": "TCP"}]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    assert container["resources"] == values["realtime"]["resources"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 45
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"] == values["realtime"]["tolerations"]
+    assert pod["affinity"] == values["realtime"]["affinity"]
+    assert deployment["spec"]["template"]["metadata"]["annotations"] == {"example.com/scrape": "false"}
+    assert deployment["spec"]["replicas"] == 1  # whatever the values
+    assert one(docs, "ServiceAccount", "-realtime")["metadata"]["annotations"] == {"example.com/team": "data"}
+    # the worker's scheduling is its own
+    assert "nodeSelector" not in one(docs, "Deployment", "-worker")["spec"]["template"]["spec"]
+    notes = render_files(values)["marketpipe/templates/NOTES.txt"]
+    assert "BTC-USD, EURUSD=X" in notes and "port 9090" in notes
+
+
+def test_the_realtime_pod_runs_like_a_flow_run_without_an_api_token(realtime_case: tuple[str, list[Doc]]) -> None:
+    _, docs = realtime_case
+    pod = one(docs, "Deployment", "-realtime")["spec"]["template"]["spec"]
+    assert_hardened_pod(pod, "realtime")
+    flow_run = flow_run_pod(docs)
+    # the flow runs' exact securityContexts: uid/gid/fsGroup 10001, seccomp RuntimeDefault, read-only
+    # root filesystem, no privilege escalation, every capability dropped
+    assert pod["securityContext"] == flow_run["securityContext"]
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["fsGroup"] == 10001
+    (container,) = pod["containers"]
+    assert container["securityContext"] == flow_run["containers"][0]["securityContext"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    # no Kubernetes API: no token mounted, its own account, bound to no Role
+    account = one(docs, "ServiceAccount", "-realtime")
+    assert pod["automountServiceAccountToken"] is False
+    assert account["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "mp-marketpipe-realtime"
+    bound = {s["name"] for d in docs if d["kind"] == "RoleBinding" for s in d["subjects"]}
+    assert bound and account["metadata"]["name"] not in bound
+    # writable paths are volumes: /tmp and the spool
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert set(mounts) == {"/tmp", "/var/spool/marketpipe"}
+    assert not any(m.get("readOnly") for m in mounts.values())
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+
+
+def test_the_realtime_pod_gets_the_flow_runs_environment_and_spool(
+    realtime_case: tuple[str, list[Doc]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, docs = realtime_case
+    container = realtime_container(docs)
+    env = env_of(container)
+    template = base_job_template(docs)
+    defaults = template["variables"]["properties"]
+    flow_run = flow_run_pod(docs)
+    # what a flow-run Job gets, but for what Prefect adds for each run (PREFECT__FLOW_RUN_ID ...):
+    # the template's default env and its fixed entries (ALPHA_VANTAGE_API_KEY)
+    flow_env = {
+        key: value
+        for key, value in env_of(flow_run["containers"][0]).items()
+        if key in defaults["env"]["default"] or not key.startswith("PREFECT")
+    }
+    assert set(defaults["env"]["default"]) <= set(flow_env)
+    assert {key: env.get(key) for key in flow_env} == flow_env
+    assert env["MARKETPIPE_ENV"] == "production"
+    assert (
+        container["envFrom"]
+        == flow_run["containers"][0]["envFrom"]
+        == [{"secretRef": {"name": defaults["env_secret"]["default"]}}]
+    )
+    assert container["envFrom"][0]["secretRef"]["name"] == (
+        "mp-marketpipe-flow-run-env" if name == "default" else CASES[name]["workPool"]["jobDefaults"]["envSecret"]
+    )
+    # the Prefect API as the worker and the setup Job get it
+    (worker,) = one(docs, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"]
+    for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME"):
+        assert env.get(key) == env_of(worker).get(key), key
+    assert env["PREFECT_API_URL"] == CASES[name]["prefect"]["apiUrl"]
+    if name == "production":
+        assert env["PREFECT_API_KEY"] == {"secretKeyRef": {"name": "prefect-cloud", "key": "PREFECT_API_KEY"}}
+        assert env["ALPHA_VANTAGE_API_KEY"] == {"secretKeyRef": {"name": "alpha-vantage", "key": "api-key"}}
+    else:
+        assert "PREFECT_API_KEY" not in env and "ALPHA_VANTAGE_API_KEY" not in env
+    assert "INFLUXDB_TOKEN" not in env  # from the env Secret, like the flow runs'
+    # the same spool volume as the flow runs: their claim, or an emptyDir
+    spool_dir = env["MARKETPIPE__STORAGE__SPOOL_DIR"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    flow_mounts = {m["mountPath"]: m["name"] for m in flow_run["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in one(docs, "Deployment", "-realtime")["spec"]["template"]["spec"]["volumes"]}
+    flow_volumes = {v["name"]: v for v in flow_run["volumes"]}
+    assert spool_dir == "/var/spool/marketpipe" and spool_dir in flow_mounts
+    claim = CASES[name].get("spool", {}).get("existingClaim")
+    if claim:
+        spool = {"name": "spool", "persistentVolumeClaim": {"claimName": claim}}
+        assert env["MARKETPIPE__COLLECTION__RATE_LIMIT_DIR"].startswith(spool_dir + "/")
+    else:
+        spool = {"name": "spool", "emptyDir": {"sizeLimit": "2Gi"}}
+        assert "MARKETPIPE__COLLECTION__RATE_LIMIT_DIR" not in env
+        assert flow_volumes[flow_mounts[spool_dir]] == spool
+    assert volumes[mounts[spool_dir]] == spool
+    # and marketpipe's settings read them
+    for key, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.storage.backend == "influxdb"
+    assert settings.storage.spool_dir == spool_dir
+    assert settings.storage.influxdb.url == env["INFLUXDB_URL"]
+    assert settings.storage.influxdb.bucket == env["INFLUXDB_BUCKET"]
+    if claim:
+        assert settings.collection.rate_limit_dir == env["MARKETPIPE__COLLECTION__RATE_LIMIT_DIR"]
+
+
+def test_the_realtime_pod_never_gets_the_operator_token(realtime_case: tuple[str, list[Doc]]) -> None:
+    name, docs = realtime_case
+    deployment = one(docs, "Deployment", "-realtime")
+    env_secret = base_job_template(docs)["variables"]["properties"]["env_secret"]["default"]
+    # every Secret it references: the flow-run env Secret, and the Cloud and Alpha Vantage keys where set
+    expected: set[tuple[str, str | None]] = {(env_secret, None)}
+    if name == "production":
+        expected |= {("prefect-cloud", "PREFECT_API_KEY"), ("alpha-vantage", "api-key")}
+    assert set(secret_refs(deployment)) == expected
+    assert not [e for e in env_of(realtime_container(docs)) if "OPERATOR" in e or "ADMIN" in e]
+    operator = {"default": ("mp-marketpipe-influxdb-auth", "admin-token"), "production": ("influxdb-admin", "token")}
+    holders = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs if operator.get(name) in set(secret_refs(d)))
+    assert "Deployment/mp-marketpipe-realtime" not in holders
+    if name == "default":
+        assert holders == ["Job/mp-marketpipe-setup", "StatefulSet/mp-marketpipe-influxdb"]
+        token = one(docs, "Secret", "-influxdb-auth")["data"]["admin-token"]
+        text = json.dumps(deployment)
+        assert token not in text and base64.b64decode(token).decode() not in text
+        assert env_secret != operator[name][0]
+
+
+def test_network_policies_let_the_realtime_pod_reach_only_its_peers(realtime_case: tuple[str, list[Doc]]) -> None:
+    name, docs = realtime_case
+    labels = one(docs, "Deployment", "-realtime")["spec"]["template"]["metadata"]["labels"]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    # only the clients' policy selects it: not the worker's or the setup Job's (the Kubernetes API)
+    (clients,) = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], labels)]
+    assert clients == one(docs, "NetworkPolicy", "-clients")["spec"]
+    assert set(clients["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in clients
+    egress = clients["egress"]
+    ports = {(p["port"], p["protocol"]) for rule in egress for p in rule["ports"]}
+    prefect_port = CASES[name].get("networkPolicy", {}).get("prefectApi", {}).get("port", 4200)
+    assert ports == {(53, "UDP"), (53, "TCP"), (8086, "TCP"), (prefect_port, "TCP"), (443, "TCP")}
+    assert 6443 not in {port for port, _ in ports}
+    for rule in egress:
+        assert "to" in rule or {p["port"] for p in rule["ports"]} == {53}, rule
+    # HTTPS for the sources and Yahoo's streamer (wss): public addresses only
+    public = [r for r in egress if r["ports"] == [{"port": 443, "protocol": "TCP"}]]
+    blocks = [peer["ipBlock"] for rule in public for peer in rule["to"]]
+    chart_except = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["sourceApisExcept"]
+    assert "10.0.0.0/8" in chart_except
+    assert {"cidr": "0.0.0.0/0", "except": chart_except} in blocks
+    (influx_rule,) = [r for r in egress if r["ports"] == [{"port": 8086, "protocol": "TCP"}]]
+    if name == "external-influxdb":
+        assert influx_rule["to"] == [{"ipBlock": {"cidr": "10.20.30.0/24"}}]
+        return
+    influxdb_pod = one(docs, "StatefulSet", "-influxdb")["spec"]["template"]["metadata"]["labels"]
+    (peer,) = influx_rule["to"]
+    assert selects(peer["podSelector"], influxdb_pod)
+    # and InfluxDB lets it in on 8086
+    (ingress,) = one(docs, "NetworkPolicy", "-influxdb")["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": 8086, "protocol": "TCP"}]
+    assert selects(ingress["from"][0]["podSelector"], labels)
+    # a pod of another release with the same component label is not let in
+    assert not selects(ingress["from"][0]["podSelector"], {**labels, "app.kubernetes.io/instance": "other"})
+
+
+def test_without_source_apis_the_realtime_pod_has_no_https_egress() -> None:
+    docs = render(merged(MINIMAL, REALTIME_ON, {"networkPolicy": {"allowSourceApis": False}}))
+    labels = one(docs, "Deployment", "-realtime")["spec"]["template"]["metadata"]["labels"]
+    selecting = [d for d in docs if d["kind"] == "NetworkPolicy" and selects(d["spec"]["podSelector"], labels)]
+    assert [d["metadata"]["name"] for d in selecting] == ["mp-marketpipe-clients"]
+    ports = {p["port"] for d in selecting for rule in d["spec"]["egress"] for p in rule["ports"]}
+    assert ports == {53, 8086, 4200}
+    notes = render_files(merged(MINIMAL, REALTIME_ON, {"networkPolicy": {"allowSourceApis": False}}))
+    assert "Neither can the realtime Deployment" in notes["marketpipe/templates/NOTES.txt"]
+
+
+@pytest.mark.parametrize(
+    ("realtime", "expected"),
+    [
+        ({"interval": "3m"}, "/realtime/interval"),
+        ({"interval": "1h"}, "/realtime/interval"),
+        ({"mode": "push"}, "/realtime/mode"),
+        ({"source": "polygon"}, "/realtime/source"),
+        ({"replicas": 2}, "additional properties 'replicas' not allowed"),
+        ({"strategy": "RollingUpdate"}, "additional properties 'strategy' not allowed"),
+        ({"healthPort": 80}, "/realtime/healthPort"),
+        ({"healthPort": 70000}, "/realtime/healthPort"),
+        ({"pollSeconds": 0}, "/realtime/pollSeconds"),
+        ({"pollSeconds": "5"}, "/realtime/pollSeconds"),
+        ({"terminationGracePeriodSeconds": 0}, "/realtime/terminationGracePeriodSeconds"),
+        ({"symbols": ["AAPL,MSFT"]}, "/realtime/symbols/0"),
+        ({"symbols": ["AAPL", "AAPL"]}, "/realtime/symbols"),
+        ({"symbols": "AAPL"}, "/realtime/symbols"),
+        ({"enabled": "true"}, "/realtime/enabled"),
+        ({"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}}, "/realtime/resources"),
+    ],
+    ids=[
+        "interval-3m",
+        "interval-1h",
+        "mode",
+        "source",
+        "replicas",
+        "strategy",
+        "privileged-port",
+        "port-too-high",
+        "poll-zero",
+        "poll-string",
+        "no-grace",
+        "comma-in-symbol",
+        "duplicate-symbol",
+        "symbols-string",
+        "enabled-string",
+        "resources-without-limits",
+    ],
+)
+def test_realtime_values_outside_the_schema_fail(realtime: dict[str, Any], expected: str) -> None:
+    message = render_error(merged(MINIMAL, REALTIME_ON, {"realtime": realtime}))
+    assert "schema" in message and expected in message
+
+
+def test_every_documented_realtime_choice_renders() -> None:
+    choices = [
+        *({"interval": i} for i in ("1m", "2m", "5m", "15m")),
+        *({"mode": m} for m in ("poll", "stream")),
+        *({"source": s} for s in ("yahoo_finance", "alpha_vantage")),
+    ]
+    for choice in choices:
+        ((flag, value),) = choice.items()
+        args = realtime_container(render(merged(MINIMAL, REALTIME_ON, {"realtime": choice})))["args"]
+        assert args[args.index(f"--{flag}") + 1] == value
+    args = realtime_container(render(merged(MINIMAL, REALTIME_ON, {"realtime": {"pollSeconds": 2.5}})))["args"]
+    assert args[args.index("--poll-seconds") + 1] == "2.5"
+
+
+def test_realtime_without_symbols_fails_with_a_message() -> None:
+    for realtime in ({"enabled": True}, {"enabled": True, "symbols": []}):
+        message = render_error(merged(MINIMAL, {"realtime": realtime}))
+        assert "realtime.symbols is required when realtime.enabled" in message
+    # disabled, the empty default renders
+    assert not [d for d in render(merged(MINIMAL, {"realtime": {"symbols": []}})) if is_realtime(d)]
+
+
+def test_a_production_realtime_release_still_needs_a_persistent_spool() -> None:
+    message = render_error(merged(MINIMAL, REALTIME_ON, {"environment": "production"}))
+    assert "spool.existingClaim" in message
+
+
+def test_notes_describe_the_realtime_deployment() -> None:
+    notes = render_files(merged(MINIMAL, REALTIME_ON))["marketpipe/templates/NOTES.txt"]
+    assert "The realtime Deployment (mp-marketpipe-realtime) runs `marketpipe realtime` for AAPL, MSFT, ^GSPC" in notes
+    assert f"kubectl -n {NAMESPACE} rollout status deployment/mp-marketpipe-realtime" in notes
+    assert "The realtime pod's spool is an emptyDir too" in notes
+    # the generated token may arrive after the pod started: NOTES says how to pick it up
+    assert f"kubectl -n {NAMESPACE} rollout restart deployment/mp-marketpipe-realtime" in notes
+    production = render_files(merged(CASES["production"], REALTIME_ON))["marketpipe/templates/NOTES.txt"]
+    assert "marketpipe realtime" in production
+    assert "emptyDir" not in production and "rollout restart" not in production

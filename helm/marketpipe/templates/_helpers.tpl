@@ -52,7 +52,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-The pods that talk to InfluxDB and the Prefect API: the worker, the flow runs and the setup Job.
+The pods that talk to InfluxDB and the Prefect API: the worker, the flow runs, the setup Job and the
+realtime Deployment (realtime.enabled).
 Flow-run pods carry these labels through the base job template (Prefect sets app.kubernetes.io/name
 to the deployment's name there, so the selector leaves it out).
 */}}
@@ -66,6 +67,7 @@ matchExpressions:
       - worker
       - flow-run
       - setup
+      - realtime
 {{- end }}
 
 {{- define "marketpipe.image" -}}
@@ -82,6 +84,14 @@ matchExpressions:
 
 {{- define "marketpipe.setupServiceAccountName" -}}
 {{- include "marketpipe.componentName" (dict "ctx" . "suffix" "setup") }}
+{{- end }}
+
+{{- define "marketpipe.realtimeName" -}}
+{{- include "marketpipe.componentName" (dict "ctx" . "suffix" "realtime") }}
+{{- end }}
+
+{{- define "marketpipe.realtimeServiceAccountName" -}}
+{{- include "marketpipe.realtimeName" . }}
 {{- end }}
 
 {{- define "marketpipe.baseJobTemplateName" -}}
@@ -159,6 +169,9 @@ from, as environment variables (envFrom).
 {{- end }}
 {{- if and (eq .Values.environment "production") (not .Values.spool.existingClaim) }}
 {{- fail "environment is production but spool.existingClaim is empty: set spool.existingClaim to a ReadWriteMany PersistentVolumeClaim. On an emptyDir the spool (the batches InfluxDB could not take, which `marketpipe replay` stores later) is lost with its pod" }}
+{{- end }}
+{{- if and .Values.realtime.enabled (not .Values.realtime.symbols) }}
+{{- fail "realtime.symbols is required when realtime.enabled: the symbols the realtime Deployment follows, e.g. [AAPL, MSFT] (--set 'realtime.symbols={AAPL,MSFT}')" }}
 {{- end }}
 {{- if .Values.networkPolicy.enabled }}
 {{- $api := .Values.networkPolicy.prefectApi }}
