@@ -381,6 +381,21 @@ def default_indicators() -> list[IndicatorSpec]:
     ]
 
 
+class RealtimeSettings(_Section):
+    """`marketpipe realtime`: how it polls and where the streamer is (the CLI's options win)."""
+
+    stream_url: str = Field(
+        "wss://streamer.finance.yahoo.com/?version=2", description="Yahoo's price streamer, for --mode stream"
+    )
+    poll_seconds: float = Field(5.0, gt=0, description="a bar not served yet is asked for again this often")
+    poll_delay: float = Field(1.0, ge=0, description="seconds after a bar's close before its first poll")
+    stall_seconds: float = Field(120.0, gt=0, description="/healthz answers 503 once the loop was quiet this long")
+    resubscribe_seconds: float = Field(15.0, gt=0, description="the streamer's subscription is sent again this often")
+    silence_seconds: float = Field(
+        30.0, gt=0, description="a streamer quiet this long in a session is connected to again"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -397,6 +412,7 @@ class Settings(BaseSettings):
     quality: QualitySettings = QualitySettings()
     retention: RetentionSettings = RetentionSettings()
     alerts: AlertSettings = AlertSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
     symbols: list[str] = Field(default_factory=list)
     indicators: list[IndicatorSpec] = Field(default_factory=default_indicators)
     _file: Path | None = PrivateAttr(None)

@@ -369,8 +369,15 @@ def sandbox(
     now: Annotated[
         str | None, typer.Option(help="Serve as if it were this instant (ISO 8601, UTC unless an offset is given)")
     ] = None,
+    clock: Annotated[
+        str | None,
+        typer.Option(help="A running simulated clock, INSTANT[,speed=X][,anchor=EPOCH]: intraday bars and ticks by it"),
+    ] = None,
+    stream_port: Annotated[
+        int | None, typer.Option(help="Also serve Yahoo's price streamer (a websocket) on this port (0: a free one)")
+    ] = None,
 ) -> None:
-    """Simulate the Yahoo v8 chart and Alpha Vantage APIs on 127.0.0.1 until interrupted."""
+    """Simulate the Yahoo v8 chart and Alpha Vantage APIs (and the price streamer) on 127.0.0.1 until interrupted."""
     from flows.sandbox import start_sandbox
 
     config = sandbox_config(
@@ -387,16 +394,25 @@ def sandbox(
         seed=seed,
         request_log=request_log,
         now=now,
+        clock=clock,
     )
     server = start_sandbox(port, config)
     print(f"sandbox listening on {server.base_url}", flush=True)
     print(f"alpha vantage on {server.alpha_vantage_url}", flush=True)
     print(f"use it with: MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL={server.base_url}", flush=True)
+    streamer = None
+    if stream_port is not None:
+        from flows.sandbox_stream import start_stream_server
+
+        streamer = start_stream_server(stream_port, clock=config.clock)
+        print(f"price streamer on {streamer.url}: MARKETPIPE__REALTIME__STREAM_URL={streamer.url}", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         server.shutdown()
+        if streamer is not None:
+            streamer.close()
 
 
 def sandbox_config(
@@ -413,6 +429,7 @@ def sandbox_config(
     seed: int = 0,
     request_log: Path | None = None,
     now: str | None = None,
+    clock: str | None = None,
 ) -> SandboxConfig:
     """The sandbox's options as its config; exits 2 naming the option that is wrong.
 
@@ -429,9 +446,13 @@ def sandbox_config(
     if unknown or not 0 <= fault_rate <= 1:
         _error(f"faults must be among {', '.join(FAULT_KINDS)} and --fault-rate within 0..1")
         raise typer.Exit(EXIT_USAGE)
-    clock = _or_exit(lambda: _parse_instant(now, "--now")) if now else None
+    from tasks.realtime.clock import clock_from
+
+    fixed = _or_exit(lambda: _parse_instant(now, "--now")) if now else None
+    running = _or_exit(lambda: clock_from(clock)) if clock else None
     return SandboxConfig(
-        now=clock,
+        now=fixed,
+        clock=running,
         replay=replay,
         not_found=set(not_found.split(",")) if not_found else set(),
         latency=latency,
@@ -445,6 +466,71 @@ def sandbox_config(
         seed=seed,
         request_log=request_log,
     )
+
+
+@app.command()
+def realtime(
+    symbols: Annotated[str | None, typer.Option(help="Comma-separated symbols (default: the config's)")] = None,
+    source: Annotated[str, typer.Option(help="A key of data_sources with intraday bars")] = "yahoo_finance",
+    interval: Annotated[str, typer.Option(help="1m, 2m, 5m or 15m")] = "1m",
+    mode: Annotated[
+        Literal["poll", "stream"],
+        typer.Option(help="poll: final bars only; stream: also provisional bars from Yahoo's streamer"),
+    ] = "poll",
+    poll_seconds: Annotated[
+        float | None, typer.Option(help="Ask again this often for a bar not served yet (default: the config's)")
+    ] = None,
+    health_port: Annotated[int, typer.Option(help="Serve GET /healthz on this port (0: off)")] = 0,
+    health_host: Annotated[str, typer.Option(help="The address /healthz listens on")] = "0.0.0.0",
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: run until stopped)")
+    ] = None,
+    clock: Annotated[str | None, typer.Option(hidden=True, help="A simulated clock, as the sandbox's")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Store each intraday bar seconds after it closes, until SIGTERM or Ctrl-C; backfills first."""
+    from configs.settings import load_settings
+    from tasks.bars import validate_symbols
+    from tasks.realtime.clock import clock_from
+    from tasks.realtime.sessions import REALTIME_INTERVALS
+
+    settings = _or_exit(lambda: load_settings(config))
+    checked = _or_exit(lambda: validate_symbols(symbols.split(",") if symbols else settings.symbols))
+    if interval not in REALTIME_INTERVALS:
+        _error(f"invalid --interval {interval!r} for real time: use one of {', '.join(REALTIME_INTERVALS)}")
+        raise typer.Exit(EXIT_USAGE)
+    _or_exit(lambda: settings.source(source))
+    _or_exit(lambda: clock_from(clock))
+    from flows.local_prefect import started_early
+
+    with started_early(_note) as server_ready:
+        from flows.realtime import realtime as realtime_flow
+        from flows.realtime import stop_on_signals
+
+        try:
+            server_ready()
+        except RuntimeError as exc:
+            _error(str(exc))
+            raise typer.Exit(EXIT_FAILED) from None
+        stop_on_signals()
+        state = realtime_flow(
+            symbols=checked,
+            source=source,
+            interval=interval,
+            mode=mode,
+            poll_seconds=poll_seconds,
+            config=str(config) if config else None,
+            duration=duration,
+            health_port=health_port,
+            health_host=health_host,
+            clock=clock,
+            return_state=True,
+        )
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        _error(f"the real-time flow failed: {outcome}")
+        raise typer.Exit(EXIT_FAILED)
+    console.print_json(json.dumps(outcome))
 
 
 @app.command()

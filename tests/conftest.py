@@ -76,9 +76,16 @@ class Sandbox:
         command = get_command(app).commands["sandbox"]  # type: ignore[attr-defined]
         options = command.make_context("sandbox", ["--request-log", str(self.request_log), *args]).params
         options.pop("port")
-        self.server = start_sandbox(0, replace(sandbox_config(**options), access_log=False))
+        stream_port = options.pop("stream_port")
+        config = replace(sandbox_config(**options), access_log=False)
+        self.server = start_sandbox(0, config)
         self.base_url = self.server.base_url
         self.alpha_vantage_url = self.server.alpha_vantage_url
+        self.streamer = None
+        if stream_port is not None:  # `--stream-port 0`: Yahoo's price streamer too, on a free port
+            from flows.sandbox_stream import start_stream_server
+
+            self.streamer = start_stream_server(0, clock=config.clock)
 
     def requests(self) -> list[dict[str, Any]]:
         return read_request_log(self.request_log)
@@ -86,6 +93,8 @@ class Sandbox:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self.streamer is not None:
+            self.streamer.close()
 
 
 def marketpipe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

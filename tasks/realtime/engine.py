@@ -1,0 +1,384 @@
+"""The real-time loop: each completed bar stored seconds after its close, never a forming one.
+
+On start it backfills every symbol from its last final stored bar, as far back as the source
+still serves, and reports the bars it can't get back. Then, while a symbol's exchange trades, it
+polls the source right after each bar closes (plus ``poll_delay``) and again every
+``poll_seconds`` until the source serves that bar; a bar is final only once its interval has ended
+by the source's clock (its ``Date``) and by ours. With the streamer, the ticks of each minute
+become a provisional bar as soon as the minute closes, which the polled bar then replaces.
+
+Every write of a cycle goes to the store together, through the spool, so an unavailable store
+loses nothing: its batches wait and are replayed before the next write.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from blocks.spool import Spool
+from blocks.store import BARS, QUARANTINE, BarStore, StoreError
+from configs.settings import Settings
+from tasks.bars import Instrument
+from tasks.calendars import calendar_for
+from tasks.errors import RangeNotServedError, SourceError
+from tasks.processing.indicators import lookback_bars
+from tasks.processing.pipeline import Processed
+from tasks.realtime.clock import Clock
+from tasks.realtime.series import SymbolSeries
+from tasks.realtime.sessions import TradingHours, bar_seconds, stamp
+from tasks.realtime.tick_bars import TickBar, TickBars
+from tasks.sources.base import Source, load_source, pacer_for
+from tasks.store import quarantine_rows
+
+logger = logging.getLogger("marketpipe.realtime")
+
+POLL, STREAM = "poll", "stream"
+MODES = (POLL, STREAM)
+STREAM_GRACE = 0.3  # seconds after a minute's close for its last ticks to arrive
+FIRST_DAYS = 4  # nothing stored yet: the bars of the last days (from 00:00 UTC), not the source's whole reach
+
+
+@dataclass(frozen=True)
+class RealtimeOptions:
+    symbols: list[str]
+    source: str = "yahoo_finance"
+    interval: str = "1m"
+    mode: str = POLL
+    poll_seconds: float = 5.0
+    poll_delay: float = 1.0  # after a bar's close, before its first poll: sources publish a moment later
+    stream_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One bar as it became readable in the store: for the latency figures."""
+
+    symbol: str
+    start: float
+    close: float  # when the bar's interval ended
+    seen: float  # when the poll that returned it started, or when its minute's ticks were handed over
+    written: float  # when the store acknowledged it
+    provisional: bool
+
+
+@dataclass
+class Summary:
+    """What a real-time run did, for its log, its artifact and the benchmark."""
+
+    final: int = 0
+    provisional: int = 0
+    polls: int = 0
+    poll_errors: int = 0
+    spooled: int = 0
+    holes: list[str] = field(default_factory=list)  # bars that could not be filled, per symbol
+    errors: dict[str, str] = field(default_factory=dict)  # the last error per symbol
+    latencies: deque[Stored] = field(default_factory=lambda: deque(maxlen=200_000))
+
+    def percentiles(self, provisional: bool, since: str = "close") -> dict[str, float]:
+        """p50/p95/p99 of seconds from the bar's close (or the poll that saw it) to readable."""
+        values = [s.written - getattr(s, since) for s in self.latencies if s.provisional == provisional]
+        if not values:
+            return {}
+        found = np.percentile(values, [50, 95, 99])
+        return {"p50": float(found[0]), "p95": float(found[1]), "p99": float(found[2]), "bars": float(len(values))}
+
+
+class Realtime:
+    """The loop for one source and interval; :meth:`run` returns when ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: RealtimeOptions,
+        store: BarStore,
+        clock: Clock | None = None,
+        source: Source | None = None,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings, self.options, self.store = settings, options, store
+        self.clock = clock or Clock()
+        source_settings = settings.source(options.source)
+        self.source = source or load_source(
+            options.source,
+            source_settings,
+            pacer_for(options.source, source_settings, settings.collection.rate_limit_dir),
+        )
+        self.spool = Spool(settings.storage.spool_dir)
+        self.heartbeat = heartbeat or (lambda: None)
+        self.summary = Summary()
+        lookback = lookback_bars(settings.indicators)
+        self.series = {
+            s: SymbolSeries(s, options.interval, options.source, TradingHours(self._calendar(s, None)), lookback)
+            for s in options.symbols
+        }
+        self.next_poll: dict[str, float] = {}
+        self.tick_bars = TickBars(options.interval, {s: x.hours for s, x in self.series.items()})
+        self.pool = ThreadPoolExecutor(max(1, settings.collection.workers), thread_name_prefix="marketpipe-poll")
+        self.stream_thread: threading.Thread | None = None
+        self.stream_stats: Any = None
+
+    def _calendar(self, symbol: str, instrument: Instrument | None) -> str | None:
+        """The config's calendar for the symbol, else the source's (once known), else a guess from the symbol."""
+        override = self.settings.quality.calendars.get(symbol.upper())
+        return calendar_for(symbol, instrument or Instrument(), override)
+
+    # The pace a round of polls needs, and the latency it allows.
+
+    def pacing_note(self) -> str:
+        """Whether one poll of every symbol per bar fits the source's rate limit, and the latency that allows."""
+        source_settings = self.settings.source(self.options.source)
+        per_second = source_settings.rate_limit / 3600
+        n = len(self.options.symbols)
+        round_seconds = n / per_second if per_second else math.inf
+        step = bar_seconds(self.options.interval)
+        note = (
+            f"{n} symbol(s) at {source_settings.rate_limit:g} requests/hour: one poll of each takes "
+            f"{round_seconds:.1f} s, so a bar is stored within about {self.options.poll_delay + round_seconds:.1f} s "
+            f"of its close"
+        )
+        if round_seconds > step:
+            note += (
+                f"; that is longer than a {self.options.interval} bar, so polls fall behind: raise "
+                f"data_sources.{self.options.source}.rate_limit (if the source allows it) or poll fewer symbols"
+            )
+        return note
+
+    # The loop.
+
+    def run(self, stop: threading.Event, duration: float | None = None) -> Summary:
+        started = time.monotonic()
+        logger.info("real time for %d symbol(s), %s bars, %s mode: %s", len(self.series), self.options.interval,
+                    self.options.mode, self.pacing_note())  # fmt: skip
+        self.restore()
+        self.backfill()
+        if self.options.mode == STREAM:
+            self._start_stream(stop)
+        try:
+            while not stop.is_set():
+                self.heartbeat()
+                if duration is not None and time.monotonic() - started >= duration:
+                    break
+                now = self.clock.time()
+                if self.options.mode == STREAM:
+                    self.store_provisional(now)
+                due = [s for s in self.series if self.next_poll[s] <= now]
+                if due:
+                    self.poll(due)
+                self.clock.wait_until(self._next_event(self.clock.time()), stop)
+        finally:
+            stop.set()
+            if self.stream_thread is not None:
+                self.stream_thread.join(timeout=5)
+            self.store_provisional(self.clock.time())  # what the ticks completed before the stop
+            self.pool.shutdown(wait=True, cancel_futures=False)
+        return self.summary
+
+    def _schedule(self, symbol: str, now: float) -> None:
+        """The symbol's next poll: soon if a closed bar is still missing, else after its next bar's close.
+
+        A bar still missing ``patience`` after its close (no trades, or a source that skipped it) is
+        not asked for again and again: polls go back to the bar grid, and the next one asks for it too.
+        """
+        series, step = self.series[symbol], bar_seconds(self.options.interval)
+        patience = max(3 * step, 30.0)
+        after = series.last_final if series.last_final is not None else now - step
+        if after >= now - patience and series.hours.closed_bars(self.options.interval, after, now):
+            self.next_poll[symbol] = now + self.options.poll_seconds
+            return
+        end = next_bar_end(series.hours, self.options.interval, max(after, now - step))
+        self.next_poll[symbol] = (end if end is not None else now + 3600) + self.options.poll_delay
+
+    def _next_event(self, now: float) -> float:
+        upcoming = list(self.next_poll.values())
+        if self.options.mode == STREAM:
+            step = bar_seconds(self.options.interval)
+            upcoming.append((now // step + 1) * step + STREAM_GRACE)
+        # Wake at least every second of the wall, to beat the heartbeat.
+        return min([*upcoming, now + self.clock.speed])
+
+    # Start: what the store holds, then everything since.
+
+    def restore(self) -> None:
+        """Each symbol's stored tail: its last final bar, the history the indicators need, provisional bars."""
+        now = self.clock.now()
+        for symbol, series in self.series.items():
+            try:
+                last = self.store.last_timestamp(symbol, self.options.interval, self.options.source)
+                if last is None:
+                    continue
+                span = timedelta(seconds=bar_seconds(self.options.interval) * series.lookback * 4) + timedelta(days=4)
+                start = max(last.to_pydatetime() - span, now - timedelta(days=60))
+                stored = self.store.read_bars(symbol, self.options.interval, self.options.source, start=start)
+                series.restore(stored)
+            except StoreError as exc:
+                self.summary.errors[symbol] = f"the store could not be read: {exc}"
+                logger.warning("%s: the store could not be read, starting without its history: %s", symbol, exc)
+
+    def backfill(self) -> None:
+        """Poll every symbol from its last final bar: the bars a restart or an outage missed."""
+        self.poll(list(self.series), backfill=True)
+
+    # Polls.
+
+    def poll(self, symbols: list[str], backfill: bool = False) -> None:
+        started = self.clock.time()
+        results = list(self.pool.map(lambda s: (s, self._poll_one(s, started, backfill)), symbols))
+        processed: dict[str, Processed] = {}
+        for symbol, found in results:
+            if found is not None:
+                processed[symbol] = found
+        self._write(processed, seen=started, provisional=False, timed=not backfill)
+        now = self.clock.time()
+        for symbol in symbols:
+            self._schedule(symbol, now)
+
+    def _poll_one(self, symbol: str, started: float, backfill: bool) -> Processed | None:
+        series = self.series[symbol]
+        now = datetime.fromtimestamp(started, UTC)
+        since = self._since(series, now)
+        self.summary.polls += 1
+        try:
+            try:
+                collected = self.source.poll(symbol, self.options.interval, since, now)
+            except RangeNotServedError as exc:  # down for longer than the source reaches back
+                reach = self.source.earliest_start(self.options.interval, now.date())
+                if reach is None:
+                    raise
+                self._hole(series, since, str(exc))
+                since = datetime.combine(reach + timedelta(days=1), datetime.min.time(), UTC)
+                collected = self.source.poll(symbol, self.options.interval, since, now)
+        except SourceError as exc:
+            self.summary.poll_errors += 1
+            self.summary.errors[symbol] = str(exc)
+            logger.warning("%s: poll failed, trying again in %.0f s: %s", symbol, self.options.poll_seconds, exc)
+            return None
+        if series.hours.calendar is None:
+            calendar = self._calendar(symbol, collected.instrument)
+            if calendar is not None:
+                series.hours = self.tick_bars.hours[symbol] = TradingHours(calendar)
+        # Our own clock too: a bar whose interval has not ended is never final, whatever was served.
+        bars = collected.bars
+        if not bars.empty:
+            ends = [series.hours.bar_end(self.options.interval, t.timestamp()) for t in bars["time"]]
+            bars = bars.loc[np.asarray(ends) <= self.clock.time()].reset_index(drop=True)
+        collected.bars = bars
+        if backfill:
+            self._report_holes(series, bars, since, now)
+        return series.final_bars(collected, self.settings.quality, self.settings.indicators, now)
+
+    def _since(self, series: SymbolSeries, now: datetime) -> datetime:
+        """The newest bars only: from the last final bar on (it comes back, and is dropped)."""
+        if series.last_final is not None:
+            return datetime.fromtimestamp(series.last_final, UTC)
+        return datetime.combine(now.date() - timedelta(days=FIRST_DAYS), datetime.min.time(), UTC)
+
+    def _report_holes(self, series: SymbolSeries, bars: pd.DataFrame, since: datetime, now: datetime) -> None:
+        """Bars the backfill should have found between the last stored one and now but did not."""
+        if series.last_final is None or series.hours.calendar is None:
+            return
+        expected = series.hours.closed_bars(self.options.interval, series.last_final, now.timestamp())
+        got = {t.timestamp() for t in bars["time"]} if not bars.empty else set()
+        missing = [t for t in expected if t not in got]
+        if missing:
+            self._hole(series, since, f"{len(missing)} bar(s) not served", missing)
+
+    def _hole(self, series: SymbolSeries, since: datetime, why: str, missing: list[float] | None = None) -> None:
+        where = f"{stamp(missing[0])} .. {stamp(missing[-1])}" if missing else f"from {since:%Y-%m-%d %H:%M} UTC"
+        text = f"{series.symbol}: a hole in the stored {self.options.interval} bars {where}: {why}"
+        self.summary.holes.append(text)
+        logger.warning("%s; fill what the source still serves with `marketpipe run --interval %s --start ...`",
+                       text, self.options.interval)  # fmt: skip
+
+    # The streamer.
+
+    def _start_stream(self, stop: threading.Event) -> None:
+        from tasks.sources.yahoo_stream import StreamClient  # noqa: PLC0415 (websockets only when streaming)
+
+        if not self.options.stream_url:
+            raise ValueError("stream mode needs the streamer's URL")
+        tuning = self.settings.realtime
+        client = StreamClient(
+            self.options.stream_url,
+            list(self.series),
+            resubscribe_seconds=tuning.resubscribe_seconds,
+            silence_seconds=tuning.silence_seconds,
+        )
+        self.stream_stats = client.stats
+
+        def on_tick(tick: Any) -> None:
+            if tick.symbol in self.series:
+                self.tick_bars.add(tick.symbol, tick.time, tick.price, tick.day_volume)
+
+        self.stream_thread = threading.Thread(
+            target=client.run, args=(on_tick, stop), name="marketpipe-stream", daemon=True
+        )
+        self.stream_thread.start()
+
+    def store_provisional(self, now: float) -> None:
+        """The minutes the ticks completed, stored marked provisional until their polled bars come."""
+        closed = self.tick_bars.closed(now - STREAM_GRACE)
+        if not closed:
+            return
+        by_symbol: dict[str, list[TickBar]] = {}
+        for symbol, bar in closed:
+            by_symbol.setdefault(symbol, []).append(bar)
+        clock_now = self.clock.now()
+        processed: dict[str, Processed] = {}
+        for symbol, built in by_symbol.items():
+            found = self.series[symbol].provisional_bars(built, self.settings.quality, self.settings.indicators,
+                                                         clock_now)  # fmt: skip
+            if found is not None:
+                processed[symbol] = found
+        self._write(processed, seen=now, provisional=True)
+
+    # Writes.
+
+    def _write(self, processed: dict[str, Processed], seen: float, provisional: bool, timed: bool = True) -> None:
+        """One write of the cycle's bars; ``timed`` ones count in the latency figures (a backfill's do not)."""
+        bars = [p.bars for p in processed.values() if not p.bars.empty]
+        if not bars:
+            return
+        frame = pd.concat(bars, ignore_index=True)
+        quarantined = [quarantine_rows(p.quarantined) for p in processed.values() if not p.quarantined.empty]
+        try:
+            written = self.spool.write(self.store, BARS.name, frame)
+            if quarantined:
+                self.spool.write(self.store, QUARANTINE.name, pd.concat(quarantined, ignore_index=True))
+        except StoreError as exc:
+            logger.error("the bars of %d symbol(s) were neither stored nor spooled: %s", len(processed), exc)
+            for symbol in processed:
+                self.summary.errors[symbol] = str(exc)
+            return
+        acknowledged = self.clock.time()
+        self.summary.spooled += written.spooled
+        starts = frame["time"].astype("int64") / 1e9
+        for symbol, start in [] if not timed else zip(frame["symbol"].astype(str), starts.tolist(), strict=True):
+            close = self.series[symbol].hours.bar_end(self.options.interval, start)
+            self.summary.latencies.append(Stored(symbol, start, close, seen, acknowledged, provisional))
+        if provisional:
+            self.summary.provisional += len(frame)
+        else:
+            self.summary.final += len(frame)
+
+
+def next_bar_end(hours: TradingHours, interval: str, after: float) -> float | None:
+    """When the first bar starting after ``after`` closes (None: no trading within a week)."""
+    step = bar_seconds(interval)
+    for segment in hours.segments(after, after + 8 * 86_400):
+        grid = segment.open if hours.calendar is not None else (segment.open // step) * step
+        start = grid if after < grid else grid + (math.floor((after - grid) / step) + 1) * step
+        if start < segment.close:
+            return min(start + step, segment.close)
+    return None
