@@ -67,6 +67,7 @@ def test_bars_from_ticks_take_volume_from_the_running_day_volume_and_start_again
     built = {stamp(b.start): b for _, b in bars.closed(opened + 121)}
     assert len(built) == 5
     truth = sandbox_market.bars("AAPL", "1m", first, opened + 120, now=opened + 3600).set_index("timestamp")
+    volumes: dict[int, float] = truth["volume"].to_dict()
     minutes = sorted(built)
     assert built[minutes[0]].volume is None  # nothing to count the first bar from
     for minute in minutes[1:3]:
@@ -74,7 +75,7 @@ def test_bars_from_ticks_take_volume_from_the_running_day_volume_and_start_again
     # The new session's first bar counts from 0, not from yesterday's running total.
     first_of_day = built[stamp(opened)]
     assert first_of_day.volume is not None
-    assert 0 < first_of_day.volume <= float(truth.loc[int(opened), "volume"])
+    assert 0 < first_of_day.volume <= volumes[int(opened)]
     for minute, bar in built.items():
         row = truth.loc[int(minute.timestamp())]
         assert row["low"] <= bar.low <= bar.high <= row["high"]  # samples lie inside the true range
