@@ -67,7 +67,7 @@ def test_bars_from_ticks_take_volume_from_the_running_day_volume_and_start_again
     built = {stamp(b.start): b for _, b in bars.closed(opened + 121)}
     assert len(built) == 5
     truth = sandbox_market.bars("AAPL", "1m", first, opened + 120, now=opened + 3600).set_index("timestamp")
-    volumes: dict[int, float] = truth["volume"].to_dict()
+    volumes = dict(zip(truth.index.tolist(), truth["volume"].tolist(), strict=True))
     minutes = sorted(built)
     assert built[minutes[0]].volume is None  # nothing to count the first bar from
     for minute in minutes[1:3]:
