@@ -376,6 +376,9 @@ def sandbox(
     stream_port: Annotated[
         int | None, typer.Option(help="Also serve Yahoo's price streamer (a websocket) on this port (0: a free one)")
     ] = None,
+    publish_delay: Annotated[
+        float, typer.Option(help="Intraday: serve each completed bar up to this many seconds after its close")
+    ] = 0.0,
 ) -> None:
     """Simulate the Yahoo v8 chart and Alpha Vantage APIs (and the price streamer) on 127.0.0.1 until interrupted."""
     from flows.sandbox import start_sandbox
@@ -395,6 +398,7 @@ def sandbox(
         request_log=request_log,
         now=now,
         clock=clock,
+        publish_delay=publish_delay,
     )
     server = start_sandbox(port, config)
     print(f"sandbox listening on {server.base_url}", flush=True)
@@ -430,6 +434,7 @@ def sandbox_config(
     request_log: Path | None = None,
     now: str | None = None,
     clock: str | None = None,
+    publish_delay: float = 0.0,
 ) -> SandboxConfig:
     """The sandbox's options as its config; exits 2 naming the option that is wrong.
 
@@ -453,6 +458,7 @@ def sandbox_config(
     return SandboxConfig(
         now=fixed,
         clock=running,
+        publish_delay=publish_delay,
         replay=replay,
         not_found=set(not_found.split(",")) if not_found else set(),
         latency=latency,

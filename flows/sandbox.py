@@ -79,6 +79,7 @@ class SandboxConfig:
     access_log: bool = True
     now: float | None = None  # a fixed clock (epoch seconds): serve the sessions completed by then
     clock: Clock | None = None  # a running clock (e.g. a simulated, faster one); ``now`` wins over it
+    publish_delay: float = 0.0  # intraday: a completed bar is served up to this many seconds after its close
 
     def time(self) -> float:
         """The sandbox's now: what it serves, and the ``Date`` of its answers."""
@@ -124,9 +125,11 @@ def completed_sessions(symbol: str, now: float) -> pd.DataFrame:
     return series[series["closes_at"] <= now]
 
 
-def synthetic_chart(symbol: str, period1: int, period2: int, interval: str, now: float) -> tuple[int, dict[str, Any]]:
+def synthetic_chart(
+    symbol: str, period1: int, period2: int, interval: str, now: float, publish_delay: float = 0.0
+) -> tuple[int, dict[str, Any]]:
     if interval in sandbox_market.INTRADAY_MINUTES:
-        return 200, sandbox_market.chart_payload(symbol, interval, period1, period2, now)
+        return 200, sandbox_market.chart_payload(symbol, interval, period1, period2, now, publish_delay)
     if interval != "1d":
         error = {"code": "Bad Request", "description": f"Invalid input - interval={interval} is not simulated"}
         return 400, {"chart": {"result": None, "error": error}}
@@ -388,7 +391,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (KeyError, ValueError):
             error = {"code": "Bad Request", "description": "period1 and period2 are required integers"}
             return self._send(400, json.dumps({"chart": {"result": None, "error": error}}).encode())
-        status, payload = synthetic_chart(symbol, period1, period2, params.get("interval", "1d"), now)
+        interval = params.get("interval", "1d")
+        status, payload = synthetic_chart(symbol, period1, period2, interval, now, self.server.config.publish_delay)
         return self._send(status, json.dumps(payload).encode())
 
     def _fault(self, kind: str) -> int:

@@ -100,9 +100,16 @@ def current_session(symbol: str, now: float) -> Session | None:
     return None
 
 
-def bars(symbol: str, interval: str, first: float, last: float, now: float) -> pd.DataFrame:
+def publish_lag(symbol: str, bar_start: float, most: float) -> float:
+    """How long after its close the source has a completed bar: 0 to ``most`` seconds, fixed per bar."""
+    return zlib.crc32(f"lag:{symbol}:{int(bar_start)}".encode()) / 2**32 * most
+
+
+def bars(symbol: str, interval: str, first: float, last: float, now: float, publish_delay: float = 0.0) -> pd.DataFrame:
     """Intraday bars starting in [first, last) as served at ``now``: the bar still forming holds the
-    seconds up to ``now`` only, as Yahoo's last 1m bar does; later ones are not served."""
+    seconds up to ``now`` only, as Yahoo's last 1m bar does; later ones are not served. With
+    ``publish_delay``, a completed bar is served only some time after its close (see :func:`publish_lag`),
+    and nothing after it until then."""
     minutes = INTRADAY_MINUTES[interval]
     step = minutes * 60
     rows: list[tuple[int, float, float, float, float, float]] = []
@@ -113,6 +120,9 @@ def bars(symbol: str, interval: str, first: float, last: float, now: float) -> p
             hi = min(int(bar_start) + step, s.close, int(now) + 1) - s.open
             if hi <= lo:
                 continue
+            closes = min(int(bar_start) + step, s.close)
+            if publish_delay and closes <= now < closes + publish_lag(symbol, bar_start, publish_delay):
+                break  # not published yet: the answer ends before it
             prices = s.price[lo:hi]
             rows.append(
                 (int(bar_start), prices[0], prices.max(), prices.min(), prices[-1], float(s.volume[lo:hi].sum()))
@@ -136,9 +146,11 @@ def _sampled(symbol: str, second: int) -> bool:
     return zlib.crc32(f"{symbol}:{second}".encode()) / 2**32 < TICK_SHARE
 
 
-def chart_payload(symbol: str, interval: str, period1: int, period2: int, now: float) -> dict[str, object]:
+def chart_payload(
+    symbol: str, interval: str, period1: int, period2: int, now: float, publish_delay: float = 0.0
+) -> dict[str, object]:
     """A Yahoo v8 chart answer with intraday bars, shaped like a captured one (no adjclose, priceHint 2)."""
-    served = bars(symbol, interval, period1, period2, now)
+    served = bars(symbol, interval, period1, period2, now, publish_delay)
     crypto = is_crypto(symbol)
     current = current_session(symbol, now)
     meta: dict[str, object] = {

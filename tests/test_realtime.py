@@ -239,3 +239,36 @@ def test_streamed_bars_are_provisional_until_the_polled_ones_replace_them_throug
         for column in ("open", "high", "low", "close", "volume"):
             np.testing.assert_array_equal(final[column], truth[column], err_msg=f"{symbol} {column}")
         assert (stored["flag_provisional"] == 1).sum() <= 2  # only the newest minutes still wait for a poll
+
+
+def test_alpha_vantage_intraday_is_polled_too(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = SimulatedClock(session_clock(minutes_after_open=90).start, time.time(), 60.0)
+    sandbox = Sandbox("--clock", clock.spec, log=tmp_path / "sandbox.log")
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__BASE_URL", sandbox.alpha_vantage_url)
+    monkeypatch.setenv("ALPHA_VANTAGE_API_KEY", "sandbox-key")
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__RATE_LIMIT", "360000")
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__REQUESTS_PER_MINUTE", "6000")
+    monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__ALPHA_VANTAGE__REQUESTS_PER_DAY", "100000")
+    store = DuckDBStore(path=env["MARKETPIPE__STORAGE__DUCKDB__PATH"])
+    options = RealtimeOptions(["IBM"], source="alpha_vantage", interval="5m", poll_seconds=5, poll_delay=1)
+    loop = Realtime(load_settings(None), options, store, clock)
+    started_at = clock.time()
+    try:
+        summary = loop.run(threading.Event(), duration=20)
+    finally:
+        sandbox.stop()
+    assert not summary.errors and summary.final > 0
+    stored = store.read_bars("IBM", "5m", "alpha_vantage").set_index("time")
+    live = list(summary.latencies)
+    assert len(live) >= 3 and all(s.start >= started_at - 300 for s in live)  # the bars of the run only
+    frame = sandbox_market.bars("IBM", "5m", stored.index[0].timestamp(), clock.time(), now=clock.time() + 86_400)
+    truth = frame.set_index(pd.to_datetime(frame["timestamp"], unit="s", utc=True)).loc[stored.index]
+    for column in ("open", "high", "low", "close", "volume"):
+        np.testing.assert_allclose(stored[column], truth[column], rtol=1e-12, err_msg=column)
+    requests = [r for r in sandbox.requests() if r["params"].get("function") == "TIME_SERIES_INTRADAY"]
+    backfill = [r for r in requests if "month" in r["params"]]  # the days before: whole months
+    polls = [r for r in requests if "month" not in r["params"]]
+    assert backfill and len(polls) >= 3
+    assert all(r["params"].get("outputsize") == "compact" for r in polls)  # then only the newest 100 bars

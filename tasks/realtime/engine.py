@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,6 +47,7 @@ logger = logging.getLogger("marketpipe.realtime")
 POLL, STREAM = "poll", "stream"
 MODES = (POLL, STREAM)
 STREAM_GRACE = 0.3  # seconds after a minute's close for its last ticks to arrive
+FLUSH_SECONDS = 0.1  # of the wall: how long processed bars may wait for others to share their write
 FIRST_DAYS = 4  # nothing stored yet: the bars of the last days (from 00:00 UTC), not the source's whole reach
 
 
@@ -191,13 +192,13 @@ class Realtime:
         A bar still missing ``patience`` after its close (no trades, or a source that skipped it) is
         not asked for again and again: polls go back to the bar grid, and the next one asks for it too.
         """
-        series, step = self.series[symbol], bar_seconds(self.options.interval)
-        patience = max(3 * step, 30.0)
+        interval = self.options.interval
+        series, step = self.series[symbol], bar_seconds(interval)
         after = series.last_final if series.last_final is not None else now - step
-        if after >= now - patience and series.hours.closed_bars(self.options.interval, after, now):
+        if after >= now - patience(interval) and series.hours.closed_bars(interval, after, now):
             self.next_poll[symbol] = now + self.options.poll_seconds
             return
-        end = next_bar_end(series.hours, self.options.interval, max(after, now - step))
+        end = next_bar_end(series.hours, interval, max(after, now - step))
         self.next_poll[symbol] = (end if end is not None else now + 3600) + self.options.poll_delay
 
     def _next_event(self, now: float) -> float:
@@ -234,12 +235,8 @@ class Realtime:
 
     def poll(self, symbols: list[str], backfill: bool = False) -> None:
         started = self.clock.time()
-        results = list(self.pool.map(lambda s: (s, self._poll_one(s, started, backfill)), symbols))
-        processed: dict[str, Processed] = {}
-        for symbol, found in results:
-            if found is not None:
-                processed[symbol] = found
-        self._write(processed, seen=started, provisional=False, timed=not backfill)
+        futures = {self.pool.submit(self._poll_one, s, started, backfill): s for s in symbols}
+        self._gather(futures, seen=started, provisional=False, timed=not backfill)
         now = self.clock.time()
         for symbol in symbols:
             self._schedule(symbol, now)
@@ -288,7 +285,9 @@ class Realtime:
         """Bars the backfill should have found between the last stored one and now but did not."""
         if series.last_final is None or series.hours.calendar is None:
             return
-        expected = series.hours.closed_bars(self.options.interval, series.last_final, now.timestamp())
+        # The newest bars may not be published yet: they are the next polls' to fetch, not a hole.
+        settled = now.timestamp() - patience(self.options.interval)
+        expected = series.hours.closed_bars(self.options.interval, series.last_final, settled)
         got = {t.timestamp() for t in bars["time"]} if not bars.empty else set()
         missing = [t for t in expected if t not in got]
         if missing:
@@ -335,15 +334,30 @@ class Realtime:
         for symbol, bar in closed:
             by_symbol.setdefault(symbol, []).append(bar)
         clock_now = self.clock.now()
-        processed: dict[str, Processed] = {}
-        for symbol, built in by_symbol.items():
-            found = self.series[symbol].provisional_bars(built, self.settings.quality, self.settings.indicators,
-                                                         clock_now)  # fmt: skip
-            if found is not None:
-                processed[symbol] = found
-        self._write(processed, seen=now, provisional=True)
+        quality, indicators = self.settings.quality, self.settings.indicators
+        futures = {
+            self.pool.submit(self.series[symbol].provisional_bars, built, quality, indicators, clock_now): symbol
+            for symbol, built in by_symbol.items()
+        }
+        self._gather(futures, seen=now, provisional=True)
 
     # Writes.
+
+    def _gather(
+        self, futures: dict[Future[Processed | None], str], seen: float, provisional: bool, timed: bool = True
+    ) -> None:
+        """Write the symbols' bars as their processing finishes, a batch at most every ``FLUSH_SECONDS``:
+        the first symbols of a round are not held back until the last one is done."""
+        pending: dict[str, Processed] = {}
+        flushed = time.monotonic()
+        for future in as_completed(futures):
+            found = future.result()
+            if found is not None:
+                pending[futures[future]] = found
+            if pending and time.monotonic() - flushed >= FLUSH_SECONDS:
+                self._write(pending, seen, provisional, timed)
+                pending, flushed = {}, time.monotonic()
+        self._write(pending, seen, provisional, timed)
 
     def _write(self, processed: dict[str, Processed], seen: float, provisional: bool, timed: bool = True) -> None:
         """One write of the cycle's bars; ``timed`` ones count in the latency figures (a backfill's do not)."""
@@ -371,6 +385,11 @@ class Realtime:
             self.summary.provisional += len(frame)
         else:
             self.summary.final += len(frame)
+
+
+def patience(interval: str) -> float:
+    """How long after its close a bar may still be published: until then, missing is not a hole."""
+    return max(3.0 * bar_seconds(interval), 30.0)
 
 
 def next_bar_end(hours: TradingHours, interval: str, after: float) -> float | None:
