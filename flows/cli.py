@@ -127,11 +127,7 @@ def run(
         from tasks.collect import check_source
 
         _or_exit(lambda: check_source(settings, source))
-        try:
-            server_ready()
-        except RuntimeError as exc:
-            _error(str(exc))
-            raise typer.Exit(EXIT_FAILED) from None
+        _wait_for(server_ready)
         try:
             with progress.shown(console, verbose):  # left before _api_lost ends the process: the cursor comes back
                 state = market_data(
@@ -173,6 +169,15 @@ def _api_lost(error: httpx.TransportError, spool_dir: str) -> NoReturn:
         "run the same command again once the server is back: it collects again what this run did not store"
     )
     exit_without_api(EXIT_FAILED)
+
+
+def _wait_for(server_ready: Callable[[], None]) -> None:
+    """Wait for the temporary Prefect server; one that did not start exits 1 with its reason."""
+    try:
+        server_ready()
+    except RuntimeError as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 def _raise(error: Exception) -> None:
@@ -513,11 +518,7 @@ def realtime(
         from flows.realtime import realtime as realtime_flow
         from flows.realtime import stop_on_signals
 
-        try:
-            server_ready()
-        except RuntimeError as exc:
-            _error(str(exc))
-            raise typer.Exit(EXIT_FAILED) from None
+        _wait_for(server_ready)
         stop_on_signals()
         state = realtime_flow(
             symbols=checked,

@@ -264,7 +264,7 @@ class Realtime:
         if series.hours.calendar is None:
             calendar = self._calendar(symbol, collected.instrument)
             if calendar is not None:
-                series.hours = self.tick_bars.hours[symbol] = TradingHours(calendar)
+                series.hours.use(calendar)  # the tick bars share these hours
         # Our own clock too: a bar whose interval has not ended is never final, whatever was served.
         bars = collected.bars
         if not bars.empty:

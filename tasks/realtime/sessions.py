@@ -41,6 +41,10 @@ class TradingHours:
         self.calendar = calendar
         self._cached: tuple[float, float, list[Segment]] | None = None
 
+    def use(self, calendar: str) -> None:
+        """The calendar the source named, once known: every holder of these hours follows it."""
+        self.calendar, self._cached = calendar, None
+
     def segments(self, first: float, last: float) -> list[Segment]:
         """Segments overlapping [first, last)."""
         if self.calendar is None:
