@@ -183,18 +183,25 @@ class InfluxMeasurements(TableVerbs):
         spans = series_spans(rows, PRECISION)
         if not self._reads_before_deleting:
             return spans
+        stored = self._stored_spans(other, spans)
         if other is table:
-            return [span for span in spans if not self._overwrites_exactly(span, rows, table)]
-        return [span for span in spans if not self._stored(other, span).empty]
+            return [
+                span for span, held in zip(spans, stored, strict=True) if not self._overwrites(held, span, rows, table)
+            ]
+        return [span for span, held in zip(spans, stored, strict=True) if not held.empty]
+
+    def _stored_spans(self, table: Table, spans: Sequence[SeriesSpan]) -> list[pd.DataFrame]:
+        """What ``table`` holds of each span's series in its closed range; a backend may read them together."""
+        return [self._stored(table, span) for span in spans]
 
     def _stored(self, table: Table, span: SeriesSpan) -> pd.DataFrame:
         """What ``table`` holds of the span's series in its closed range."""
         end = span.last + pd.Timedelta(seconds=1)  # the next instant at PRECISION
         return self._select(table, span.tags, span.first.to_pydatetime(), end.to_pydatetime())
 
-    def _overwrites_exactly(self, span: SeriesSpan, rows: pd.DataFrame, table: Table) -> bool:
-        """Whether writing ``rows`` replaces every point and field stored in the span, with no DELETE."""
-        stored = self._stored(table, span)
+    @staticmethod
+    def _overwrites(stored: pd.DataFrame, span: SeriesSpan, rows: pd.DataFrame, table: Table) -> bool:
+        """Whether writing ``rows`` replaces every point and field ``stored`` holds in the span, with no DELETE."""
         if stored.empty:
             return True
         mine = (rows["symbol"] == span.symbol) & (rows["interval"] == span.interval) & (rows["source"] == span.source)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,8 +53,14 @@ DELETES_PER_REQUEST = 200
 # Rows per chunk of a streamed SELECT: large enough to keep the chunks few, small enough to stay
 # under any max-row-limit a server is likely to set.
 CHUNK_ROWS = 5_000
+# Series one query reads before a write (their tags are bound parameters, so the URL stays short).
+SERIES_PER_READ = 50
 # A Go duration as SHOW RETENTION POLICIES prints it: 8760h0m0s, 30m0s, 0s (forever).
 _GO_DURATION = re.compile(r"(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9.]+)s)?")
+
+# One client per process, server and credentials (see InfluxDBV1Store._client); httpx's are thread-safe.
+_clients: dict[tuple[int, str, float, str | None, str | None], httpx.Client] = {}
+_clients_guard = threading.Lock()
 
 
 def _retryable(error: BaseException) -> bool:
@@ -90,8 +97,8 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
             "precision": "s",
             **({"rp": self.retention_policy} if self.retention_policy else {}),
         }
-        with self._client() as client:
-            yield lambda body: self._post(client, "/write", params, gzip.compress(body, compresslevel=1))
+        client = self._client()
+        yield lambda body: self._post(client, "/write", params, gzip.compress(body, compresslevel=1))
 
     def _post(self, client: httpx.Client, path: str, params: dict[str, str], body: bytes) -> int:
         """Send one batch; returns the points the server dropped as older than its retention policy."""
@@ -203,8 +210,7 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
 
     def health(self) -> None:
         try:
-            with self._client() as client:
-                client.get("/ping").raise_for_status()
+            self._client().get("/ping").raise_for_status()
         except httpx.HTTPError as exc:
             raise StoreError(
                 f"InfluxDB at {self.url} is not answering ({exc}): check storage.influxdb_v1.url and that it runs"
@@ -214,15 +220,40 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         self, table: Table, filters: Filters, start: datetime | None = None, end: datetime | None = None
     ) -> pd.DataFrame:
         where, params = _where(filters, start, end)
-        rows = self._rows(f"SELECT * FROM {self._source(table.name)} WHERE {where}", params)
+        return _shaped(table, self._rows(f"SELECT * FROM {self._source(table.name)} WHERE {where}", params))
+
+    def _stored_spans(self, table: Table, spans: Sequence[SeriesSpan]) -> list[pd.DataFrame]:
+        """One query for the spans of many series over the same range (real time writes a minute of every
+        symbol at once): a query per series cost more than the write itself."""
+        found: dict[SeriesSpan, pd.DataFrame] = {}
+        alike: dict[tuple[pd.Timestamp, pd.Timestamp], list[SeriesSpan]] = {}
+        for span in spans:
+            alike.setdefault((span.first, span.last), []).append(span)
+        for (first, last), group in alike.items():
+            for at in range(0, len(group), SERIES_PER_READ):
+                found |= self._read_spans(table, group[at : at + SERIES_PER_READ], first, last)
+        return [found[span] for span in spans]
+
+    def _read_spans(
+        self, table: Table, spans: Sequence[SeriesSpan], first: pd.Timestamp, last: pd.Timestamp
+    ) -> dict[SeriesSpan, pd.DataFrame]:
+        if len(spans) == 1:
+            return {spans[0]: self._stored(table, spans[0])}
+        end = last + pd.Timedelta(seconds=1)  # the next instant at the precision written
+        where, params = _where({}, first.to_pydatetime(), end.to_pydatetime())
+        series = []
+        for n, span in enumerate(spans):
+            series.append(" AND ".join(f"{_identifier(tag)} = ${tag}{n}" for tag in span.tags))
+            params |= {f"{tag}{n}": value for tag, value in span.tags.items()}
+        query = f"SELECT * FROM {self._source(table.name)} WHERE {where} AND (({') OR ('.join(series)}))"
+        rows = _shaped(table, self._rows(query, params))
         if rows.empty:
-            return pd.DataFrame(columns=list(table.key))
-        values = sorted(c for c in rows.columns if c not in table.key)
-        rows = rows[[*table.key, *values]]
-        for column in values:
-            if column not in table.text_fields:
-                rows[column] = pd.to_numeric(rows[column]).astype(np.float64)
-        return rows.sort_values(list(table.order), kind="stable").reset_index(drop=True)
+            return dict.fromkeys(spans, rows)
+        groups = dict(tuple(rows.groupby(["symbol", "interval", "source"], sort=False)))
+        empty = rows.iloc[:0]
+        return {
+            span: groups.get((span.symbol, span.interval, span.source), empty).reset_index(drop=True) for span in spans
+        }
 
     def _rows(self, query: str, params: dict[str, str]) -> pd.DataFrame:
         """Every row a SELECT matches, read in chunks: a whole answer is cut at the server's `max-row-limit`."""
@@ -244,7 +275,7 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         series: list[dict[str, Any]] = []
         partial = False
         try:
-            with self._client() as client, client.stream("GET", "/query", params=request) as response:
+            with self._client().stream("GET", "/query", params=request) as response:
                 if response.is_error:
                     response.read()
                     response.raise_for_status()
@@ -275,12 +306,12 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         """The first statement's result of a statement that answers with little: SHOW, CREATE, DELETE."""
         request = self._request(query, params)
         try:
-            with self._client() as client:
-                # A POST carries its statements in the body: a batch of DELETEs outgrows a URL.
-                if method == "POST":
-                    response = client.post("/query", data=request)
-                else:
-                    response = client.request(method, "/query", params=request)
+            client = self._client()
+            # A POST carries its statements in the body: a batch of DELETEs outgrows a URL.
+            if method == "POST":
+                response = client.post("/query", data=request)
+            else:
+                response = client.request(method, "/query", params=request)
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
             raise self._refused(exc.response.status_code) from None
@@ -310,8 +341,32 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         return f"{_identifier(self.retention_policy)}.{_identifier(measurement)}"
 
     def _client(self) -> httpx.Client:
-        auth = (self.username, self.password.get_secret_value()) if self.username and self.password else None
-        return httpx.Client(base_url=self.url, timeout=self.timeout, auth=auth)
+        """This process's client for the server and credentials: kept, so its connections stay open.
+
+        A new httpx.Client costs about 50 ms (it loads the CA bundle), ten times the query it would
+        send: a store write reads two small ranges per series first, so a fresh client per request
+        made a 50-symbol write of one bar each take seconds.
+        """
+        password = self.password.get_secret_value() if self.password else None
+        key = (os.getpid(), self.url, self.timeout, self.username, password)
+        with _clients_guard:
+            client = _clients.get(key)
+            if client is None:
+                auth = (self.username, password) if self.username and password else None
+                client = _clients[key] = httpx.Client(base_url=self.url, timeout=self.timeout, auth=auth)
+            return client
+
+
+def _shaped(table: Table, rows: pd.DataFrame) -> pd.DataFrame:
+    """A SELECT's rows as the BarStore reads return them: key columns, then sorted fields, in the table's order."""
+    if rows.empty:
+        return pd.DataFrame(columns=list(table.key))
+    values = sorted(c for c in rows.columns if c not in table.key)
+    rows = rows[[*table.key, *values]]
+    for column in values:
+        if column not in table.text_fields:
+            rows[column] = pd.to_numeric(rows[column]).astype(np.float64)
+    return rows.sort_values(list(table.order), kind="stable").reset_index(drop=True)
 
 
 def _partial(result: Mapping[str, Any]) -> bool:

@@ -175,6 +175,31 @@ def test_a_rewrite_with_fewer_fields_reads_back_exactly_the_rewrite(store: BarSt
     assert read["adj_close"].isna().all() and read["sma_20"].isna().all()
 
 
+def test_one_write_of_many_series_over_one_range_clears_each_as_it_needs(store: BarStore) -> None:
+    """Real time writes the same minute of every symbol at once: a store may check them together."""
+    store.write_bars(one_bar(100.0, 99.0, 97.5, "AAA"))  # a field the rewrite leaves out must go
+    store.write_bars(one_bar(100.0, 99.0, 97.5, "BBB"))  # rewritten whole: nothing to clear
+    store.write_quarantine(quarantined(one_bar(100.0, 99.0, 97.5, "CCC")))  # the clean bar supersedes it
+    store.write_bars(one_bar(100.0, 99.0, 97.5, "EEE"))  # not in the write: untouched
+    store.write_bars(
+        pd.concat(
+            [
+                one_bar(101.0, np.nan, 98.0, "AAA"),
+                one_bar(102.0, 98.0, 96.0, "BBB"),
+                one_bar(103.0, 97.0, 95.0, "CCC"),
+                one_bar(104.0, 96.0, 94.0, "DDD"),  # nothing stored yet
+            ],
+            ignore_index=True,
+        )
+    )
+    read = {symbol: store.read_bars(symbol) for symbol in ("AAA", "BBB", "CCC", "DDD", "EEE")}
+    assert [len(bars) for bars in read.values()] == [1, 1, 1, 1, 1]
+    assert read["AAA"]["adj_close"].isna().all() and read["AAA"]["sma_20"].tolist() == [98.0]
+    assert [read[s]["close"].iloc[0] for s in read] == [101.0, 102.0, 103.0, 104.0, 100.0]
+    assert read["BBB"]["adj_close"].tolist() == [98.0]
+    assert store.read_quarantine("CCC").empty
+
+
 def test_a_bar_quarantined_on_a_later_write_leaves_bars(store: BarStore) -> None:
     first = frame(n=10)
     store.write_bars(first)
