@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -9,9 +10,11 @@ import pytest
 
 from configs.settings import load_settings
 from flows import sandbox_market
+from tasks.bars import empty_actions, empty_bars
 from tasks.errors import UsageError
-from tasks.realtime.clock import SimulatedClock
-from tasks.realtime.engine import Realtime, RealtimeOptions, next_bar_end
+from tasks.processing.pipeline import Processed
+from tasks.realtime.clock import Clock, SimulatedClock
+from tasks.realtime.engine import Pending, Realtime, RealtimeOptions, Writer, next_bar_end
 from tasks.realtime.sessions import TradingHours, stamp
 from tasks.realtime.tick_bars import TickBars
 
@@ -113,3 +116,39 @@ def test_the_pacing_note_says_when_a_round_of_polls_outlasts_the_bar(monkeypatch
     monkeypatch.setenv("MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__RATE_LIMIT", "72000")
     fast = Realtime(load_settings(None), RealtimeOptions(symbols), DuckDBStore(path=":memory:")).pacing_note()
     assert "takes 2.5 s" in fast and "longer than" not in fast
+
+
+def pending(n: int) -> Pending:
+    return Pending(Processed(empty_bars(), empty_actions(), empty_bars(), 0, 0), seen=float(n), provisional=False)
+
+
+def test_the_writer_writes_in_the_order_queued_and_what_waits_shares_a_write() -> None:
+    batches: list[list[float]] = []
+
+    def write(batch: list[Pending]) -> None:
+        batches.append([p.seen for p in batch])
+        time.sleep(0.2 if len(batches) == 1 else 0)  # a slow first write: the rest queue behind it
+
+    writer = Writer(write)
+    for n in range(10):
+        writer.put(pending(n))
+    writer.flush()
+    assert [n for batch in batches for n in batch] == list(range(10))
+    assert len(batches) <= 3  # not a write per bar
+    writer.put(pending(10))
+    writer.close()  # writes what is queued before it stops
+    assert batches[-1] == [10.0]
+    Writer(write).close()  # a writer never used has no thread to stop
+
+
+def test_the_loop_waits_for_its_next_event_a_finished_poll_or_the_stop() -> None:
+    clock, stop, wake = Clock(), threading.Event(), threading.Event()
+    threading.Timer(0.1, wake.set).start()
+    began = time.monotonic()
+    assert clock.wait_until(clock.time() + 30, stop, wake) is False
+    assert time.monotonic() - began < 0.9  # woken, not at the deadline
+    wake.clear()
+    threading.Timer(0.1, stop.set).start()
+    began = time.monotonic()
+    assert clock.wait_until(clock.time() + 30, stop, wake) is True
+    assert time.monotonic() - began < 1.5  # a stop is seen within a second

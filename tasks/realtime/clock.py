@@ -28,14 +28,15 @@ class Clock:
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.time(), UTC)
 
-    def wait_until(self, instant: float, stop: threading.Event) -> bool:
-        """Sleep until the clock reads ``instant`` or ``stop`` is set; True if it was stopped."""
+    def wait_until(self, instant: float, stop: threading.Event, wake: threading.Event | None = None) -> bool:
+        """Sleep until the clock reads ``instant``, ``wake`` is set, or ``stop`` is (seen within a
+        second of the wall when waiting on ``wake``); True if it was stopped."""
+        event = wake or stop
         while not stop.is_set():
             left = (instant - self.time()) / self.speed
-            if left <= 0:
+            if left <= 0 or (wake is not None and wake.is_set()):
                 return False
-            if stop.wait(min(left, 1.0)):
-                return True
+            event.wait(min(left, 1.0))
         return True
 
     def real_seconds(self, seconds: float) -> float:

@@ -7,19 +7,24 @@ polls the source right after each bar closes (plus ``poll_delay``) and again eve
 by the source's clock (its ``Date``) and by ours. With the streamer, the ticks of each minute
 become a provisional bar as soon as the minute closes, which the polled bar then replaces.
 
-Every write of a cycle goes to the store together, through the spool, so an unavailable store
-loses nothing: its batches wait and are replayed before the next write.
+The loop itself only keeps time: polls run on a pool of threads and never hold it up, the ticks'
+bars are processed on a thread of their own (a slow source never delays them), and one writer
+thread stores what both queue, in the order queued, each write taking everything that waits. A
+symbol's bars are processed and queued under its own lock, so a provisional bar can never land
+after the final bar of its minute. Writes go through the spool, so an unavailable store loses
+nothing: its batches wait and are replayed before the next write.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,15 +44,14 @@ from tasks.realtime.clock import Clock
 from tasks.realtime.series import SymbolSeries
 from tasks.realtime.sessions import TradingHours, bar_seconds, stamp
 from tasks.realtime.tick_bars import TickBar, TickBars
-from tasks.sources.base import Source, load_source, pacer_for
+from tasks.sources.base import Collected, Source, load_source, pacer_for
 from tasks.store import quarantine_rows
 
 logger = logging.getLogger("marketpipe.realtime")
 
 POLL, STREAM = "poll", "stream"
 MODES = (POLL, STREAM)
-STREAM_GRACE = 0.3  # seconds after a minute's close for its last ticks to arrive
-FLUSH_SECONDS = 0.1  # of the wall: how long processed bars may wait for others to share their write
+STREAM_GRACE = 0.2  # seconds after a minute's close for its last ticks to arrive
 FIRST_DAYS = 4  # nothing stored yet: the bars of the last days (from 00:00 UTC), not the source's whole reach
 
 
@@ -69,7 +73,7 @@ class Stored:
     symbol: str
     start: float
     close: float  # when the bar's interval ended
-    seen: float  # when the poll that returned it started, or when its minute's ticks were handed over
+    seen: float  # when the symbol's poll that returned it started, or when its minute's ticks were handed over
     written: float  # when the store acknowledged it
     provisional: bool
 
@@ -125,8 +129,15 @@ class Realtime:
             for s in options.symbols
         }
         self.next_poll: dict[str, float] = {}
+        self.polling: set[str] = set()  # symbols whose poll is in flight
+        self.locks = {s: threading.Lock() for s in options.symbols}  # a symbol's series and what it queues
+        self.guard = threading.Lock()  # next_poll, polling and the summary's counts
+        self.wake = threading.Event()  # a poll finished: the loop looks at the schedule again
+        self.ticks_first = TicksFirst()
         self.tick_bars = TickBars(options.interval, {s: x.hours for s, x in self.series.items()})
         self.pool = ThreadPoolExecutor(max(1, settings.collection.workers), thread_name_prefix="marketpipe-poll")
+        self.ticks_pool = ThreadPoolExecutor(1, thread_name_prefix="marketpipe-ticks")
+        self.writer = Writer(self._write)
         self.stream_thread: threading.Thread | None = None
         self.stream_stats: Any = None
 
@@ -171,19 +182,20 @@ class Realtime:
                 self.heartbeat()
                 if duration is not None and time.monotonic() - started >= duration:
                     break
+                self.wake.clear()  # before reading the schedule: a poll finishing after this wakes the wait
                 now = self.clock.time()
                 if self.options.mode == STREAM:
                     self.store_provisional(now)
-                due = [s for s in self.series if self.next_poll[s] <= now]
-                if due:
-                    self.poll(due)
-                self.clock.wait_until(self._next_event(self.clock.time()), stop)
+                self._poll_due(now)
+                self.clock.wait_until(self._next_event(self.clock.time()), stop, self.wake)
         finally:
             stop.set()
             if self.stream_thread is not None:
                 self.stream_thread.join(timeout=5)
             self.store_provisional(self.clock.time())  # what the ticks completed before the stop
             self.pool.shutdown(wait=True, cancel_futures=False)
+            self.ticks_pool.shutdown(wait=True, cancel_futures=False)
+            self.writer.close()
         return self.summary
 
     def _schedule(self, symbol: str, now: float) -> None:
@@ -202,7 +214,8 @@ class Realtime:
         self.next_poll[symbol] = (end if end is not None else now + 3600) + self.options.poll_delay
 
     def _next_event(self, now: float) -> float:
-        upcoming = list(self.next_poll.values())
+        with self.guard:
+            upcoming = [at for symbol, at in self.next_poll.items() if symbol not in self.polling]
         if self.options.mode == STREAM:
             step = bar_seconds(self.options.interval)
             upcoming.append((now // step + 1) * step + STREAM_GRACE)
@@ -228,24 +241,58 @@ class Realtime:
                 logger.warning("%s: the store could not be read, starting without its history: %s", symbol, exc)
 
     def backfill(self) -> None:
-        """Poll every symbol from its last final bar: the bars a restart or an outage missed."""
-        self.poll(list(self.series), backfill=True)
+        """Poll every symbol from its last final bar, and store it all: the bars a restart or an outage missed."""
+        wait([self._submit_poll(symbol, backfill=True) for symbol in self.series])
+        self.writer.flush()
 
     # Polls.
 
-    def poll(self, symbols: list[str], backfill: bool = False) -> None:
-        started = self.clock.time()
-        futures = {self.pool.submit(self._poll_one, s, started, backfill): s for s in symbols}
-        self._gather(futures, seen=started, provisional=False, timed=not backfill)
-        now = self.clock.time()
-        for symbol in symbols:
-            self._schedule(symbol, now)
+    def _poll_due(self, now: float) -> None:
+        """Start the polls whose time has come; a symbol still being polled is left to finish first."""
+        with self.guard:
+            due = [s for s, at in self.next_poll.items() if at <= now and s not in self.polling]
+        for symbol in due:
+            self._submit_poll(symbol)
 
-    def _poll_one(self, symbol: str, started: float, backfill: bool) -> Processed | None:
+    def _submit_poll(self, symbol: str, backfill: bool = False) -> Future[None]:
+        with self.guard:
+            self.polling.add(symbol)
+        return self.pool.submit(self._poll, symbol, backfill)
+
+    def _poll(self, symbol: str, backfill: bool) -> None:
+        """One symbol's poll, on a pool thread: fetch, process, queue the write, schedule the next poll."""
+        try:
+            self.ticks_first.wait()
+            started = self.clock.time()
+            collected = self._fetch(symbol, started, backfill)
+            if collected is not None:
+                with self.locks[symbol]:
+                    processed = self.series[symbol].final_bars(
+                        collected, self.settings.quality, self.settings.indicators, self._moment(started)
+                    )
+                    if processed is not None:
+                        self.writer.put(Pending(processed, started, provisional=False, timed=not backfill))
+        except Exception as exc:  # a loop that runs for days logs a bug and goes on with the other symbols
+            logger.exception("%s: the poll failed unexpectedly", symbol)
+            with self.guard:
+                self.summary.errors[symbol] = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self.guard:
+                self.polling.discard(symbol)
+                self._schedule(symbol, self.clock.time())
+            self.wake.set()
+
+    @staticmethod
+    def _moment(seconds: float) -> datetime:
+        return datetime.fromtimestamp(seconds, UTC)
+
+    def _fetch(self, symbol: str, started: float, backfill: bool) -> Collected | None:
+        """The source's newest bars for the symbol, only those whose interval has ended; None when it failed."""
         series = self.series[symbol]
-        now = datetime.fromtimestamp(started, UTC)
+        now = self._moment(started)
         since = self._since(series, now)
-        self.summary.polls += 1
+        with self.guard:
+            self.summary.polls += 1
         try:
             try:
                 collected = self.source.poll(symbol, self.options.interval, since, now)
@@ -257,23 +304,26 @@ class Realtime:
                 since = datetime.combine(reach + timedelta(days=1), datetime.min.time(), UTC)
                 collected = self.source.poll(symbol, self.options.interval, since, now)
         except SourceError as exc:
-            self.summary.poll_errors += 1
-            self.summary.errors[symbol] = str(exc)
+            with self.guard:
+                self.summary.poll_errors += 1
+                self.summary.errors[symbol] = str(exc)
             logger.warning("%s: poll failed, trying again in %.0f s: %s", symbol, self.options.poll_seconds, exc)
             return None
         if series.hours.calendar is None:
             calendar = self._calendar(symbol, collected.instrument)
             if calendar is not None:
                 series.hours.use(calendar)  # the tick bars share these hours
-        # Our own clock too: a bar whose interval has not ended is never final, whatever was served.
+        # Our own clock too: a bar whose interval had not ended when the poll began is never final,
+        # whatever was served; checked against the end of the poll instead, a bar that was forming
+        # while the source answered and ended before the answer arrived would pass.
         bars = collected.bars
         if not bars.empty:
             ends = [series.hours.bar_end(self.options.interval, t.timestamp()) for t in bars["time"]]
-            bars = bars.loc[np.asarray(ends) <= self.clock.time()].reset_index(drop=True)
+            bars = bars.loc[np.asarray(ends) <= started].reset_index(drop=True)
         collected.bars = bars
         if backfill:
             self._report_holes(series, bars, since, now)
-        return series.final_bars(collected, self.settings.quality, self.settings.indicators, now)
+        return collected
 
     def _since(self, series: SymbolSeries, now: datetime) -> datetime:
         """The newest bars only: from the last final bar on (it comes back, and is dropped)."""
@@ -296,7 +346,8 @@ class Realtime:
     def _hole(self, series: SymbolSeries, since: datetime, why: str, missing: list[float] | None = None) -> None:
         where = f"{stamp(missing[0])} .. {stamp(missing[-1])}" if missing else f"from {since:%Y-%m-%d %H:%M} UTC"
         text = f"{series.symbol}: a hole in the stored {self.options.interval} bars {where}: {why}"
-        self.summary.holes.append(text)
+        with self.guard:
+            self.summary.holes.append(text)
         logger.warning("%s; fill what the source still serves with `marketpipe run --interval %s --start ...`",
                        text, self.options.interval)  # fmt: skip
 
@@ -326,65 +377,162 @@ class Realtime:
         self.stream_thread.start()
 
     def store_provisional(self, now: float) -> None:
-        """The minutes the ticks completed, stored marked provisional until their polled bars come."""
+        """Hand the minutes the ticks completed to the ticks' thread, which stores them marked provisional
+        until their polled bars come."""
         closed = self.tick_bars.closed(now - STREAM_GRACE)
         if not closed:
             return
         by_symbol: dict[str, list[TickBar]] = {}
         for symbol, bar in closed:
             by_symbol.setdefault(symbol, []).append(bar)
-        clock_now = self.clock.now()
+        self.ticks_first.begin()
+        try:
+            self.ticks_pool.submit(self._provisional, by_symbol, now)
+        except RuntimeError:  # the pool is shut down: nothing to wait for
+            self.ticks_first.end()
+            raise
+
+    def _provisional(self, by_symbol: dict[str, list[TickBar]], seen: float) -> None:
         quality, indicators = self.settings.quality, self.settings.indicators
-        futures = {
-            self.pool.submit(self.series[symbol].provisional_bars, built, quality, indicators, clock_now): symbol
-            for symbol, built in by_symbol.items()
-        }
-        self._gather(futures, seen=now, provisional=True)
+        moment = self.clock.now()
+        try:
+            for symbol, built in by_symbol.items():
+                try:
+                    with self.locks[symbol]:
+                        processed = self.series[symbol].provisional_bars(built, quality, indicators, moment)
+                        if processed is not None:
+                            self.writer.put(Pending(processed, seen, provisional=True))
+                except Exception as exc:
+                    logger.exception("%s: the streamed bars could not be processed", symbol)
+                    with self.guard:
+                        self.summary.errors[symbol] = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.ticks_first.end()
 
     # Writes.
 
-    def _gather(
-        self, futures: dict[Future[Processed | None], str], seen: float, provisional: bool, timed: bool = True
-    ) -> None:
-        """Write the symbols' bars as their processing finishes, a batch at most every ``FLUSH_SECONDS``:
-        the first symbols of a round are not held back until the last one is done."""
-        pending: dict[str, Processed] = {}
-        flushed = time.monotonic()
-        for future in as_completed(futures):
-            found = future.result()
-            if found is not None:
-                pending[futures[future]] = found
-            if pending and time.monotonic() - flushed >= FLUSH_SECONDS:
-                self._write(pending, seen, provisional, timed)
-                pending, flushed = {}, time.monotonic()
-        self._write(pending, seen, provisional, timed)
-
-    def _write(self, processed: dict[str, Processed], seen: float, provisional: bool, timed: bool = True) -> None:
-        """One write of the cycle's bars; ``timed`` ones count in the latency figures (a backfill's do not)."""
-        bars = [p.bars for p in processed.values() if not p.bars.empty]
+    def _write(self, batch: list[Pending]) -> None:
+        """One write of whatever was queued; ``timed`` bars count in the latency figures (a backfill's do not)."""
+        bars = [p.processed.bars for p in batch if not p.processed.bars.empty]
         if not bars:
             return
         frame = pd.concat(bars, ignore_index=True)
-        quarantined = [quarantine_rows(p.quarantined) for p in processed.values() if not p.quarantined.empty]
+        quarantined = [quarantine_rows(p.processed.quarantined) for p in batch if not p.processed.quarantined.empty]
+        symbols = {str(p.processed.bars["symbol"].iloc[0]) for p in batch if not p.processed.bars.empty}
         try:
             written = self.spool.write(self.store, BARS.name, frame)
             if quarantined:
                 self.spool.write(self.store, QUARANTINE.name, pd.concat(quarantined, ignore_index=True))
         except StoreError as exc:
-            logger.error("the bars of %d symbol(s) were neither stored nor spooled: %s", len(processed), exc)
-            for symbol in processed:
-                self.summary.errors[symbol] = str(exc)
+            logger.error("the bars of %d symbol(s) were neither stored nor spooled: %s", len(symbols), exc)
+            with self.guard:
+                self.summary.errors |= dict.fromkeys(symbols, str(exc))
             return
         acknowledged = self.clock.time()
-        self.summary.spooled += written.spooled
-        starts = frame["time"].astype("int64") / 1e9
-        for symbol, start in [] if not timed else zip(frame["symbol"].astype(str), starts.tolist(), strict=True):
-            close = self.series[symbol].hours.bar_end(self.options.interval, start)
-            self.summary.latencies.append(Stored(symbol, start, close, seen, acknowledged, provisional))
-        if provisional:
-            self.summary.provisional += len(frame)
-        else:
-            self.summary.final += len(frame)
+        stored = []
+        for pending in batch:
+            if not pending.timed:
+                continue
+            written_bars = pending.processed.bars
+            starts = (written_bars["time"].astype("int64") / 1e9).tolist()
+            for symbol, start in zip(written_bars["symbol"].astype(str), starts, strict=True):
+                close = self.series[symbol].hours.bar_end(self.options.interval, start)
+                stored.append(Stored(symbol, start, close, pending.seen, acknowledged, pending.provisional))
+        with self.guard:
+            self.summary.spooled += written.spooled
+            self.summary.latencies.extend(stored)
+            self.summary.provisional += sum(len(p.processed.bars) for p in batch if p.provisional)
+            self.summary.final += sum(len(p.processed.bars) for p in batch if not p.provisional)
+
+
+class TicksFirst:
+    """Polls wait while a minute's ticks are processed: parsing and processing hold the GIL, and a
+    round of polls doing both at once left the provisional bars a tenth of it, seconds late. The
+    polled bars only reconcile the provisional ones, so they can wait that second."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._pending = 0
+
+    def begin(self) -> None:
+        with self._changed:
+            self._pending += 1
+
+    def end(self) -> None:
+        with self._changed:
+            self._pending -= 1
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending == 0)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Processed bars waiting for the writer, and what their latency counts from."""
+
+    processed: Processed
+    seen: float
+    provisional: bool
+    timed: bool = True
+
+
+class Writer:
+    """One thread writes what the loop's threads queue, in the order queued, each write taking all that waits.
+
+    A write costs a round trip or two whatever its size, so the bars that finish while one is under
+    way share the next; no bar waits for a timer or for bars still being processed.
+    """
+
+    def __init__(self, write: Callable[[list[Pending]], None]) -> None:
+        self._write = write
+        self._queue: queue.SimpleQueue[Pending | threading.Event | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="marketpipe-writer", daemon=True)
+        self._starting = threading.Lock()
+
+    def put(self, pending: Pending) -> None:
+        self._start()
+        self._queue.put(pending)
+
+    def flush(self) -> None:
+        """Return once everything queued before this call is written."""
+        self._start()
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _start(self) -> None:
+        """On first use: a loop built only to be asked something (its pacing note) starts no thread."""
+        with self._starting:
+            if self._thread.ident is None:
+                self._thread.start()
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            pending = [item for item in batch if isinstance(item, Pending)]
+            if pending:
+                try:
+                    self._write(pending)
+                except Exception:  # the store's own errors are handled inside: this is a bug, logged
+                    logger.exception("a write of %d symbol(s)' bars failed unexpectedly", len(pending))
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
+            closing = any(item is None for item in batch)
 
 
 def patience(interval: str) -> float:

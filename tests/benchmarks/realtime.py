@@ -31,6 +31,7 @@ from pathlib import Path
 
 import exchange_calendars as xc
 import pandas as pd
+from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -39,6 +40,8 @@ from configs.settings import load_settings
 from tasks.realtime.clock import SimulatedClock
 from tasks.realtime.engine import POLL, STREAM, Realtime, RealtimeOptions, Summary
 from tests.servers import BIN, free_port, influxdb_server
+
+RUNS = ((POLL, 5), (POLL, 15), (STREAM, 5))  # the mode, and how often a bar not served yet is polled again
 
 
 def session_instant() -> float:
@@ -60,9 +63,9 @@ def run_once(
     # Its own process, as the real services are: the loop measured does not share a GIL with them.
     sandbox = subprocess.Popen([str(BIN / "marketpipe"), "sandbox", *args], stdout=subprocess.DEVNULL)
     wait_for_port(port)
-    if mode == STREAM:
-        wait_for_port(stream_port)
     stream_url = f"ws://127.0.0.1:{stream_port}/?version=2" if mode == STREAM else None
+    if stream_url is not None:
+        wait_for_websocket(stream_url)
     database = f"bench_{mode}_{int(poll_seconds)}"
     os.environ |= {
         "MARKETPIPE__DATA_SOURCES__YAHOO_FINANCE__BASE_URL": f"http://127.0.0.1:{port}/v8/finance/chart/",
@@ -101,6 +104,18 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"the sandbox did not listen on {port} within {timeout:g} s")
 
 
+def wait_for_websocket(url: str, timeout: float = 60) -> None:
+    """A real handshake: a bare TCP probe would make the server log a failed one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with connect(url, open_timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the sandbox's streamer did not answer at {url} within {timeout:g} s")
+
+
 def row(label: str, figures: dict[str, float]) -> str:
     if not figures:
         return f"| {label} | - | - | - | 0 |"
@@ -112,7 +127,9 @@ def main() -> None:
     parser.add_argument("--symbols", type=int, default=50)
     parser.add_argument("--minutes", type=float, default=4.0)
     parser.add_argument("--publish-delay", type=float, default=8.0)
+    parser.add_argument("--runs", default="poll5,poll15,stream5", help="which of poll5, poll15, stream5 to run")
     args = parser.parse_args()
+    runs = [(mode, float(every)) for mode, every in RUNS if f"{mode}{every}" in args.runs.split(",")]
     symbols = [f"RT{i:03d}" for i in range(args.symbols)]
     lines = [
         f"{args.symbols} symbols, {args.minutes:g} minutes of 1m bars each, bars published 0-{args.publish_delay:g} s "
@@ -123,7 +140,7 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp, influxdb_server(Path(tmp) / "influxdb") as url:
         home = Path(tmp)
-        for mode, every in ((POLL, 5.0), (POLL, 15.0), (STREAM, 5.0)):
+        for mode, every in runs:
             started = time.perf_counter()
             summary, missing = run_once(mode, every, symbols, args.minutes, args.publish_delay, url, home)
             print(f"{mode} every {every:g} s: {time.perf_counter() - started:.0f} s, {summary.polls} polls, "
