@@ -1,8 +1,8 @@
 """Run one symbol's processing on synthetic bars, so an image build pays the one-off costs.
 
 `python -m flows.warmup` in the Dockerfile imports everything a flow run imports (compiling its
-bytecode) and calls every processing step and indicator once, so whatever pandas-ta hands to
-numba is compiled into ``NUMBA_CACHE_DIR`` at build time instead of in each flow run's first call.
+bytecode) and calls every processing step and indicator once, so a flow run's first symbol pays
+no one-off cost; anything handed to numba is compiled into ``NUMBA_CACHE_DIR`` at build time.
 """
 
 from __future__ import annotations

@@ -16,21 +16,21 @@ import numpy as np
 import pandas as pd
 
 from tasks.bars import ADJUSTED_COLUMNS
-from tasks.processing.step import Series, Stepped
+from tasks.processing.step import Series, Stepped, extended
 
 
 def add_adjusted_prices(frame: pd.DataFrame) -> pd.DataFrame:
     factor = frame["adj_close"].to_numpy() / frame["close"].to_numpy()
     prices = {adjusted: frame[adjusted.removeprefix("adj_")].to_numpy() * factor for adjusted in ADJUSTED_COLUMNS}
-    return frame.assign(**prices)
+    return extended(frame, prices)
 
 
 def add_returns(frame: pd.DataFrame) -> pd.DataFrame:
-    base = frame["adj_close"] if frame["adj_close"].notna().any() else frame["close"]
-    prices = base.to_numpy()
+    adjusted = frame["adj_close"].to_numpy()
+    prices = adjusted if pd.notna(adjusted).any() else frame["close"].to_numpy()
     ratio = np.full(len(prices), np.nan)
     ratio[1:] = prices[1:] / prices[:-1]
-    return frame.assign(return_1=ratio - 1.0, log_return_1=np.log(ratio))
+    return extended(frame, {"return_1": ratio - 1.0, "log_return_1": np.log(ratio)})
 
 
 def adjusted_prices(frame: pd.DataFrame, series: Series) -> Stepped:

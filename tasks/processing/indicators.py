@@ -1,32 +1,39 @@
-"""Technical indicators, computed by pandas-ta on its TA-Lib backend, chosen explicitly.
+"""Technical indicators, computed by TA-Lib, called directly on the bars' float64 values.
 
 pandas-ta silently switches implementation depending on whether TA-Lib is importable, and the two
-disagree (RSI seeding, Bollinger ddof, OBV offset). We pin the choice: every call passes
-``talib=True`` and this module refuses to load without TA-Lib, so a result can never depend on what
-happens to be installed. TA-Lib follows the textbook definitions (Wilder's SMA-seeded RSI and ATR,
-SMA-seeded EMA, population standard deviation for the bands), which is what the published references
-in the test suite use too.
+disagree (RSI seeding, Bollinger ddof, OBV offset). We call TA-Lib itself, the functions pandas-ta's
+``talib=True`` path wraps, with the same arguments: the values are those, and this module refuses
+to load without TA-Lib, so a result can never depend on what happens to be installed. Going
+straight to the arrays also skips pandas-ta's per-call wrapping, which costs far more than the
+arithmetic on a real-time run's few hundred bars. TA-Lib follows the textbook definitions (Wilder's
+SMA-seeded RSI and ATR, SMA-seeded EMA, population standard deviation for the bands), which is what
+the published references in the test suite use too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-import pandas_ta as ta
 
 from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec
 from tasks.processing.step import Series, Stepped
 
-if not ta.Imports.get("talib"):
+try:
+    import talib
+except ImportError as error:
     raise ImportError(
-        "TA-Lib is not importable, so pandas-ta would silently fall back to different formulas. "
-        "Install the locked environment (uv sync) which includes the `ta-lib` package."
-    )
+        "TA-Lib is not importable, and every indicator here is TA-Lib's: there is no fallback with "
+        "different formulas. Install the locked environment (uv sync) which includes the `ta-lib` package."
+    ) from error
 
 Floats = npt.NDArray[np.float64]
+# Bollinger's middle band is the simple moving average, and the bands are around it.
+BANDS_AVERAGE = talib.MA_Type.SMA  # type: ignore[attr-defined]
+Inputs = Mapping[str, Floats]  # the bar values an indicator reads, by column
 
 
 def longest_period(spec: IndicatorSpec) -> int:
@@ -64,13 +71,23 @@ def continue_cumulative(
         (column,) = spec.columns
         if column not in stored_past or column not in computed_past:
             continue
-        stored = stored_past.set_index("time")[column]
-        computed = computed_past.set_index("time")[column].reindex(stored.index)
-        both = stored.notna() & computed.notna()
-        if both.any():
-            last = both[both].index[-1]
-            new[column] = new[column] + (float(stored[last]) - float(computed[last]))
+        stored = stored_past[column].to_numpy(dtype=np.float64)
+        computed = _at_times(computed_past, stored_past, column)
+        both = np.flatnonzero(~np.isnan(stored) & ~np.isnan(computed))
+        if both.size:
+            last = both[-1]
+            new[column] = new[column].to_numpy() + (float(stored[last]) - float(computed[last]))
     return new
+
+
+def _at_times(frame: pd.DataFrame, times: pd.DataFrame, column: str) -> Floats:
+    """``frame[column]`` at each of ``times``' times (NaN where ``frame`` has no bar then)."""
+    have, wanted = pd.Index(frame["time"]), pd.Index(times["time"])
+    values = frame[column].to_numpy(dtype=np.float64)
+    if have.equals(wanted):
+        return values  # the usual case: the same bars, recomputed
+    position = have.get_indexer(wanted)
+    return np.where(position >= 0, values[position], np.nan)
 
 
 def indicator_columns(specs: Sequence[IndicatorSpec]) -> list[str]:
@@ -84,24 +101,32 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
     indicator reads are skipped for that indicator (TA-Lib would carry a NaN forward forever) and
     get NaN: so a missing volume (FX) blanks OBV only, never the price indicators.
     """
-    subsets: dict[tuple[str, ...], tuple[pd.DataFrame, npt.NDArray[np.bool_] | None]] = {}
+    values: dict[str, Floats] = {}
+    subsets: dict[tuple[str, ...], tuple[Inputs, npt.NDArray[np.bool_] | None]] = {}
     columns: dict[str, Floats] = {}
     for spec in specs:
         needs = INPUTS.get(type(spec), ("close",))
         if needs not in subsets:
-            complete = np.logical_and.reduce([bars[c].notna().to_numpy() for c in needs])
+            for c in needs:
+                if c not in values:
+                    values[c] = bars[c].to_numpy(dtype=np.float64, na_value=np.nan)
+            complete = np.logical_and.reduce([~np.isnan(values[c]) for c in needs])
             whole = bool(complete.all())
-            subsets[needs] = (bars, None) if whole else (bars.loc[complete, list(needs)], complete)
+            subsets[needs] = (values, None) if whole else ({c: values[c][complete] for c in needs}, complete)
         usable, mask = subsets[needs]
-        for column, values in zip(spec.columns, _COMPUTE[type(spec)](usable, spec), strict=True):
+        for column, result in zip(spec.columns, _COMPUTE[type(spec)](usable, spec), strict=True):
             if mask is None:
-                columns[column] = values
+                columns[column] = result
             else:
                 columns[column] = np.full(len(bars), np.nan)
-                columns[column][mask] = values
-    kept = bars.drop(columns=[c for c in columns if c in bars.columns])
+                columns[column][mask] = result
+    if not columns:
+        return bars.copy()
+    replaced = [c for c in columns if c in bars.columns]
+    kept = bars.drop(columns=replaced) if replaced else bars
     # One concat builds the float block once, instead of a reallocation per inserted column.
-    return pd.concat([kept, pd.DataFrame(columns, index=bars.index)], axis=1)
+    block = pd.DataFrame(np.vstack(list(columns.values())).T, index=bars.index, columns=list(columns))
+    return pd.concat([kept, block], axis=1)
 
 
 def technical_indicators(frame: pd.DataFrame, series: Series) -> Stepped:
@@ -109,63 +134,45 @@ def technical_indicators(frame: pd.DataFrame, series: Series) -> Stepped:
     return Stepped(compute_indicators(frame, series.indicators))
 
 
-def _array(result: pd.Series | None, n: int) -> Floats:
-    """pandas-ta returns None when the series is shorter than the window: all warm-up then."""
-    if result is None:
-        return np.full(n, np.nan)
-    return result.to_numpy(dtype=np.float64, na_value=np.nan)
+def _sma(v: Inputs, s: SMA) -> list[Floats]:
+    return [talib.SMA(v["close"], s.length)]
 
 
-def _pick(frame: pd.DataFrame | None, prefix: str, n: int) -> Floats:
-    if frame is None:
-        return np.full(n, np.nan)
-    matches = [c for c in frame.columns if c.startswith(prefix)]
-    if len(matches) != 1:
-        raise RuntimeError(f"pandas-ta output has no single column starting with {prefix!r}: {list(frame.columns)}")
-    return _array(frame[matches[0]], n)
+def _ema(v: Inputs, s: EMA) -> list[Floats]:
+    return [talib.EMA(v["close"], s.length)]
 
 
-def _sma(b: pd.DataFrame, s: SMA) -> list[Floats]:
-    return [_array(ta.sma(b["close"], length=s.length, talib=True), len(b))]
+def _rsi(v: Inputs, s: RSI) -> list[Floats]:
+    return [talib.RSI(v["close"], s.length)]
 
 
-def _ema(b: pd.DataFrame, s: EMA) -> list[Floats]:
-    return [_array(ta.ema(b["close"], length=s.length, talib=True), len(b))]
+def _macd(v: Inputs, s: MACD) -> list[Floats]:
+    macd, signal, histogram = talib.MACD(v["close"], s.fast, s.slow, s.signal)
+    return [macd, signal, histogram]
 
 
-def _rsi(b: pd.DataFrame, s: RSI) -> list[Floats]:
-    return [_array(ta.rsi(b["close"], length=s.length, talib=True), len(b))]
+def _bbands(v: Inputs, s: BBands) -> list[Floats]:
+    upper, mid, lower = talib.BBANDS(v["close"], s.length, s.std, s.std, BANDS_AVERAGE)
+    return [lower, mid, upper]
 
 
-def _macd(b: pd.DataFrame, s: MACD) -> list[Floats]:
-    frame = ta.macd(b["close"], fast=s.fast, slow=s.slow, signal=s.signal, talib=True)
-    n = len(b)
-    return [_pick(frame, "MACD_", n), _pick(frame, "MACDs_", n), _pick(frame, "MACDh_", n)]
+def _atr(v: Inputs, s: ATR) -> list[Floats]:
+    return [talib.ATR(v["high"], v["low"], v["close"], s.length)]
 
 
-def _bbands(b: pd.DataFrame, s: BBands) -> list[Floats]:
-    frame = ta.bbands(b["close"], length=s.length, lower_std=s.std, upper_std=s.std, mamode="sma", talib=True)
-    n = len(b)
-    return [_pick(frame, "BBL_", n), _pick(frame, "BBM_", n), _pick(frame, "BBU_", n)]
-
-
-def _atr(b: pd.DataFrame, s: ATR) -> list[Floats]:
-    return [_array(ta.atr(b["high"], b["low"], b["close"], length=s.length, talib=True), len(b))]
-
-
-def _obv(b: pd.DataFrame, s: OBV) -> list[Floats]:
-    return [_array(ta.obv(b["close"], b["volume"], talib=True), len(b))]
+def _obv(v: Inputs, s: OBV) -> list[Floats]:
+    return [talib.OBV(v["close"], v["volume"])]
 
 
 # The bar values each kind reads; the rest read only the close.
 INPUTS: dict[type, tuple[str, ...]] = {ATR: ("high", "low", "close"), OBV: ("close", "volume")}
 
-_COMPUTE: dict[type, Callable[[pd.DataFrame, object], list[Floats]]] = {
-    SMA: _sma,  # type: ignore[dict-item]
-    EMA: _ema,  # type: ignore[dict-item]
-    RSI: _rsi,  # type: ignore[dict-item]
-    MACD: _macd,  # type: ignore[dict-item]
-    BBands: _bbands,  # type: ignore[dict-item]
-    ATR: _atr,  # type: ignore[dict-item]
-    OBV: _obv,  # type: ignore[dict-item]
+_COMPUTE: dict[type, Callable[[Inputs, Any], list[Floats]]] = {
+    SMA: _sma,
+    EMA: _ema,
+    RSI: _rsi,
+    MACD: _macd,
+    BBands: _bbands,
+    ATR: _atr,
+    OBV: _obv,
 }

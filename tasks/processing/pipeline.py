@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+import numpy as np
 import pandas as pd
 
 from configs.settings import IndicatorSpec, QualitySettings
@@ -48,7 +49,8 @@ FLAG_COUNTS: dict[str, str] = {
 
 def count_flags(frame: pd.DataFrame, series: Series) -> Stepped:
     """The step: how many of the bars to be stored carry each flag."""
-    return Stepped(frame, {name: int(frame[column].sum()) for column, name in FLAG_COUNTS.items() if column in frame})
+    flags = {name: frame[column].to_numpy(dtype=np.float64) for column, name in FLAG_COUNTS.items() if column in frame}
+    return Stepped(frame, {name: int(np.nansum(values)) for name, values in flags.items()})
 
 
 # On the new bars alone.
@@ -156,20 +158,19 @@ def process(
     counts: Counts = {}
     quarantined: list[pd.DataFrame] = []
     new = _run(NEW_BARS, collected.bars, series, counts, quarantined)
-    past = pd.DataFrame(columns=list(BAR_COLUMNS))
-    if history is not None and not history.empty and not new.empty:
-        past = history.loc[history["time"] < new["time"].iloc[0], list(BAR_COLUMNS)]
-    whole = pd.concat([past, new], ignore_index=True) if not past.empty else new
-    whole = _run(WHOLE_SERIES, whole, replace(series, stored=len(past)), counts, quarantined)
-    fresh = whole.iloc[len(past) :].reset_index(drop=True)
-    if len(past):
-        stored_past = history.loc[history["time"] < new["time"].iloc[0]] if history is not None else None
-        fresh = continue_cumulative(fresh, whole.iloc[: len(past)], stored_past, indicators)
+    stored_past = _stored_before(history, new)
+    past = stored_past[list(BAR_COLUMNS)] if stored_past is not None else None
+    whole = pd.concat([past, new], ignore_index=True) if past is not None else new
+    stored = len(past) if past is not None else 0
+    whole = _run(WHOLE_SERIES, whole, replace(series, stored=stored), counts, quarantined)
+    fresh = whole.iloc[stored:].reset_index(drop=True)
+    if stored:
+        fresh = continue_cumulative(fresh, whole.iloc[:stored], stored_past, indicators)
     new = _run(STORED, fresh, series, counts, quarantined)
 
     gaps = coverage = None
     if calendar is not None and not new.empty:
-        since = past["time"].iloc[-1] if not past.empty else None
+        since = past["time"].iloc[-1] if past is not None else None
         gaps = missing_sessions(new["time"], interval, calendar, since=since)
     if collected.window is not None and not new.empty:
         first = new["time"].iloc[0] if stored_from is None else min(stored_from, new["time"].iloc[0])
@@ -186,6 +187,17 @@ def process(
         gaps=gaps,
         coverage=coverage,
     )
+
+
+def _stored_before(history: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame | None:
+    """The stored bars before the first new one, None when there are none; usually the whole history,
+    then taken as it is rather than copied."""
+    if history is None or history.empty or new.empty:
+        return None
+    before = history["time"].array < new["time"].iloc[0]
+    if not before.any():
+        return None
+    return history if before.all() else history.loc[before]
 
 
 def _run(

@@ -9,11 +9,13 @@ bars out of the series for good (validation) hands them back as ``aside``, with 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import IndicatorSpec, QualitySettings
@@ -48,3 +50,16 @@ class Step(Protocol):
     __name__: str
 
     def __call__(self, frame: pd.DataFrame, series: Series, /) -> Stepped: ...
+
+
+def extended(frame: pd.DataFrame, columns: Mapping[str, npt.NDArray[np.float64]]) -> pd.DataFrame:
+    """A new frame: ``frame`` with ``columns`` set, as ``frame.assign(**columns)`` sets them.
+
+    New float64 columns join as one block in one concat, which shares the frame's columns rather
+    than copying them (Copy-on-Write): pandas' insert of each column costs more than the values.
+    """
+    replaced = any(c in frame.columns for c in columns)
+    if not columns or replaced or any(v.dtype != np.float64 for v in columns.values()):
+        return frame.assign(**columns)
+    block = pd.DataFrame(np.vstack(list(columns.values())).T, index=frame.index, columns=list(columns))
+    return pd.concat([frame, block], axis=1)

@@ -66,7 +66,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from tasks.bars import PRICE_COLUMNS
-from tasks.processing.step import Series, Stepped
+from tasks.processing.step import Series, Stepped, extended
 
 FLAG_UNIT_REPAIRED = "flag_unit_repaired"
 FLAG_ZERO_VOLUME = "flag_zero_volume"
@@ -85,6 +85,7 @@ MINOR_UNITS: Mapping[str, tuple[str, float]] = MappingProxyType(
 )
 
 UNIT_FACTOR = 100.0
+UNIT_WINDOW = 11  # bars around each one whose closes are its neighbours, itself included
 UNIT_DECADES = math.log10(UNIT_FACTOR)
 # Half-width of the 100x band in log10: a ratio within a factor 1.5 of 100 (or of 1/100).
 UNIT_TOLERANCE = math.log10(1.5)
@@ -120,39 +121,25 @@ def in_major_unit(frame: pd.DataFrame, series: Series) -> Stepped:
 
 
 def bad_ticks(frame: pd.DataFrame, series: Series) -> Stepped:
-    """The step: :func:`check_ticks` over the whole series, on a copy (the rules change prices and
-    flags in place). The flags are counted on the new bars with the others (see the pipeline)."""
-    checked = frame.copy(deep=False)  # column assignments replace columns: the caller's frame keeps its own
-    check_ticks(checked, series.quality.spike_threshold)
-    return Stepped(checked)
+    """The step: :func:`check_ticks` over the whole series, into a new frame. The flags are counted
+    on the new bars with the others (see the pipeline)."""
+    columns, _ = _tick_columns(frame, series.quality.spike_threshold)
+    return Stepped(extended(frame, columns))
 
 
-def repair_unit_errors(frame: pd.DataFrame, window: int = 11) -> int:
+def repair_unit_errors(frame: pd.DataFrame, window: int = UNIT_WINDOW) -> int:
     """Bars whose prices are ~100x or ~1/100x their neighbours (a pence/pound switch) are scaled back; returns count.
 
     Sets ``flag_unit_repaired`` (sticky, see the module docstring) and mutates the prices in place.
     """
-    if window < 3 or window % 2 == 0:
-        raise ValueError(f"unit-error window must be an odd number of bars >= 3, got {window}")
-    close = _valid_closes(frame)
-    down, up = _unit_errors(close, window // 2)
-    repaired = down | up
-    if repaired.any():
-        for column in PRICE_COLUMNS:
-            prices = frame[column].to_numpy(dtype=np.float64, copy=True)
-            prices[down] = prices[down] / UNIT_FACTOR
-            prices[up] = prices[up] * UNIT_FACTOR
-            frame[column] = prices
-    _set_flag(frame, FLAG_UNIT_REPAIRED, repaired | _existing_flag(frame, FLAG_UNIT_REPAIRED))
-    return int(repaired.sum())
+    columns, repaired = _unit_repair(frame, frame["close"].to_numpy(dtype=np.float64), window)
+    _set_columns(frame, columns)
+    return repaired
 
 
 def flag_zero_volume(frame: pd.DataFrame) -> int:
     """Flag bars with volume exactly 0 in a series that otherwise trades; returns the count flagged."""
-    volume = frame["volume"].to_numpy(dtype=np.float64)
-    known = volume[~np.isnan(volume)]
-    trades = known.size > 0 and float(np.median(known)) > 0
-    zero = (volume == 0) if trades else np.zeros(len(volume), dtype=bool)
+    zero = _zero_volume(frame)
     _set_flag(frame, FLAG_ZERO_VOLUME, zero)
     return int(zero.sum())
 
@@ -160,13 +147,7 @@ def flag_zero_volume(frame: pd.DataFrame) -> int:
 def flag_spikes(frame: pd.DataFrame, threshold: float) -> int:
     """Flag one-bar excursions away from two neighbours that agree; returns the count flagged."""
     _check_threshold(threshold)
-    close = _valid_closes(frame)
-    spike = np.zeros(len(close), dtype=bool)
-    if len(close) >= 3:
-        prev, cur, nxt = close[:-2], close[1:-1], close[2:]
-        with np.errstate(invalid="ignore"):
-            away = (np.abs(cur / prev - 1.0) > threshold) & (np.abs(cur / nxt - 1.0) > threshold)
-            spike[1:-1] = away & (np.abs(nxt / prev - 1.0) <= threshold)
+    spike = _spikes(frame["close"].to_numpy(dtype=np.float64), threshold)
     _set_flag(frame, FLAG_SPIKE, spike)
     return int(spike.sum())
 
@@ -177,13 +158,58 @@ def check_ticks(frame: pd.DataFrame, spike_threshold: float) -> dict[str, int]:
     Adds all TICK_FLAGS columns (0.0 where clear) and returns counts by flag name, only non-zero ones:
     bars repaired by this call, and bars flagged anywhere in the frame for the two flag-only rules.
     """
-    _check_threshold(spike_threshold)  # before anything is mutated
-    counts = {
-        FLAG_UNIT_REPAIRED: repair_unit_errors(frame),
-        FLAG_ZERO_VOLUME: flag_zero_volume(frame),
-        FLAG_SPIKE: flag_spikes(frame, spike_threshold),
-    }
-    return {name: count for name, count in counts.items() if count}
+    columns, counts = _tick_columns(frame, spike_threshold)
+    _set_columns(frame, columns)
+    return counts
+
+
+def _tick_columns(frame: pd.DataFrame, spike_threshold: float) -> tuple[dict[str, FloatArray], dict[str, int]]:
+    """What :func:`check_ticks` sets, without setting it: the repaired prices (when a bar is
+    repaired) and the TICK_FLAGS columns, in that order, and the counts it returns."""
+    _check_threshold(spike_threshold)  # before anything is computed
+    close = frame["close"].to_numpy(dtype=np.float64)
+    columns, repaired = _unit_repair(frame, close, UNIT_WINDOW)
+    zero = _zero_volume(frame)
+    spike = _spikes(columns.get("close", close), spike_threshold)  # on the repaired prices
+    columns[FLAG_ZERO_VOLUME] = zero.astype(np.float64)
+    columns[FLAG_SPIKE] = spike.astype(np.float64)
+    counts = {FLAG_UNIT_REPAIRED: repaired, FLAG_ZERO_VOLUME: int(zero.sum()), FLAG_SPIKE: int(spike.sum())}
+    return columns, {name: count for name, count in counts.items() if count}
+
+
+def _unit_repair(frame: pd.DataFrame, close: FloatArray, window: int) -> tuple[dict[str, FloatArray], int]:
+    """The prices scaled back (only when a bar is repaired) and the sticky flag; the count repaired."""
+    if window < 3 or window % 2 == 0:
+        raise ValueError(f"unit-error window must be an odd number of bars >= 3, got {window}")
+    down, up = _unit_errors(_valid_closes(close), window // 2)
+    repaired = down | up
+    columns: dict[str, FloatArray] = {}
+    if repaired.any():
+        for column in PRICE_COLUMNS:
+            prices = frame[column].to_numpy(dtype=np.float64, copy=True)
+            prices[down] = prices[down] / UNIT_FACTOR
+            prices[up] = prices[up] * UNIT_FACTOR
+            columns[column] = prices
+    columns[FLAG_UNIT_REPAIRED] = (repaired | _existing_flag(frame, FLAG_UNIT_REPAIRED)).astype(np.float64)
+    return columns, int(repaired.sum())
+
+
+def _zero_volume(frame: pd.DataFrame) -> BoolArray:
+    volume = frame["volume"].to_numpy(dtype=np.float64)
+    known = volume[~np.isnan(volume)]
+    trades = known.size > 0 and float(np.median(known)) > 0
+    return (volume == 0) if trades else np.zeros(len(volume), dtype=bool)
+
+
+def _spikes(closes: FloatArray, threshold: float) -> BoolArray:
+    close = _valid_closes(closes)
+    spike = np.zeros(len(close), dtype=bool)
+    if len(close) >= 3:
+        prev, cur, nxt = close[:-2], close[1:-1], close[2:]
+        with np.errstate(invalid="ignore"):
+            away = (np.abs(cur / prev - 1.0) > threshold) & (np.abs(cur / nxt - 1.0) > threshold)
+            spike[1:-1] = away & (np.abs(nxt / prev - 1.0) <= threshold)
+    return spike
 
 
 def _check_threshold(threshold: float) -> None:
@@ -191,9 +217,8 @@ def _check_threshold(threshold: float) -> None:
         raise ValueError(f"spike threshold must be > 0 (a relative change, e.g. 0.25 for 25%), got {threshold!r}")
 
 
-def _valid_closes(frame: pd.DataFrame) -> FloatArray:
+def _valid_closes(close: FloatArray) -> FloatArray:
     """Closes with non-finite and non-positive values as NaN, so no rule can act on them."""
-    close = frame["close"].to_numpy(dtype=np.float64)
     return np.where(np.isfinite(close) & (close > 0), close, np.nan)
 
 
@@ -264,3 +289,8 @@ def _existing_flag(frame: pd.DataFrame, name: str) -> BoolArray:
 
 def _set_flag(frame: pd.DataFrame, name: str, mask: BoolArray) -> None:
     frame[name] = mask.astype(np.float64)
+
+
+def _set_columns(frame: pd.DataFrame, columns: dict[str, FloatArray]) -> None:
+    for name, values in columns.items():
+        frame[name] = values

@@ -27,6 +27,7 @@ what happens to them (see :mod:`tasks.processing.missing`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -38,6 +39,7 @@ from tasks.bars import (
     BAR_COLUMNS,
     FLAG_OHLC_REPAIRED,
     INTERVALS,
+    OHLC,
     PRICE_COLUMNS,
     VALUE_COLUMNS,
     conform,
@@ -50,6 +52,7 @@ from tasks.processing.step import Series, Stepped
 # Sources round prices independently: a bend this small (relative) is rounding, neither repaired nor flagged.
 OHLC_TOLERANCE = 1e-9
 DAY_NS = pd.Timedelta(days=1).value
+NAT = np.iinfo(np.int64).min  # NaT, in nanoseconds since the epoch
 INTERVAL_LENGTHS: dict[str, pd.Timedelta] = {
     i: pd.Timedelta(i.replace("m", "min")) for i in INTERVALS if not is_daily_or_longer(i)
 }
@@ -99,14 +102,14 @@ def validate_bars(
         raise MissingColumnsError(
             f"bars are missing required columns {', '.join(missing)}: the source must deliver {', '.join(BAR_COLUMNS)}"
         )
-    unparseable: npt.NDArray[np.bool_]
+    bad_values: npt.NDArray[np.bool_]
     if is_conformed(bars):  # what every source delivers: no cast, no copy
-        frame, unparseable = bars, bars["time"].isna().to_numpy()
+        frame, bad_values = bars, np.zeros(len(bars), dtype=bool)
     else:
-        times = pd.to_datetime(bars["time"], utc=True, errors="coerce")
-        unparseable = _unparseable(bars) | times.isna().to_numpy()
-        frame = conform(bars.assign(time=times))
+        frame = conform(bars.assign(time=pd.to_datetime(bars["time"], utc=True, errors="coerce")))
+        bad_values = _unparseable(bars)
     nanos = _nanos(frame["time"])
+    unparseable = bad_values | (nanos == NAT)  # a time that is not a date is NaT by now
     out_of_order = int((np.diff(nanos) < 0).sum())
     if out_of_order:
         order = np.argsort(nanos, kind="stable")
@@ -125,20 +128,22 @@ def validate_bars(
     segments = _segments(nanos, interval, calendar)
     check(~_on_grid(nanos, interval, segments), "off_grid")
     check(nanos > _future_limit(interval, now or datetime.now(UTC)).value, "future_time")
-    o, h, lo, c = (frame[k].to_numpy() for k in ("open", "high", "low", "close"))
+    values = {k: frame[k].to_numpy() for k in VALUE_COLUMNS}
+    o, h, lo, c = (values[k] for k in OHLC)
     bend = _bend(o, h, lo, c)
     with np.errstate(invalid="ignore"):
         inverted = lo > h + OHLC_TOLERANCE * np.nan_to_num(np.abs(h))
         check(inverted | (bend > max(ohlc_tolerance, OHLC_TOLERANCE)), "ohlc_inconsistent")
-        check(np.logical_or.reduce([frame[p].to_numpy() <= 0 for p in PRICE_COLUMNS]), "non_positive_price")
-        check(frame["volume"].to_numpy() < 0, "negative_volume")
+        check(np.logical_or.reduce([values[p] <= 0 for p in PRICE_COLUMNS]), "non_positive_price")
+        check(values["volume"] < 0, "negative_volume")
         bent = (rule == 0) & (bend > OHLC_TOLERANCE)
-    frame = _widen(frame, bent)
+    frame = _widen(frame, bent, values)
 
     bad = rule != 0
     repaired = int(bent.sum())
     if not bad.any():
-        return Validated(frame, frame.iloc[:0].assign(rule="", reason=""), {}, out_of_order, repaired)
+        none = frame.iloc[:0].reindex(columns=[*frame.columns, *QUARANTINE_COLUMNS], fill_value="")
+        return Validated(frame, none, {}, out_of_order, repaired)
     names = np.asarray(RULE_NAMES, dtype=object)[rule[bad] - 1]
     quarantined = frame.loc[bad].drop(columns=FLAG_OHLC_REPAIRED).assign(rule=names, reason=[RULES[r] for r in names])
     counts = {str(k): int(v) for k, v in quarantined["rule"].value_counts().items()}
@@ -164,14 +169,16 @@ def _bend(
     return bend
 
 
-def _widen(frame: pd.DataFrame, bent: npt.NDArray[np.bool_]) -> pd.DataFrame:
+def _widen(
+    frame: pd.DataFrame, bent: npt.NDArray[np.bool_], values: Mapping[str, npt.NDArray[np.float64]]
+) -> pd.DataFrame:
     """High and low of the ``bent`` bars widened to take in open and close; every bar gets the flag column."""
-    out = frame.assign(**{FLAG_OHLC_REPAIRED: bent.astype(np.float64)})
+    o, h, lo, c = (values[k] for k in OHLC)
+    columns = {FLAG_OHLC_REPAIRED: bent.astype(np.float64)}
     if bent.any():
-        o, c = out["open"].to_numpy(), out["close"].to_numpy()
-        out["high"] = np.where(bent, np.fmax(out["high"].to_numpy(), np.fmax(o, c)), out["high"].to_numpy())
-        out["low"] = np.where(bent, np.fmin(out["low"].to_numpy(), np.fmin(o, c)), out["low"].to_numpy())
-    return out
+        columns["high"] = np.where(bent, np.fmax(h, np.fmax(o, c)), h)
+        columns["low"] = np.where(bent, np.fmin(lo, np.fmin(o, c)), lo)
+    return frame.assign(**columns)
 
 
 def _unparseable(bars: pd.DataFrame) -> npt.NDArray[np.bool_]:
@@ -186,12 +193,12 @@ def _unparseable(bars: pd.DataFrame) -> npt.NDArray[np.bool_]:
 
 def _nanos(times: pd.Series) -> npt.NDArray[np.int64]:
     """Nanoseconds since the epoch (NaT as the smallest int64), for fast arithmetic."""
-    return pd.DatetimeIndex(times).tz_convert(None).to_numpy().view(np.int64)
+    return times.to_numpy(dtype="datetime64[ns]").view(np.int64)
 
 
 def _segments(nanos: npt.NDArray[np.int64], interval: str, calendar: str | None) -> Segments | None:
     """The calendar's trading segments around intraday bars, or None (daily bars, no calendar, out of its years)."""
-    valid = nanos[nanos != np.iinfo(np.int64).min]
+    valid = nanos[nanos != NAT]
     if calendar is None or is_daily_or_longer(interval) or valid.size == 0:
         return None
     first = pd.Timestamp(int(valid.min())) - pd.Timedelta(days=1)

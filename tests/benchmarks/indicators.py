@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/benchmarks/indicators.py [--bars 1000000] [--repeat 5]
 
-Prints bars/s for `compute_indicators` (the pipeline's path: pandas-ta on its TA-Lib backend,
+Prints bars/s for `compute_indicators` (the pipeline's path: TA-Lib on the bars' arrays,
 NaN-safe masking, one float64 column per output) and the ratio of its time to the same TA-Lib calls
 made directly on numpy arrays, measured side by side, best of --repeat. Then the whole processing
 step, `process()`, on the same bars as one 24/7 series of 1-minute bars: validation, the
