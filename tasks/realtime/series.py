@@ -60,7 +60,7 @@ class SymbolSeries:
     lookback: int
     history: pd.DataFrame = field(default_factory=empty_bars)  # final bars, oldest first, at most `lookback`
     last_final: float | None = None  # the start of the newest final bar stored (epoch seconds)
-    provisional: dict[float, pd.Series] = field(default_factory=dict)  # stored, not yet replaced
+    provisional: dict[float, pd.DataFrame] = field(default_factory=dict)  # stored, not yet replaced: one row each
     instrument: Instrument = field(default_factory=Instrument)
     reconciled: Reconciled = field(default_factory=Reconciled)
 
@@ -71,8 +71,7 @@ class SymbolSeries:
         provisional = stored[FLAG_PROVISIONAL].fillna(0.0) == 1 if FLAG_PROVISIONAL in stored else None
         final = stored.loc[~provisional] if provisional is not None else stored
         if provisional is not None:
-            for _, row in stored.loc[provisional].iterrows():
-                self.provisional[row["time"].timestamp()] = row
+            self._wait_for_polls(stored.loc[provisional].reset_index(drop=True))
         self._remember(final.reset_index(drop=True))
 
     def final_bars(
@@ -87,10 +86,11 @@ class SymbolSeries:
             return None
         fresh = Collected(bars, instrument=self.instrument)
         processed = process(fresh, self.symbol, self.interval, quality, indicators, history=self.history, now=now)
-        for _, row in processed.bars.iterrows():
-            earlier = self.provisional.pop(row["time"].timestamp(), None)
-            if earlier is not None:
-                self.reconciled.add(earlier, row)
+        if self.provisional:
+            for n, start in enumerate(_starts(processed.bars)):
+                earlier = self.provisional.pop(start, None)
+                if earlier is not None:
+                    self.reconciled.add(earlier.iloc[0], processed.bars.iloc[n])
         processed.bars[FLAG_PROVISIONAL] = 0.0
         self._remember(processed.bars)
         return processed
@@ -121,16 +121,20 @@ class SymbolSeries:
             )
         )
         # Earlier provisional bars go before these, as the polled ones will: the indicators chain.
-        waiting = [row for start, row in sorted(self.provisional.items()) if start < fresh[0].start]
+        waiting = [bar for start, bar in sorted(self.provisional.items()) if start < fresh[0].start]
         history = self.history
         if waiting:
-            history = pd.concat([history, pd.DataFrame(waiting).drop(columns=[FLAG_PROVISIONAL])], ignore_index=True)
+            history = pd.concat([history, *waiting], ignore_index=True).drop(columns=[FLAG_PROVISIONAL])
         processed = process(Collected(frame, instrument=self.instrument), self.symbol, self.interval, quality,
                             indicators, history=history, now=now)  # fmt: skip
         processed.bars[FLAG_PROVISIONAL] = 1.0
-        for _, row in processed.bars.iterrows():
-            self.provisional[row["time"].timestamp()] = row
+        self._wait_for_polls(processed.bars)
         return processed
+
+    def _wait_for_polls(self, provisional: pd.DataFrame) -> None:
+        """Keep stored provisional bars, a row each, until the polled bars of their minutes come."""
+        for n, start in enumerate(_starts(provisional)):
+            self.provisional[start] = provisional.iloc[[n]]
 
     def _remember(self, final: pd.DataFrame) -> None:
         """Keep the newest final bars with their indicators: a running sum (OBV) carries on from them."""
@@ -140,3 +144,8 @@ class SymbolSeries:
         both = pd.concat([self.history, kept], ignore_index=True) if len(self.history) else kept
         self.history = both.tail(self.lookback).reset_index(drop=True)
         self.last_final = float(self.history["time"].iloc[-1].timestamp())
+
+
+def _starts(bars: pd.DataFrame) -> list[float]:
+    """The bars' start instants, in epoch seconds, as the series keys them."""
+    return (bars["time"].astype("int64") / 1e9).tolist()
