@@ -136,7 +136,7 @@ def missing_sessions(
         return None
     # A bar on a day that is no session (a holiday the source still served) may lie before the
     # calendar's first session or after its last: clamp, the bar itself is simply not expected.
-    sessions = pd.DatetimeIndex(cal.sessions_in_range(max(first, cal.first_session), min(last, cal.last_session)))
+    sessions = _sessions_in(cal, max(first, cal.first_session), min(last, cal.last_session))
     runs = _missing_runs(sessions, present)
     return SessionGaps(
         calendar=name,
@@ -225,6 +225,12 @@ def _missing_runs(sessions: pd.DatetimeIndex, present: pd.DatetimeIndex) -> list
     return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
 
 
+@lru_cache(maxsize=1024)
+def _sessions_in(cal: Any, first: pd.Timestamp, last: pd.Timestamp) -> pd.DatetimeIndex:
+    """The calendar's sessions in ``first..last``: the same few days for every symbol of a real-time minute."""
+    return pd.DatetimeIndex(cal.sessions_in_range(first, last))
+
+
 def _sessions_between(calendar: str, first: date, last: date) -> int:
     cal = _calendar_covering(calendar, pd.Timestamp(first), pd.Timestamp(last))
     if cal is None:
@@ -289,8 +295,21 @@ def session_segments(calendar: str, first: date, last: date) -> Segments | None:
 
     A session with a lunch break (XHKG, XTKS, XSHG ...) has two segments, ``open..break_start`` and
     ``break_end..close``; every other session has one. None when the calendar can't cover the span.
+    Kept per span, read-only: real time asks for the same few days for every symbol every minute.
     """
-    name = str(xc.resolve_alias(calendar))
+    return _segments_of(str(xc.resolve_alias(calendar)), first, last)
+
+
+@lru_cache(maxsize=1024)
+def _segments_of(name: str, first: date, last: date) -> Segments | None:
+    found = _schedule_segments(name, first, last)
+    if found is not None:
+        for array in found:
+            array.flags.writeable = False
+    return found
+
+
+def _schedule_segments(name: str, first: date, last: date) -> Segments | None:
     lo, hi = pd.Timestamp(first), pd.Timestamp(last)
     cal = _calendar_covering(name, lo, hi)
     if cal is None:

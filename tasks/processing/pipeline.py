@@ -144,13 +144,15 @@ def process(
     history: pd.DataFrame | None = None,
     now: datetime | None = None,
     stored_from: pd.Timestamp | None = None,
+    session_gaps: bool = True,
 ) -> Processed:
     """Check, repair and enrich the new bars as if over the whole series.
 
     ``history`` holds stored bars before the new ones; enough of it (see :func:`lookback_bars`)
     makes an incremental run's indicator values equal those of one full run, and lets the tick
     rules and returns see the new bars' predecessors. ``stored_from`` is the series' first stored
-    bar, held with the new ones against the window's expected start.
+    bar, held with the new ones against the window's expected start. ``session_gaps=False`` skips
+    the sessions-without-a-bar report, for callers that read no summary (real time, every minute).
     """
     currency = collected.instrument.currency
     calendar = calendar_for(symbol, collected.instrument, quality.calendars.get(symbol.upper()))
@@ -169,7 +171,7 @@ def process(
     new = _run(STORED, fresh, series, counts, quarantined)
 
     gaps = coverage = None
-    if calendar is not None and not new.empty:
+    if session_gaps and calendar is not None and not new.empty:
         since = past["time"].iloc[-1] if past is not None else None
         gaps = missing_sessions(new["time"], interval, calendar, since=since)
     if collected.window is not None and not new.empty:

@@ -51,7 +51,7 @@ logger = logging.getLogger("marketpipe.realtime")
 
 POLL, STREAM = "poll", "stream"
 MODES = (POLL, STREAM)
-STREAM_GRACE = 0.2  # seconds after a minute's close for its last ticks to arrive
+STREAM_GRACE = 0.15  # seconds after a minute's close for its last ticks to arrive
 FIRST_DAYS = 4  # nothing stored yet: the bars of the last days (from 00:00 UTC), not the source's whole reach
 
 

@@ -85,7 +85,8 @@ class SymbolSeries:
         if bars.empty:
             return None
         fresh = Collected(bars, instrument=self.instrument)
-        processed = process(fresh, self.symbol, self.interval, quality, indicators, history=self.history, now=now)
+        processed = process(fresh, self.symbol, self.interval, quality, indicators, history=self.history, now=now,
+                            session_gaps=False)  # fmt: skip
         if self.provisional:
             for n, start in enumerate(_starts(processed.bars)):
                 earlier = self.provisional.pop(start, None)
@@ -126,7 +127,7 @@ class SymbolSeries:
         if waiting:
             history = pd.concat([history, *waiting], ignore_index=True).drop(columns=[FLAG_PROVISIONAL])
         processed = process(Collected(frame, instrument=self.instrument), self.symbol, self.interval, quality,
-                            indicators, history=history, now=now)  # fmt: skip
+                            indicators, history=history, now=now, session_gaps=False)  # fmt: skip
         processed.bars[FLAG_PROVISIONAL] = 1.0
         self._wait_for_polls(processed.bars)
         return processed
