@@ -341,11 +341,14 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
         return f"{_identifier(self.retention_policy)}.{_identifier(measurement)}"
 
     def _client(self) -> httpx.Client:
-        """This process's client for the server and credentials: kept, so its connections stay open.
+        """This process's client for the server and credentials, kept for every request.
 
         A new httpx.Client costs about 50 ms (it loads the CA bundle), ten times the query it would
         send: a store write reads two small ranges per series first, so a fresh client per request
-        made a 50-symbol write of one bar each take seconds.
+        made a 50-symbol write of one bar each take seconds. Its connections are not kept alive,
+        though: in the influxd-restart drill, writes over a connection kept across the restart lost
+        a symbol's points (129 of 6,450) that fresh connections never lost. A new connection costs a
+        fraction of a millisecond on loopback (over https a handshake, as it always did).
         """
         password = self.password.get_secret_value() if self.password else None
         key = (os.getpid(), self.url, self.timeout, self.username, password)
@@ -353,7 +356,9 @@ class InfluxDBV1Store(InfluxMeasurements, Block):
             client = _clients.get(key)
             if client is None:
                 auth = (self.username, password) if self.username and password else None
-                client = _clients[key] = httpx.Client(base_url=self.url, timeout=self.timeout, auth=auth)
+                client = _clients[key] = httpx.Client(
+                    base_url=self.url, timeout=self.timeout, auth=auth, limits=httpx.Limits(max_keepalive_connections=0)
+                )
             return client
 
 
