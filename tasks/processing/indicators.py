@@ -20,7 +20,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec
-from tasks.processing.step import Series, Stepped
+from tasks.processing.step import Series, Stepped, extended
 
 try:
     import talib
@@ -120,13 +120,9 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
             else:
                 columns[column] = np.full(len(bars), np.nan)
                 columns[column][mask] = result
-    if not columns:
-        return bars.copy()
     replaced = [c for c in columns if c in bars.columns]
     kept = bars.drop(columns=replaced) if replaced else bars
-    # One concat builds the float block once, instead of a reallocation per inserted column.
-    block = pd.DataFrame(np.vstack(list(columns.values())).T, index=bars.index, columns=list(columns))
-    return pd.concat([kept, block], axis=1)
+    return extended(kept, columns)  # recomputed columns go to the end, with the new ones
 
 
 def technical_indicators(frame: pd.DataFrame, series: Series) -> Stepped:

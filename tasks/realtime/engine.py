@@ -41,7 +41,7 @@ from tasks.errors import RangeNotServedError, SourceError
 from tasks.processing.indicators import lookback_bars
 from tasks.processing.pipeline import Processed
 from tasks.realtime.clock import Clock
-from tasks.realtime.series import SymbolSeries
+from tasks.realtime.series import SymbolSeries, start_seconds
 from tasks.realtime.sessions import TradingHours, bar_seconds, stamp
 from tasks.realtime.tick_bars import TickBar, TickBars
 from tasks.sources.base import Collected, Source, load_source, pacer_for
@@ -434,7 +434,7 @@ class Realtime:
             if not pending.timed:
                 continue
             written_bars = pending.processed.bars
-            starts = (written_bars["time"].astype("int64") / 1e9).tolist()
+            starts = start_seconds(written_bars)
             for symbol, start in zip(written_bars["symbol"].astype(str), starts, strict=True):
                 close = self.series[symbol].hours.bar_end(self.options.interval, start)
                 stored.append(Stored(symbol, start, close, pending.seen, acknowledged, pending.provisional))

@@ -88,7 +88,7 @@ class SymbolSeries:
         processed = process(fresh, self.symbol, self.interval, quality, indicators, history=self.history, now=now,
                             session_gaps=False)  # fmt: skip
         if self.provisional:
-            for n, start in enumerate(_starts(processed.bars)):
+            for n, start in enumerate(start_seconds(processed.bars)):
                 earlier = self.provisional.pop(start, None)
                 if earlier is not None:
                     self.reconciled.add(earlier.iloc[0], processed.bars.iloc[n])
@@ -134,7 +134,7 @@ class SymbolSeries:
 
     def _wait_for_polls(self, provisional: pd.DataFrame) -> None:
         """Keep stored provisional bars, a row each, until the polled bars of their minutes come."""
-        for n, start in enumerate(_starts(provisional)):
+        for n, start in enumerate(start_seconds(provisional)):
             self.provisional[start] = provisional.iloc[[n]]
 
     def _remember(self, final: pd.DataFrame) -> None:
@@ -147,6 +147,6 @@ class SymbolSeries:
         self.last_final = float(self.history["time"].iloc[-1].timestamp())
 
 
-def _starts(bars: pd.DataFrame) -> list[float]:
+def start_seconds(bars: pd.DataFrame) -> list[float]:
     """The bars' start instants, in epoch seconds, as the series keys them."""
     return (bars["time"].astype("int64") / 1e9).tolist()
