@@ -79,7 +79,10 @@ def test_a_refused_batch_waits_aside_and_one_beyond_retention_replays_on_a_real_
     )
     httpx.post(f"{influxdb_url}/query", data={"q": statements}).raise_for_status()
     store = InfluxDBV1Store(url=influxdb_url, database=database)
+    # InfluxDB 1.x cuts a 365d policy into 7-day shards that start on Mondays (Go truncates time from
+    # 0001-01-01, a Monday): from a Monday, the conflict and the three NVDA days share one shard.
     days_ago = (pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=100)).normalize()
+    days_ago -= pd.Timedelta(days=days_ago.dayofweek)
     conflict = f'bars,symbol=OTHER,interval=1d,source=x close="text" {int(days_ago.timestamp())}'
     httpx.post(f"{influxdb_url}/write", params={"db": database, "precision": "s"}, content=conflict).raise_for_status()
     spool = Spool(tmp_path / "spool")
