@@ -33,6 +33,7 @@ from blocks.line_protocol import batches, serialize
 from blocks.store import (
     BARS,
     BARS_OF,
+    RANGES,
     TABLES,
     Accepted,
     Filters,
@@ -168,7 +169,8 @@ class InfluxMeasurements(TableVerbs):
         reads per series buy that. Each bar's own key (BARS_OF) is deleted unasked: those are few.
         """
         self._check_key(table, rows)
-        cleared = {name: self._to_clear(table, TABLES[name], how, rows) for name, how in table.clears}
+        spans = series_spans(rows, PRECISION) if any(how == RANGES for _, how in table.clears) else []
+        cleared = {name: self._to_clear(table, TABLES[name], how, rows, spans) for name, how in table.clears}
         if any(cleared.values()):
             with self._apart.deleting():
                 for name, spans in cleared.items():
@@ -176,11 +178,12 @@ class InfluxMeasurements(TableVerbs):
                         self._delete(name, spans)
         return self._write(table, rows)
 
-    def _to_clear(self, table: Table, other: Table, how: str, rows: pd.DataFrame) -> list[SeriesSpan]:
-        """What of ``other`` a write of ``rows`` to ``table`` must delete first."""
+    def _to_clear(
+        self, table: Table, other: Table, how: str, rows: pd.DataFrame, spans: list[SeriesSpan]
+    ) -> list[SeriesSpan]:
+        """What of ``other`` a write of ``rows`` (each series' ``spans``) to ``table`` must delete first."""
         if how == BARS_OF:  # a superseded duplicate's clean bar stays in bars (SUPERSEDED_RULES)
             return bar_points(rows, PRECISION, skip_superseded=other is BARS)
-        spans = series_spans(rows, PRECISION)
         if not self._reads_before_deleting:
             return spans
         stored = self._stored_spans(other, spans)
@@ -220,15 +223,19 @@ class InfluxMeasurements(TableVerbs):
             return Accepted(0)
         rows = rows.drop_duplicates(subset=list(table.key), keep="last")
         chunks = [rows.iloc[i : i + ROWS_PER_CHUNK] for i in range(0, len(rows), ROWS_PER_CHUNK)]
-        with self._apart.writing(), self._sender() as send, ThreadPoolExecutor(WRITERS) as pool:
+        with self._apart.writing(), self._sender() as send:
 
             def write_chunk(chunk: pd.DataFrame) -> tuple[int, int]:
                 lines = serialize(chunk, table.name, list(table.tags), tuple(table.text_fields))
                 dropped = sum(send(body) for body in batches(lines))
                 return len(lines), dropped
 
+            if len(chunks) == 1:  # most writes (real time's every one): no pool to start and join
+                sent, dropped = write_chunk(chunks[0])
+                return Accepted(sent - dropped, dropped)
             # Serializing one chunk overlaps sending another; any failed chunk fails the write.
-            sent, dropped = (sum(counts) for counts in zip(*pool.map(write_chunk, chunks), strict=True))
+            with ThreadPoolExecutor(WRITERS) as pool:
+                sent, dropped = (sum(counts) for counts in zip(*pool.map(write_chunk, chunks), strict=True))
             return Accepted(sent - dropped, dropped)
 
     @staticmethod

@@ -8,11 +8,11 @@ validation are kept apart, in quarantine, with the rule they broke; a bar is in 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import pandas as pd
 
@@ -133,15 +133,27 @@ class SeriesSpan:
         return {"symbol": self.symbol, "interval": self.interval, "source": self.source}
 
 
+FEW_ROWS = 2_000  # up to here, series_spans loops over the rows rather than grouping them
+
+
 def series_spans(rows: pd.DataFrame, unit: str = "us") -> list[SeriesSpan]:
     """Each series' first and last time in ``rows``, floored to ``unit`` (the store's time precision)."""
     if rows.empty:
         return []
     times = pd.DatetimeIndex(rows["time"]).floor(unit)
-    grouped = rows.assign(time=times).groupby(list(SERIES_TAGS), sort=True)["time"].agg(["min", "max"])
+    if len(rows) > FEW_ROWS:
+        grouped = rows.assign(time=times).groupby(list(SERIES_TAGS), sort=True)["time"].agg(["min", "max"])
+        ranges: Iterable[tuple[Any, Any, Any]] = zip(grouped.index, grouped["min"], grouped["max"], strict=True)
+    else:  # a real-time write's bar or two per series: a groupby's setup costs five times this loop
+        found: dict[tuple[str, ...], tuple[pd.Timestamp, pd.Timestamp]] = {}
+        tags = zip(*(rows[tag].astype(str).tolist() for tag in SERIES_TAGS), strict=True)
+        for key, time in zip(tags, times, strict=True):
+            first, last = found.get(key, (time, time))
+            found[key] = (min(first, time), max(last, time))
+        ranges = ((key, first, last) for key, (first, last) in sorted(found.items()))
     return [
         SeriesSpan(str(symbol), str(interval), str(source), pd.Timestamp(first), pd.Timestamp(last))
-        for (symbol, interval, source), first, last in zip(grouped.index, grouped["min"], grouped["max"], strict=True)
+        for (symbol, interval, source), first, last in ranges
     ]
 
 

@@ -1,8 +1,9 @@
-"""The processing steps' faster paths give exactly what the slower, plainer ones gave.
+"""The faster paths give exactly what the slower, plainer ones gave.
 
 Indicators call TA-Lib directly where pandas-ta used to wrap it, OBV is carried on by position
-where it was carried on by reindexing, and steps add their columns without copying the frame: each
-is checked here, bit for bit, against the plain form it replaced.
+where it was carried on by reindexing, steps add their columns without copying the frame, real
+time builds its bars in one step and a small write finds its series' ranges by a loop: each is
+checked here, bit for bit, against the plain form it replaced.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import pandas as pd
 import pandas_ta as ta
 import pytest
 
+import blocks.store
+from blocks.store import series_spans
 from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec, default_indicators
+from tasks.bars import conform, flag_missing, series_bars
 from tasks.processing.indicators import INPUTS, compute_indicators, continue_cumulative
 from tasks.processing.step import extended
 from tests.conftest import FIXTURES
@@ -121,3 +125,38 @@ def test_extended_sets_columns_as_assign_does_and_leaves_the_frame_alone() -> No
     expected = frame.assign(**columns)
     pd.testing.assert_frame_equal(out, expected, check_exact=True)
     pd.testing.assert_frame_equal(frame, before, check_exact=True)
+
+
+def test_series_bars_builds_what_conform_and_flag_missing_make_of_the_same_columns() -> None:
+    starts = [1_764_601_200.0, 1_764_601_260.0, 1_764_601_320.0]
+    values = {"open": [1.0, 2.0, np.nan], "high": [2.0, np.nan, 3.0], "low": [0.5, 1.0, 2.5], "close": [1.5, 1.2, 2.9]}
+    built = series_bars(starts, "BRK-B", "1m", "yahoo_finance", {**values, "volume": [np.nan, 3.0, 4.0]})
+    plain = pd.DataFrame(
+        {
+            "time": pd.to_datetime(starts, unit="s", utc=True),
+            "symbol": "BRK-B",
+            "interval": "1m",
+            "source": "yahoo_finance",
+            **values,
+            "adj_close": np.nan,
+            "volume": [np.nan, 3.0, 4.0],
+        }
+    )
+    pd.testing.assert_frame_equal(built, conform(flag_missing(plain)), check_exact=True)
+    assert built["flag_missing"].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_series_spans_of_few_rows_equal_those_grouped(monkeypatch: pytest.MonkeyPatch, repeats: int) -> None:
+    """Several series, out of order and repeated, at instants between whole seconds."""
+    rng = np.random.default_rng(3)
+    starts = rng.integers(1_700_000_000, 1_700_100_000, 40) + rng.random(40)
+    frames = [
+        series_bars(starts[n::4], symbol, interval, "yahoo_finance", {})
+        for n, (symbol, interval) in enumerate([("AAPL", "1m"), ("AAPL", "5m"), ("MSFT", "1m"), ("^GSPC", "1m")])
+    ]
+    rows = pd.concat(frames * repeats, ignore_index=True).sample(frac=1.0, random_state=1)
+    looped = series_spans(rows, "us")
+    monkeypatch.setattr(blocks.store, "FEW_ROWS", 0)
+    assert looped == series_spans(rows, "us")
+    assert len(looped) == 4 and looped[0].first < looped[0].last

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from configs.settings import IndicatorSpec, QualitySettings
-from tasks.bars import Instrument, conform, empty_bars, flag_missing
+from tasks.bars import Instrument, empty_bars, series_bars
 from tasks.processing.pipeline import Processed, process
 from tasks.realtime.sessions import TradingHours, stamp
 from tasks.realtime.tick_bars import TickBar
@@ -103,23 +103,18 @@ class SymbolSeries:
         fresh = [b for b in built if self.last_final is None or b.start > self.last_final]
         if not fresh:
             return None
-        frame = conform(
-            flag_missing(
-                pd.DataFrame(
-                    {
-                        "time": [stamp(b.start) for b in fresh],
-                        "symbol": self.symbol,
-                        "interval": self.interval,
-                        "source": self.source,
-                        "open": [b.open for b in fresh],
-                        "high": [b.high for b in fresh],
-                        "low": [b.low for b in fresh],
-                        "close": [b.close for b in fresh],
-                        "adj_close": np.nan,
-                        "volume": [np.nan if b.volume is None else b.volume for b in fresh],
-                    }
-                )
-            )
+        frame = series_bars(
+            (b.start for b in fresh),
+            self.symbol,
+            self.interval,
+            self.source,
+            {
+                "open": [b.open for b in fresh],
+                "high": [b.high for b in fresh],
+                "low": [b.low for b in fresh],
+                "close": [b.close for b in fresh],
+                "volume": [np.nan if b.volume is None else b.volume for b in fresh],
+            },
         )
         # Earlier provisional bars go before these, as the polled ones will: the indicators chain.
         waiting = [bar for start, bar in sorted(self.provisional.items()) if start < fresh[0].start]
@@ -134,8 +129,9 @@ class SymbolSeries:
 
     def _wait_for_polls(self, provisional: pd.DataFrame) -> None:
         """Keep stored provisional bars, a row each, until the polled bars of their minutes come."""
-        for n, start in enumerate(start_seconds(provisional)):
-            self.provisional[start] = provisional.iloc[[n]]
+        starts = start_seconds(provisional)
+        for n, start in enumerate(starts):
+            self.provisional[start] = provisional if len(starts) == 1 else provisional.iloc[[n]]
 
     def _remember(self, final: pd.DataFrame) -> None:
         """Keep the newest final bars with their indicators: a running sum (OBV) carries on from them."""
@@ -149,4 +145,5 @@ class SymbolSeries:
 
 def start_seconds(bars: pd.DataFrame) -> list[float]:
     """The bars' start instants, in epoch seconds, as the series keys them."""
-    return (bars["time"].astype("int64") / 1e9).tolist()
+    starts: list[float] = (bars["time"].to_numpy(dtype="datetime64[ns]").view(np.int64) / 1e9).tolist()
+    return starts
