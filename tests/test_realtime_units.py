@@ -164,20 +164,19 @@ def test_the_loop_waits_for_its_next_event_a_finished_poll_or_the_stop() -> None
     assert time.monotonic() - began < 1.5  # a stop is seen within a second
 
 
-@pytest.mark.parametrize(("woken", "due"), [
-    ("14:30:59", "14:31:00"),  # before the close
-    ("14:31:00", "14:31:00"),  # at it
-    ("14:31:00.05", "14:31:00"),  # a poll woke the loop after the close, before its grace: still this close's
-    ("14:31:00.15", "14:32:00"),  # handed over: the next close
-    ("14:31:30", "14:32:00"),
+@pytest.mark.parametrize(("interval", "woken", "due"), [
+    ("1m", "14:30:59", "14:31:00"),  # before the close
+    ("1m", "14:31:00", "14:31:00"),  # at it
+    ("1m", "14:31:00.05", "14:31:00"),  # a poll woke the loop after the close, before its grace: still this close's
+    ("1m", "14:31:00.15", "14:32:00"),  # handed over: the next close
+    ("1m", "14:31:30", "14:32:00"),
+    ("5m", "14:35:00.10", "14:35:00"),
 ])  # fmt: skip
-def test_the_ticks_of_a_minute_are_handed_over_at_its_close_plus_grace_whenever_the_loop_woke(
-    woken: str, due: str
+def test_the_ticks_of_a_bar_are_handed_over_at_its_close_plus_grace_whenever_the_loop_woke(
+    interval: str, woken: str, due: str
 ) -> None:
-    one = next_handover(at(f"2026-12-01T{woken}"), "1m")
-    assert one == pytest.approx(at(f"2026-12-01T{due}") + STREAM_GRACE, abs=1e-6)
-    five = next_handover(at("2026-12-01T14:35:00.10"), "5m")
-    assert five == pytest.approx(at("2026-12-01T14:35:00") + STREAM_GRACE, abs=1e-6)
+    handover = next_handover(at(f"2026-12-01T{woken}"), interval)
+    assert handover == pytest.approx(at(f"2026-12-01T{due}") + STREAM_GRACE, abs=1e-6)
 
 
 def test_no_garbage_is_collected_while_ticks_become_bars_and_the_collector_runs_again_after() -> None:
