@@ -35,6 +35,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from configs.indicators import KINDS, UNKNOWN_KIND, IndicatorSpec, default_indicators, nearest
+
 CONFIG_DIR = Path(__file__).resolve().parent
 ENV_PREFIX = "MARKETPIPE__"
 ENV_SELECTOR = "MARKETPIPE_ENV"
@@ -286,101 +288,6 @@ class StorageSettings(_Section):
     influxdb_v1: InfluxDBV1Settings = InfluxDBV1Settings()
 
 
-class _Indicator(_Section):
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """Output column names: lowercase snake_case with the parameters appended."""
-        raise NotImplementedError
-
-
-class SMA(_Indicator):
-    kind: Literal["sma"]
-    length: int = Field(20, ge=2)
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (f"sma_{self.length}",)
-
-
-class EMA(_Indicator):
-    kind: Literal["ema"]
-    length: int = Field(20, ge=2)
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (f"ema_{self.length}",)
-
-
-class RSI(_Indicator):
-    kind: Literal["rsi"]
-    length: int = Field(14, ge=2)
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (f"rsi_{self.length}",)
-
-
-class MACD(_Indicator):
-    kind: Literal["macd"]
-    fast: int = Field(12, ge=2)
-    slow: int = Field(26, ge=2)
-    signal: int = Field(9, ge=1)
-
-    @model_validator(mode="after")
-    def _fast_below_slow(self) -> MACD:
-        if self.fast >= self.slow:
-            raise ValueError(f"fast ({self.fast}) must be smaller than slow ({self.slow})")
-        return self
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        p = f"{self.fast}_{self.slow}_{self.signal}"
-        return (f"macd_{p}", f"macd_signal_{p}", f"macd_hist_{p}")
-
-
-class BBands(_Indicator):
-    kind: Literal["bbands"]
-    length: int = Field(20, ge=2)
-    std: float = Field(2.0, gt=0)
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        p = f"{self.length}_{self.std:g}".replace(".", "p")
-        return (f"bb_lower_{p}", f"bb_mid_{p}", f"bb_upper_{p}")
-
-
-class ATR(_Indicator):
-    kind: Literal["atr"]
-    length: int = Field(14, ge=1)
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (f"atr_{self.length}",)
-
-
-class OBV(_Indicator):
-    kind: Literal["obv"]
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return ("obv",)
-
-
-IndicatorSpec = Annotated[SMA | EMA | RSI | MACD | BBands | ATR | OBV, Field(discriminator="kind")]
-
-
-def default_indicators() -> list[IndicatorSpec]:
-    return [
-        SMA(kind="sma"),
-        EMA(kind="ema"),
-        RSI(kind="rsi"),
-        MACD(kind="macd"),
-        BBands(kind="bbands"),
-        ATR(kind="atr"),
-        OBV(kind="obv"),
-    ]
-
-
 class RealtimeSettings(_Section):
     """`marketpipe realtime`: how it polls and where the streamer is (the CLI's options win)."""
 
@@ -416,6 +323,20 @@ class Settings(BaseSettings):
     symbols: list[str] = Field(default_factory=list)
     indicators: list[IndicatorSpec] = Field(default_factory=default_indicators)
     _file: Path | None = PrivateAttr(None)
+
+    @field_validator("indicators")
+    @classmethod
+    def _one_indicator_per_column(cls, indicators: list[IndicatorSpec]) -> list[IndicatorSpec]:
+        writers: dict[str, int] = {}
+        for position, spec in enumerate(indicators):
+            for column in spec.columns:
+                if column in writers:
+                    raise ValueError(
+                        f"indicators[{writers[column]}] and indicators[{position}] both write column {column!r}: "
+                        "remove one or change its parameters"
+                    )
+                writers[column] = position
+        return indicators
 
     @property
     def config_file(self) -> Path | None:
@@ -534,7 +455,10 @@ def describe(error: ValidationError, path: Path | None, within: tuple[str, ...] 
     where = f"file {path}" if path is not None else "the config file"
     for item in error.errors(include_url=False):
         loc = (*within, *item["loc"])
-        location = [str(part) for part in loc if not isinstance(part, int)]
+        if loc[:1] == ("indicators",) and len(loc) > 2 and loc[2] in KINDS:
+            loc = loc[:2] + loc[3:]  # the kind's tag pydantic puts in: the entry's key is enough
+        listed = next((i for i, part in enumerate(loc) if isinstance(part, int)), len(loc))
+        location = [str(part) for part in loc[:listed]]  # a list is set whole, by one variable
         key = ""
         for part in loc:
             key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
@@ -542,11 +466,15 @@ def describe(error: ValidationError, path: Path | None, within: tuple[str, ...] 
         env_name = ENV_PREFIX + "__".join(p.upper() for p in location)
         if item["type"] == "extra_forbidden":
             hint = "unknown key: remove it or fix its spelling"
+        elif item["type"] == UNKNOWN_KIND:
+            given = item["input"].get("kind") if isinstance(item["input"], dict) else None
+            key += ".kind"
+            hint = f"unknown kind {given!r}: {nearest(str(given), KINDS)}" if given else "`kind` is missing: add it"
         elif item["type"] == "missing":
             hint = "required key is missing: add it"
         else:
-            hint = item["msg"]
-            if "input" in item and not _looks_secret(location):
+            hint = item["msg"].removeprefix("Value error, ")
+            if "input" in item and not isinstance(item["input"], list) and not _looks_secret(location):
                 hint += f" (got {item['input']!r})"
         problems.append(f"  {key}: {hint} [{where} or env {env_name}]")
     return "invalid configuration:\n" + "\n".join(problems)

@@ -502,10 +502,12 @@ def realtime(
     """Store each intraday bar seconds after it closes, until SIGTERM or Ctrl-C; backfills first."""
     from configs.settings import load_settings
     from tasks.bars import validate_symbols
+    from tasks.processing.indicators import bounded_lookback
     from tasks.realtime.clock import clock_from
     from tasks.realtime.sessions import REALTIME_INTERVALS
 
     settings = _or_exit(lambda: load_settings(config))
+    _or_exit(lambda: bounded_lookback(settings.indicators))
     checked = _or_exit(lambda: validate_symbols(symbols.split(",") if symbols else settings.symbols))
     if interval not in REALTIME_INTERVALS:
         _error(f"invalid --interval {interval!r} for real time: use one of {', '.join(REALTIME_INTERVALS)}")

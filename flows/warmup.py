@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from configs.settings import QualitySettings, default_indicators
+from configs.indicators import default_indicators
+from configs.settings import QualitySettings
 from tasks.bars import conform
 from tasks.processing.pipeline import process
 from tasks.sources.base import Collected

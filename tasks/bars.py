@@ -81,6 +81,11 @@ def parse_date(value: date | str | None, name: str) -> date | None:
         raise UsageError(f"{name} {value!r} is not a date: use YYYY-MM-DD") from None
 
 
+def epoch_nanos(times: pd.Series) -> npt.NDArray[np.int64]:
+    """Nanoseconds since the epoch of a time column (NaT as the smallest int64), for fast arithmetic."""
+    return times.to_numpy(dtype="datetime64[ns]").view(np.int64)
+
+
 def is_daily_or_longer(interval: str) -> bool:
     return interval in DAILY_OR_LONGER
 

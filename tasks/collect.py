@@ -162,9 +162,10 @@ class StoredHistory:
 
 
 def read_stored(
-    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int
+    store: BarStore, collected: Collected, symbol: str, interval: str, source: str, bars: int | None
 ) -> StoredHistory:
-    """The last ``bars`` stored bars before the first collected one, and where the stored series starts."""
+    """The last ``bars`` stored bars before the first collected one (None: all), and where the stored
+    series starts."""
     first = None if collected.bars.empty else store.first_timestamp(symbol, interval, source)
     return stored_before(store, collected, symbol, interval, source, bars, first)
 
@@ -175,7 +176,7 @@ def stored_before(
     symbol: str,
     interval: str,
     source: str,
-    bars: int,
+    bars: int | None,
     first: pd.Timestamp | None,
     overlap: bool = False,
 ) -> StoredHistory:
@@ -184,6 +185,7 @@ def stored_before(
 
     Reads only a window that should hold ``bars`` bars, widened until it does or reaches the
     series' start, so a run never reads years of history for a lookback of a few hundred bars.
+    ``bars=None`` reads the whole stored series before the new bars.
     """
     window = collected.window
     if not collected.bars.empty:
@@ -199,14 +201,14 @@ def stored_before(
     window_start = first_new
     if overlap and window is not None:
         window_start = min(first_new, pd.Timestamp(window.start, tz="UTC"))
-    span = _span_holding(bars, interval)
+    span = _span_holding(bars, interval) if bars is not None else first_new - first  # None: from the start
     while True:
         start = max(first, min(window_start, first_new - span))
         end = None if overlap else first_new.to_pydatetime()
         rows = store.read_bars(symbol, interval, source, start=start.to_pydatetime(), end=end)
         before = rows.loc[rows["time"] < first_new] if overlap else rows
-        if len(before) >= bars or start <= first:
-            history = before.tail(bars) if not before.empty else None
+        if start <= first or len(before) >= (bars or 0):
+            history = (before.tail(bars) if bars is not None else before) if not before.empty else None
             stored_overlap = rows.loc[rows["time"] >= window_start].reset_index(drop=True) if overlap else None
             return StoredHistory(history, first, stored_overlap)
         span *= 4

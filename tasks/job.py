@@ -76,7 +76,7 @@ class Job:
     store: BarStore
     provider: Source  # paced, with its credentials resolved
     retention: Retention | None  # how far back the store keeps bars; None: forever
-    lookback: int  # stored bars the indicators need before the first new one
+    lookback: int | None  # stored bars the indicators need before the first new one; None: all
     outage: StoreOutage = field(default_factory=StoreOutage)
 
     @staticmethod

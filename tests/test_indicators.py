@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import talib
 
-from configs.settings import MACD, RSI, SMA, BBands, IndicatorSpec, SourceSettings, default_indicators
+from configs.indicators import MACD, RSI, SMA, BBands, IndicatorSpec, default_indicators
+from configs.settings import SourceSettings
 from tasks.processing.indicators import compute_indicators, indicator_columns
 from tasks.sources.alpha_vantage import AlphaVantage, parse_technical
 from tasks.sources.base import BarQuery

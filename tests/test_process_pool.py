@@ -10,7 +10,8 @@ from datetime import datetime
 import pandas as pd
 import pytest
 
-from configs.settings import CollectionSettings, IndicatorSpec, QualitySettings, default_indicators
+from configs.indicators import IndicatorSpec, default_indicators
+from configs.settings import CollectionSettings, QualitySettings
 from tasks import process_pool
 from tasks.processing.pipeline import Processed, process
 from tasks.sources.base import Collected

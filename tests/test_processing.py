@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 
 from blocks.duckdb_store import DuckDBStore
-from configs.settings import QualitySettings, default_indicators
+from configs.indicators import default_indicators
+from configs.settings import QualitySettings
 from tasks.bars import conform, flag_missing
 from tasks.process import describe_counts
 from tasks.processing.adjust import add_adjusted_prices, add_returns
-from tasks.processing.indicators import indicator_columns, lookback_bars
+from tasks.processing.indicators import bounded_lookback, indicator_columns
 from tasks.processing.missing import FLAG_FILLED, apply_missing_policy
 from tasks.processing.pipeline import Processed, process
 from tasks.processing.validation import RULES
@@ -175,7 +176,7 @@ def test_an_incremental_run_past_the_lookback_equals_a_full_run_for_every_defaul
     rng = np.random.default_rng(11)
     whole = bars(n, time=pd.bdate_range("2015-01-02", periods=n, tz="UTC"), volume=rng.uniform(5e5, 2e6, n).round())
     full = run(whole).bars
-    lookback = lookback_bars(default_indicators())
+    lookback = bounded_lookback(default_indicators())
     assert lookback < n - 100  # the history given is a tail, not the whole series
     incremental = run(whole.iloc[n - 100 :].reset_index(drop=True), history=full.iloc[: n - 100].tail(lookback)).bars
     expected = full.iloc[n - 100 :].reset_index(drop=True)

@@ -18,9 +18,9 @@ import pytest
 
 import blocks.store
 from blocks.store import series_spans
-from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec, default_indicators
+from configs.indicators import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec, default_indicators
 from tasks.bars import conform, flag_missing, series_bars
-from tasks.processing.indicators import INPUTS, compute_indicators, continue_cumulative
+from tasks.processing.indicators import compute_indicators, continue_cumulative
 from tasks.processing.step import extended
 from tests.conftest import FIXTURES
 
@@ -72,7 +72,7 @@ def reference(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> dict[str, n
     """pandas-ta's values over the bars with every value an indicator reads, NaN on the others."""
     out: dict[str, npt.NDArray[np.float64]] = {}
     for spec in specs:
-        needs = list(INPUTS.get(type(spec), ("close",)))
+        needs = list(spec.reads)
         complete = bars[needs].notna().all(axis=1).to_numpy()
         for column, values in zip(spec.columns, pandas_ta_values(bars.loc[complete, needs], spec), strict=True):
             out[column] = np.full(len(bars), np.nan)

@@ -21,7 +21,8 @@ import pytest
 from blocks.duckdb_store import DuckDBStore
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.store import BarStore
-from configs.settings import QualitySettings, default_indicators
+from configs.indicators import default_indicators
+from configs.settings import QualitySettings
 from tasks.collect import read_stored
 from tasks.processing.indicators import lookback_bars
 from tasks.processing.pipeline import process

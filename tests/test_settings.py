@@ -103,8 +103,13 @@ def test_config_file_option(tmp_path: Path) -> None:
         (("rate_limit: 2000", "rate_limit: lots"), "data_sources.yahoo_finance.rate_limit"),
         (("timeout: 30          # seconds", "timeout: -1"), "data_sources.yahoo_finance.timeout"),
         (("backend: duckdb", "backend: mongodb"), "storage.backend"),
-        (("{kind: rsi, length: 14}", "{kind: rsi, length: 1}"), "indicators[2].rsi.length"),
-        (("{kind: obv}", "{kind: vwap}"), "indicators[6]"),
+        (("{kind: rsi, length: 14}", "{kind: rsi, length: 1}"), "indicators[2].length"),
+        (
+            ("{kind: obv}", "{kind: stoch_k}"),
+            "indicators[6].kind: unknown kind 'stoch_k': did you mean stoch or stochrsi?",
+        ),
+        (("{kind: obv}", "{kind: pandas_ta, name: squeez}"), "indicators[6].name: pandas-ta has no indicator 'squeez'"),
+        (("{kind: obv}", "{kind: ema, length: 20}"), "indicators[1] and indicators[6] both write column 'ema_20'"),
         (("debug: true", "debug: true\nsymbol: [AAPL]"), "symbol"),
     ],
 )

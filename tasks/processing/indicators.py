@@ -1,63 +1,54 @@
-"""Technical indicators, computed by TA-Lib, called directly on the bars' float64 values.
+"""The indicator step: the configured indicators over a series' bars, and how far back they look.
 
-pandas-ta silently switches implementation depending on whether TA-Lib is importable, and the two
-disagree (RSI seeding, Bollinger ddof, OBV offset). We call TA-Lib itself, the functions pandas-ta's
-``talib=True`` path wraps, with the same arguments: the values are those, and this module refuses
-to load without TA-Lib, so a result can never depend on what happens to be installed. Going
-straight to the arrays also skips pandas-ta's per-call wrapping, which costs far more than the
-arithmetic on a real-time run's few hundred bars. TA-Lib follows the textbook definitions (Wilder's
-SMA-seeded RSI and ATR, SMA-seeded EMA, population standard deviation for the bands), which is what
-the published references in the test suite use too.
+What each kind reads, writes and computes is its entry in :mod:`configs.indicators` (TA-Lib
+called directly on the bars' float64 values). Here: which bars each one sees (a bar lacking a
+value it reads is skipped for it, not for the others), how many stored bars an incremental run
+needs, and carrying running sums on from their stored values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from configs.settings import ATR, EMA, MACD, OBV, RSI, SMA, BBands, IndicatorSpec
+from configs.indicators import Floats, IndicatorSpec, Inputs
+from configs.settings import ConfigError
+from tasks.bars import epoch_nanos
 from tasks.processing.step import Series, Stepped, extended
 
-try:
-    import talib
-except ImportError as error:
-    raise ImportError(
-        "TA-Lib is not importable, and every indicator here is TA-Lib's: there is no fallback with "
-        "different formulas. Install the locked environment (uv sync) which includes the `ta-lib` package."
-    ) from error
-
-Floats = npt.NDArray[np.float64]
-# Bollinger's middle band is the simple moving average, and the bands are around it.
-BANDS_AVERAGE = talib.MA_Type.SMA  # type: ignore[attr-defined]
-Inputs = Mapping[str, Floats]  # the bar values an indicator reads, by column
+MIN_LOOKBACK = 500  # stored bars read at least, however short the windows
+NANOS_PER_DAY = 86_400 * 10**9
 
 
-def longest_period(spec: IndicatorSpec) -> int:
-    """Bars an indicator looks back over, counting chained smoothing (MACD's signal line)."""
-    if isinstance(spec, MACD):
-        return spec.slow + spec.signal
-    if isinstance(spec, OBV):
-        return 1
-    return spec.length
+def lookback_bars(specs: Sequence[IndicatorSpec]) -> int | None:
+    """Stored bars to read back before new ones so incremental values equal a full recompute;
+    None: all of them (an indicator that can't say how far back it looks)."""
+    needs = [spec.lookback for spec in specs]
+    if any(need is None for need in needs):
+        return None
+    return max([MIN_LOOKBACK, *(need for need in needs if need is not None)])
 
 
-def lookback_bars(specs: Sequence[IndicatorSpec]) -> int:
-    """Stored bars to read back before new ones so incremental values equal a full recompute.
-
-    Recursive indicators (EMA, Wilder's RSI and ATR) forget their seed geometrically; twenty of their
-    periods shrink its weight below 1e-12 for the default set. At least 500 bars are read.
-    """
-    return max(500, 20 * max((longest_period(s) for s in specs), default=1))
+def bounded_lookback(specs: Sequence[IndicatorSpec]) -> int:
+    """:func:`lookback_bars`, for real time: it recomputes every minute over what it holds in memory,
+    so an indicator without a lookback is a config error there."""
+    lookback = lookback_bars(specs)
+    if lookback is None:
+        unbounded = ", ".join(f"indicators[{i}]" for i, spec in enumerate(specs) if spec.lookback is None)
+        raise ConfigError(
+            f"{unbounded}: real time needs to know how far back each indicator looks; "
+            "give it `lookback: BARS` in the config"
+        )
+    return lookback
 
 
 def continue_cumulative(
     new: pd.DataFrame, computed_past: pd.DataFrame, stored_past: pd.DataFrame | None, specs: Sequence[IndicatorSpec]
 ) -> pd.DataFrame:
-    """Carry cumulative indicators (OBV) on from their stored values.
+    """Carry cumulative indicators (OBV, A/D) on from their stored values.
 
     A cumulative sum never forgets its start, so recomputed over the lookback alone it is off by
     a constant from the stored series: the difference at the last bar both have. Adding it back
@@ -66,7 +57,7 @@ def continue_cumulative(
     if stored_past is None or stored_past.empty or computed_past.empty:
         return new
     for spec in specs:
-        if not isinstance(spec, OBV):
+        if not spec.cumulative:
             continue
         (column,) = spec.columns
         if column not in stored_past or column not in computed_past:
@@ -99,22 +90,22 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
 
     ``bars`` holds one series (symbol, interval, source) in time order. Bars lacking a value an
     indicator reads are skipped for that indicator (TA-Lib would carry a NaN forward forever) and
-    get NaN: so a missing volume (FX) blanks OBV only, never the price indicators.
+    get NaN: so a missing volume (FX) blanks the volume indicators only, never the price ones.
     """
     values: dict[str, Floats] = {}
     subsets: dict[tuple[str, ...], tuple[Inputs, npt.NDArray[np.bool_] | None]] = {}
     columns: dict[str, Floats] = {}
     for spec in specs:
-        needs = INPUTS.get(type(spec), ("close",))
+        needs = spec.reads
         if needs not in subsets:
             for c in needs:
                 if c not in values:
-                    values[c] = bars[c].to_numpy(dtype=np.float64, na_value=np.nan)
+                    values[c] = _values(bars, c)
             complete = np.logical_and.reduce([~np.isnan(values[c]) for c in needs])
             whole = bool(complete.all())
             subsets[needs] = (values, None) if whole else ({c: values[c][complete] for c in needs}, complete)
         usable, mask = subsets[needs]
-        for column, result in zip(spec.columns, _COMPUTE[type(spec)](usable, spec), strict=True):
+        for column, result in zip(spec.columns, spec.compute(usable), strict=True):
             if mask is None:
                 columns[column] = result
             else:
@@ -125,50 +116,13 @@ def compute_indicators(bars: pd.DataFrame, specs: Sequence[IndicatorSpec]) -> pd
     return extended(kept, columns)  # recomputed columns go to the end, with the new ones
 
 
+def _values(bars: pd.DataFrame, column: str) -> Floats:
+    """A bar value as float64 (NaN where missing); ``day``: the bar's UTC day, counted from 1970."""
+    if column == "day":
+        return (epoch_nanos(bars["time"]) // NANOS_PER_DAY).astype(np.float64)
+    return bars[column].to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 def technical_indicators(frame: pd.DataFrame, series: Series) -> Stepped:
     """The step: the configured indicators over the whole series, stored history included."""
     return Stepped(compute_indicators(frame, series.indicators))
-
-
-def _sma(v: Inputs, s: SMA) -> list[Floats]:
-    return [talib.SMA(v["close"], s.length)]
-
-
-def _ema(v: Inputs, s: EMA) -> list[Floats]:
-    return [talib.EMA(v["close"], s.length)]
-
-
-def _rsi(v: Inputs, s: RSI) -> list[Floats]:
-    return [talib.RSI(v["close"], s.length)]
-
-
-def _macd(v: Inputs, s: MACD) -> list[Floats]:
-    macd, signal, histogram = talib.MACD(v["close"], s.fast, s.slow, s.signal)
-    return [macd, signal, histogram]
-
-
-def _bbands(v: Inputs, s: BBands) -> list[Floats]:
-    upper, mid, lower = talib.BBANDS(v["close"], s.length, s.std, s.std, BANDS_AVERAGE)
-    return [lower, mid, upper]
-
-
-def _atr(v: Inputs, s: ATR) -> list[Floats]:
-    return [talib.ATR(v["high"], v["low"], v["close"], s.length)]
-
-
-def _obv(v: Inputs, s: OBV) -> list[Floats]:
-    return [talib.OBV(v["close"], v["volume"])]
-
-
-# The bar values each kind reads; the rest read only the close.
-INPUTS: dict[type, tuple[str, ...]] = {ATR: ("high", "low", "close"), OBV: ("close", "volume")}
-
-_COMPUTE: dict[type, Callable[[Inputs, Any], list[Floats]]] = {
-    SMA: _sma,
-    EMA: _ema,
-    RSI: _rsi,
-    MACD: _macd,
-    BBands: _bbands,
-    ATR: _atr,
-    OBV: _obv,
-}

@@ -17,7 +17,8 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
-from configs.settings import IndicatorSpec, QualitySettings
+from configs.indicators import IndicatorSpec
+from configs.settings import QualitySettings
 from tasks.bars import BAR_COLUMNS, FLAG_MISSING, FLAG_OHLC_REPAIRED
 from tasks.calendars import SessionGaps, calendar_for, missing_sessions
 from tasks.monitoring.metrics import Operation

@@ -18,7 +18,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from configs.settings import IndicatorSpec, QualitySettings
+from configs.indicators import IndicatorSpec
+from configs.settings import QualitySettings
 
 Counts = dict[str, int]
 

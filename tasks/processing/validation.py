@@ -43,6 +43,7 @@ from tasks.bars import (
     PRICE_COLUMNS,
     VALUE_COLUMNS,
     conform,
+    epoch_nanos,
     is_conformed,
     is_daily_or_longer,
 )
@@ -108,7 +109,7 @@ def validate_bars(
     else:
         frame = conform(bars.assign(time=pd.to_datetime(bars["time"], utc=True, errors="coerce")))
         bad_values = _unparseable(bars)
-    nanos = _nanos(frame["time"])
+    nanos = epoch_nanos(frame["time"])
     unparseable = bad_values | (nanos == NAT)  # a time that is not a date is NaT by now
     out_of_order = int((np.diff(nanos) < 0).sum())
     if out_of_order:
@@ -189,11 +190,6 @@ def _unparseable(bars: pd.DataFrame) -> npt.NDArray[np.bool_]:
         if not pd.api.types.is_numeric_dtype(values):
             bad |= (pd.to_numeric(values, errors="coerce").isna() & values.notna()).to_numpy()
     return bad
-
-
-def _nanos(times: pd.Series) -> npt.NDArray[np.int64]:
-    """Nanoseconds since the epoch (NaT as the smallest int64), for fast arithmetic."""
-    return times.to_numpy(dtype="datetime64[ns]").view(np.int64)
 
 
 def _segments(nanos: npt.NDArray[np.int64], interval: str, calendar: str | None) -> Segments | None:

@@ -40,7 +40,7 @@ from configs.settings import Settings
 from tasks.bars import Instrument
 from tasks.calendars import calendar_for
 from tasks.errors import RangeNotServedError, SourceError
-from tasks.processing.indicators import lookback_bars
+from tasks.processing.indicators import bounded_lookback
 from tasks.processing.pipeline import Processed
 from tasks.realtime.clock import Clock
 from tasks.realtime.series import SymbolSeries, start_seconds
@@ -125,7 +125,7 @@ class Realtime:
         self.spool = Spool(settings.storage.spool_dir)
         self.heartbeat = heartbeat or (lambda: None)
         self.summary = Summary()
-        lookback = lookback_bars(settings.indicators)
+        lookback = bounded_lookback(settings.indicators)
         self.series = {
             s: SymbolSeries(s, options.interval, options.source, TradingHours(self._calendar(s, None)), lookback)
             for s in options.symbols

@@ -16,8 +16,9 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
-from configs.settings import IndicatorSpec, QualitySettings
-from tasks.bars import Instrument, empty_bars, series_bars
+from configs.indicators import IndicatorSpec
+from configs.settings import QualitySettings
+from tasks.bars import Instrument, empty_bars, epoch_nanos, series_bars
 from tasks.processing.pipeline import Processed, process
 from tasks.realtime.sessions import TradingHours, stamp
 from tasks.realtime.tick_bars import TickBar
@@ -145,5 +146,5 @@ class SymbolSeries:
 
 def start_seconds(bars: pd.DataFrame) -> list[float]:
     """The bars' start instants, in epoch seconds, as the series keys them."""
-    starts: list[float] = (bars["time"].to_numpy(dtype="datetime64[ns]").view(np.int64) / 1e9).tolist()
+    starts: list[float] = (epoch_nanos(bars["time"]) / 1e9).tolist()
     return starts

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import talib
 
-from configs.settings import QualitySettings, default_indicators
+from configs.indicators import default_indicators
+from configs.settings import QualitySettings
 from tasks.bars import Instrument, conform, flag_missing
 from tasks.processing.indicators import compute_indicators
 from tasks.processing.pipeline import process
