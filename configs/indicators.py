@@ -97,6 +97,7 @@ class Indicator(BaseModel):
     outputs: ClassVar[tuple[str, ...]] = ("",)  # each column's name between the prefix and the parameters
     prefix: ClassVar[str] = ""  # the columns' first word; the kind when empty
     cumulative: ClassVar[bool] = False  # a running sum from the series' start (carried on, see the module)
+    daily_anchor: ClassVar[bool] = False  # looks back to its UTC day's first bar: `lookback` is a day's bars
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -599,10 +600,11 @@ class VWAP(Indicator):
 
     kind: Literal["vwap"] = "vwap"
     reads: ClassVar[tuple[str, ...]] = ("high", "low", "close", "volume", "day")
+    daily_anchor: ClassVar[bool] = True
 
     @property
     def lookback(self) -> int:
-        return DAY_BARS
+        return DAY_BARS  # at any interval; the step counts a day's bars at the series' own
 
     def compute(self, v: Inputs) -> list[Floats]:
         typical = (v["high"] + v["low"] + v["close"]) / 3

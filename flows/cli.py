@@ -507,13 +507,13 @@ def realtime(
     from tasks.realtime.sessions import REALTIME_INTERVALS
 
     settings = _or_exit(lambda: load_settings(config))
-    _or_exit(lambda: bounded_lookback(settings.indicators))
     checked = _or_exit(lambda: validate_symbols(symbols.split(",") if symbols else settings.symbols))
     if interval not in REALTIME_INTERVALS:
         _error(f"invalid --interval {interval!r} for real time: use one of {', '.join(REALTIME_INTERVALS)}")
         raise typer.Exit(EXIT_USAGE)
     _or_exit(lambda: settings.source(source))
     _or_exit(lambda: clock_from(clock))
+    _or_exit(lambda: bounded_lookback(settings.indicators, interval))
     from flows.local_prefect import started_early
 
     with started_early(_note) as server_ready:

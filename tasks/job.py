@@ -101,7 +101,7 @@ class Job:
             store,
             load_source(source, source_settings, pacer),
             retention_of(settings.retention.duration, store),
-            lookback_bars(settings.indicators),
+            lookback_bars(settings.indicators, interval),
         )
 
     def __repr__(self) -> str:  # shown wherever a task's parameters are; never the settings' secrets

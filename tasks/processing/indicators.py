@@ -8,34 +8,45 @@ needs, and carrying running sums on from their stored values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from configs.indicators import Floats, IndicatorSpec, Inputs
+from configs.indicators import DAY_BARS, Floats, IndicatorSpec, Inputs
 from configs.settings import ConfigError
-from tasks.bars import epoch_nanos
+from tasks.bars import epoch_nanos, is_daily_or_longer
 from tasks.processing.step import Series, Stepped, extended
 
 MIN_LOOKBACK = 500  # stored bars read at least, however short the windows
 NANOS_PER_DAY = 86_400 * 10**9
 
 
-def lookback_bars(specs: Sequence[IndicatorSpec]) -> int | None:
-    """Stored bars to read back before new ones so incremental values equal a full recompute;
-    None: all of them (an indicator that can't say how far back it looks)."""
-    needs = [spec.lookback for spec in specs]
+def lookback_bars(specs: Sequence[IndicatorSpec], interval: str | None = None) -> int | None:
+    """Stored bars to read back before new ones so incremental values equal a full recompute, for
+    bars of ``interval`` (None: any); None: all of them (an indicator that can't say how far back
+    it looks)."""
+    needs = [_bars_a_day(interval) if spec.daily_anchor else spec.lookback for spec in specs]
     if any(need is None for need in needs):
         return None
     return max([MIN_LOOKBACK, *(need for need in needs if need is not None)])
 
 
-def bounded_lookback(specs: Sequence[IndicatorSpec]) -> int:
+def _bars_a_day(interval: str | None) -> int:
+    """The most bars of ``interval`` one UTC day holds."""
+    if interval is None:
+        return DAY_BARS
+    if is_daily_or_longer(interval):
+        return 1
+    return math.ceil(pd.Timedelta(days=1) / pd.Timedelta(interval.replace("m", "min")))
+
+
+def bounded_lookback(specs: Sequence[IndicatorSpec], interval: str | None = None) -> int:
     """:func:`lookback_bars`, for real time: it recomputes every minute over what it holds in memory,
     so an indicator without a lookback is a config error there."""
-    lookback = lookback_bars(specs)
+    lookback = lookback_bars(specs, interval)
     if lookback is None:
         unbounded = ", ".join(f"indicators[{i}]" for i, spec in enumerate(specs) if spec.lookback is None)
         raise ConfigError(

@@ -125,7 +125,7 @@ class Realtime:
         self.spool = Spool(settings.storage.spool_dir)
         self.heartbeat = heartbeat or (lambda: None)
         self.summary = Summary()
-        lookback = bounded_lookback(settings.indicators)
+        lookback = bounded_lookback(settings.indicators, options.interval)
         self.series = {
             s: SymbolSeries(s, options.interval, options.source, TradingHours(self._calendar(s, None)), lookback)
             for s in options.symbols
