@@ -686,7 +686,11 @@ class PandasTA(Indicator):
 
     def compute(self, v: Inputs) -> list[Floats]:
         frame = _pandas_ta_frame(self.name, self.params, v)
-        return list(frame.to_numpy(dtype=np.float64, na_value=np.nan).T)
+        rows = len(v["close"] if "close" in v else next(iter(v.values())))
+        return [  # pandas-ta gives nothing at all for fewer bars than it needs: all warm-up, then
+            frame[c].to_numpy(dtype=np.float64, na_value=np.nan) if c in frame else np.full(rows, np.nan)
+            for c in self.columns
+        ]
 
 
 def _pandas_ta_frame(name: str, params: Mapping[str, object], v: Inputs) -> pd.DataFrame:
