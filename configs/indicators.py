@@ -611,8 +611,9 @@ class VWAP(Indicator):
         day = v["day"]
         if len(day) and (len(day) == 1 or bool((np.diff(day) != 0).all())):
             return [typical.copy()]  # one bar a day: the anchor is the bar itself
-        weighted = pd.Series(typical * v["volume"]).groupby(day, sort=False).cumsum().to_numpy()
-        volume = pd.Series(v["volume"]).groupby(day, sort=False).cumsum().to_numpy()
+        sums = pd.DataFrame({"weighted": typical * v["volume"], "volume": v["volume"]}).groupby(day, sort=False)
+        running = sums.cumsum()  # summed within each day, so no rounding of other days' sums comes in
+        weighted, volume = running["weighted"].to_numpy(), running["volume"].to_numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             return [np.where(volume > 0, weighted / volume, np.nan)]
 

@@ -62,5 +62,6 @@ def extended(frame: pd.DataFrame, columns: Mapping[str, npt.NDArray[np.float64]]
     replaced = any(c in frame.columns for c in columns)
     if not columns or replaced or any(v.dtype != np.float64 for v in columns.values()):
         return frame.assign(**columns)
-    block = pd.DataFrame(np.vstack(list(columns.values())).T, index=frame.index, columns=list(columns))
+    stacked = np.vstack(list(columns.values())).T  # new, and no one else's: the frame may keep it
+    block = pd.DataFrame(stacked, index=frame.index, columns=list(columns), copy=False)
     return pd.concat([frame, block], axis=1)
