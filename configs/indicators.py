@@ -596,7 +596,8 @@ class ADOSC(Indicator):
 @register
 class VWAP(Indicator):
     """Volume-weighted average typical price (high + low + close) / 3, anchored at each UTC day's
-    first bar: an intraday bar's VWAP is its day's so far; a daily bar's is its own typical price."""
+    first bar: an intraday bar's VWAP is its day's so far; a daily bar's is its own typical price.
+    Without volume so far (FX quotes 0), there is nothing to weigh: NaN."""
 
     kind: Literal["vwap"] = "vwap"
     reads: ClassVar[tuple[str, ...]] = ("high", "low", "close", "volume", "day")
@@ -610,7 +611,7 @@ class VWAP(Indicator):
         typical = (v["high"] + v["low"] + v["close"]) / 3
         day = v["day"]
         if len(day) and (len(day) == 1 or bool((np.diff(day) != 0).all())):
-            return [typical.copy()]  # one bar a day: the anchor is the bar itself
+            return [np.where(v["volume"] > 0, typical, np.nan)]  # one bar a day: the anchor is the bar itself
         sums = pd.DataFrame({"weighted": typical * v["volume"], "volume": v["volume"]}).groupby(day, sort=False)
         running = sums.cumsum()  # summed within each day, so no rounding of other days' sums comes in
         weighted, volume = running["weighted"].to_numpy(), running["volume"].to_numpy()
