@@ -84,7 +84,7 @@ def wilder_alpha(length: int) -> float:
 
 
 def _suffix(value: object) -> str:
-    return f"{value:g}".replace(".", "p").replace("-", "m") if isinstance(value, float) else str(value).lower()
+    return f"{value:g}".replace(".", "p") if isinstance(value, float) else str(value).lower()
 
 
 class Indicator(BaseModel):
@@ -663,14 +663,17 @@ class PandasTA(Indicator):
             if key not in accepted:
                 raise ValueError(f"pandas-ta's {name} has no parameter {key!r}: {nearest(key, list(accepted))}")
             expected = accepted[key]
-            if expected is not None and not _fits(value, expected):
-                wanted = "a positive int" if expected is int else expected.__name__
-                raise ValueError(f"{key!r} of pandas-ta's {name} must be {wanted}, got {value!r}")
+            if expected is not None and not _fits(key, value, expected):
+                raise ValueError(f"{key!r} of pandas-ta's {name} must be {_wanted(key, expected)}, got {value!r}")
         return params
 
     @model_validator(mode="after")
     def _gives_values(self) -> PandasTA:
-        if not self.columns:
+        try:
+            columns = self.columns
+        except Exception as exc:  # whatever pandas-ta raises is this entry's config error
+            raise ValueError(f"pandas-ta's {self.name} failed with params {self.params}: {exc}") from None
+        if not columns:
             raise ValueError(f"pandas-ta's {self.name} gave no values with params {self.params}")
         return self
 
@@ -710,12 +713,26 @@ def _pandas_ta_frame(name: str, params: Mapping[str, object], v: Inputs) -> pd.D
     return frame.set_axis([_snake(str(c)) for c in frame.columns], axis=1)
 
 
-def _fits(value: object, expected: type) -> bool:
+def _counts_bars(key: str) -> bool:
+    """A pandas-ta parameter that is a number of bars: pandas-ta quietly takes its default for one
+    that is not positive."""
+    return "length" in key or "period" in key or key in {"fast", "slow", "signal", "k", "d", "smooth_k"}
+
+
+def _fits(key: str, value: object, expected: type) -> bool:
+    if isinstance(value, bool) and expected is not bool:
+        return False
     if expected is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, int | float)
     if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+        return isinstance(value, int) and value >= (1 if _counts_bars(key) else 0)
     return isinstance(value, expected)
+
+
+def _wanted(key: str, expected: type) -> str:
+    if expected is int:
+        return "a positive int" if _counts_bars(key) else "an int, 0 or more"
+    return {float: "a number", bool: "true or false", str: "a string"}.get(expected, expected.__name__)
 
 
 def _snake(name: str) -> str:

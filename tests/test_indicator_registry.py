@@ -10,6 +10,7 @@ entry's own ``compute`` for an expectation.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -675,3 +676,30 @@ def test_a_pandas_ta_squeeze_equals_pandas_ta_called_directly() -> None:
 def test_a_misspelt_pandas_ta_name_or_parameter_names_the_nearest(config: dict[str, object], hint: str) -> None:
     with pytest.raises(pydantic.ValidationError, match=hint):
         pydantic.TypeAdapter(IndicatorSpec).validate_python(config)
+
+
+@pytest.mark.parametrize(
+    ("params", "refusal"),
+    [
+        ({"length": 0}, "'length' of pandas-ta's bbands must be a positive int, got 0"),
+        ({"length": 2.5}, "'length' of pandas-ta's bbands must be a positive int, got 2.5"),
+        ({"lower_std": "wide"}, "'lower_std' of pandas-ta's bbands must be a number, got 'wide'"),
+        ({"offset": 1}, "'offset' can't be set for pandas-ta's bbands: shifted values would look ahead"),
+        ({"talib": False}, "'talib' can't be set for pandas-ta's bbands: the TA-Lib backend is always used"),
+        ({"close": 1}, "'close' can't be set for pandas-ta's bbands: it is a bar value, not a parameter"),
+    ],
+)
+def test_a_pandas_ta_parameter_pandas_ta_would_quietly_replace_is_refused(
+    params: dict[str, object], refusal: str
+) -> None:
+    """pandas-ta takes its default for a length it can't use, and names the columns after it: the
+    config would say one thing and the store hold another."""
+    with pytest.raises(pydantic.ValidationError, match=re.escape(refusal)):
+        pydantic.TypeAdapter(IndicatorSpec).validate_python({"kind": "pandas_ta", "name": "bbands", "params": params})
+
+
+def test_pandas_ta_parameters_it_can_use_are_taken_as_given() -> None:
+    entry = pydantic.TypeAdapter(IndicatorSpec).validate_python(
+        {"kind": "pandas_ta", "name": "bbands", "params": {"length": 10, "lower_std": 1.5, "upper_std": 1.5, "ddof": 0}}
+    )
+    assert entry.columns[0] == "bbl_10_1p5_1p5"
