@@ -18,11 +18,11 @@ import pytest
 from blocks.influx_measurements import PRECISION
 from blocks.influxdb_v1_store import InfluxDBV1Store
 from blocks.spool import Spool
-from blocks.store import BARS, StoreError, StoreUnavailableError, dropped_by_retention, series_spans
+from blocks.store import BARS, SeriesSpan, StoreError, StoreUnavailableError, dropped_by_retention, series_spans
 from tasks.bars import conform_actions
 from tests.conftest import Sandbox, marketpipe, query_csv
 from tests.servers import free_port, influxdb_process, influxdb_server
-from tests.test_store_conformance import frame
+from tests.test_store_conformance import frame, quarantined
 
 
 def test_a_server_that_is_down_fails_the_write_loudly_after_retrying() -> None:
@@ -269,3 +269,32 @@ def test_a_rerun_after_series_were_emptied_reads_back_whole(tmp_path: Path) -> N
             store.write_bars(bars)
         for bars in series:
             assert list(store.read_bars(bars["symbol"].iloc[0])["time"]) == list(bars["time"]), bars["symbol"].iloc[0]
+
+
+def test_a_quarantine_write_deletes_only_bars_the_store_holds(
+    influxdb_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run writes its clean bars, then the ones validation set aside, whose keys it takes out
+    of bars. Into an empty store that DELETE has nothing to take, and sending it anyway once left a
+    week of the clean bars unreadable in CI: it is not sent. A rerun whose bars write still holds
+    the bar sends it, and the bar leaves bars."""
+    sent: list[tuple[str, int]] = []
+    delete = InfluxDBV1Store._delete
+
+    def counted(store: InfluxDBV1Store, measurement: str, spans: list[SeriesSpan]) -> None:
+        sent.append((measurement, len(spans)))
+        delete(store, measurement, spans)
+
+    monkeypatch.setattr(InfluxDBV1Store, "_delete", counted)
+    store = InfluxDBV1Store(url=influxdb_url, database=f"aside_{uuid.uuid4().hex[:8]}")
+    bars = frame("QQQ", n=253)
+    aside = quarantined(bars.iloc[[100]])
+    store.write_bars(bars.drop(index=100))
+    store.write_quarantine(aside)
+    assert sent == []
+    assert len(store.read_bars("QQQ")) == 252 and len(store.read_quarantine("QQQ")) == 1
+
+    store.write_bars(bars.iloc[95:105])  # a source that served the bar clean again ...
+    store.write_quarantine(aside)  # ... and a validation that sets it aside once more
+    assert ("bars", 1) in sent
+    assert list(store.read_bars("QQQ")["time"]) == list(bars.drop(index=100)["time"])
