@@ -17,7 +17,8 @@ Printed as a Markdown table: set | kinds | columns | compute_indicators s | raw 
 The bars are a random walk of 1-minute UTC bars (`time` included, which VWAP reads). Then the
 whole processing step, `process()`, with the default set on the same bars as one 24/7 series:
 validation, the missing-value policy, bad ticks, adjusted prices, returns, indicators and the
-session check; its ratio is to the default set's raw time.
+session check; its ratio is to the default set's raw time. Last, for each set, the median time
+`process()` takes for one new 1m bar after the stored lookback: real time's call every minute.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import talib
 from configs.indicators import KINDS, Indicator, default_indicators
 from configs.settings import QualitySettings
 from tasks.bars import Instrument, conform, flag_missing
-from tasks.processing.indicators import compute_indicators
+from tasks.processing.indicators import compute_indicators, lookback_bars
 from tasks.processing.pipeline import process
 from tasks.sources.base import Collected
 
@@ -198,6 +199,26 @@ def main() -> None:
     (whole,) = best_of_each(args.repeat, [lambda: process(collected, "BTC-USD", "1m", quality, specs)])
     print(f"\nprocess(), every step, default set  {args.bars / whole:>12,.0f} bars/s  ({whole * 1000:.1f} ms)")
     print(f"ratio process() / raw default       {whole / direct['default']:>12.2f}")
+
+    print("\nOne new 1m bar after its stored lookback, as real time processes each minute (median of 50):")
+    for name, specs, _, _ in sets:
+        lookback, one_bar = one_new_bar(bars, specs)
+        print(f"  {name:8} {lookback:>5} stored bars  {one_bar * 1000:6.1f} ms")
+
+
+def one_new_bar(bars: pd.DataFrame, specs: list[Indicator]) -> tuple[int, float]:
+    """The lookback of ``specs`` at 1m, and the median time `process()` takes for one new bar after it."""
+    lookback = lookback_bars(specs, "1m") or 0
+    whole = as_collected(bars.head(lookback + 1))
+    quality = QualitySettings()
+    history = process(Collected(whole.bars.iloc[:lookback]), "BTC-USD", "1m", quality, specs).bars
+    new = Collected(whole.bars.iloc[lookback:].reset_index(drop=True), instrument=whole.instrument)
+    times = []
+    for _ in range(50):
+        started = time.perf_counter()
+        process(new, "BTC-USD", "1m", quality, specs, history, session_gaps=False)
+        times.append(time.perf_counter() - started)
+    return lookback, float(np.median(times))
 
 
 if __name__ == "__main__":
