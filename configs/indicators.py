@@ -638,7 +638,7 @@ class PandasTA(Indicator):
     kind: Literal["pandas_ta"] = "pandas_ta"
     name: str
     params: dict[str, int | float | bool | str] = Field(default_factory=dict)
-    lookback_bars: int | None = Field(None, ge=1, alias="lookback", description="bars it looks back over")
+    declared_lookback: int | None = Field(None, ge=1, alias="lookback", description="bars it looks back over")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -687,7 +687,7 @@ class PandasTA(Indicator):
 
     @property
     def lookback(self) -> int | None:
-        return self.lookback_bars
+        return self.declared_lookback
 
     def compute(self, v: Inputs) -> list[Floats]:
         frame = _pandas_ta_frame(self.name, self.params, v)
