@@ -292,7 +292,7 @@ class StochRSI(Indicator):
 
 @register
 class CCI(Indicator):
-    """Commodity channel index: the typical price's distance from its mean, in mean deviations / 0.015."""
+    """Commodity channel index: (typical price - its mean) / (0.015 x its mean deviation)."""
 
     kind: Literal["cci"] = "cci"
     length: int = Field(20, ge=2)
@@ -324,7 +324,7 @@ class WillR(Indicator):
 
 @register
 class MFI(Indicator):
-    """Money flow index: RSI's ratio over the typical price times volume, summed over a window."""
+    """Money flow index: RSI's formula over money flow (typical price x volume), summed over the window."""
 
     kind: Literal["mfi"] = "mfi"
     length: int = Field(14, ge=2)
