@@ -23,10 +23,15 @@ from pydantic import TypeAdapter
 
 from configs.indicators import KINDS, IndicatorSpec
 from tests.conftest import Sandbox, marketpipe, query_csv, yahoo_json
-from tests.test_indicator_registry import SQUEEZE_COLUMNS, assert_equal_values, expected_values, zero_crossing_atol
+from tests.test_indicator_registry import (
+    SQUEEZE,
+    SQUEEZE_COLUMNS,
+    assert_equal_values,
+    expected_values,
+    zero_crossing_atol,
+)
 
 TSLA = "yahoo-finance2_chart_TSLA_period1-0_to_2023-08-12_1d_full_history_no_dividends.json"
-SQUEEZE = {"kind": "pandas_ta", "name": "squeeze"}
 EVERY_KIND = [{"kind": kind} for kind in KINDS if kind != "pandas_ta"] + [SQUEEZE]
 
 
