@@ -15,11 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect.automations import Automation
+from prefect.events.actions import DoNothing
+from prefect.events.schemas.automations import EventTrigger, Posture
 
 from configs.settings import load_settings
 from flows.market_data import SymbolsFailedError, market_data
 from flows.monitor import monitor
 from tasks.errors import InvalidSymbolError
+from tasks.monitoring.automations import comparable
 from tests.conftest import Sandbox, marketpipe
 from tests.servers import prefect_server, serving_http
 
@@ -213,3 +217,20 @@ def test_the_spool_rule_alerts_past_its_threshold_only(tmp_path: Path, monkeypat
     (alert,) = spool_alerts(settings, spooled + settings.alerts.rules.spool_stale.older_than * 2)
     assert alert.level == "warning" and alert.details["batches"] == "1"
     assert alert.key is not None and batch.path.name in alert.key
+
+
+@pytest.mark.unit
+def test_an_automation_whose_events_the_server_lists_in_another_order_is_unchanged() -> None:
+    """A rule's events are a set; the server sends them back as a list in whatever order the setup
+    that saved them iterated them, and a set built from it may iterate them the other way round
+    (two names sharing a slot of the set's table go in insertion order). Such a pair, saved in
+    either order, must compare equal, or every second setup "updates" the automation."""
+
+    def saved(events: tuple[str, str]) -> Automation:
+        trigger = EventTrigger(expect=set(events), posture=Posture.Reactive, threshold=1, within=0)
+        return Automation(name="marketpipe: test", trigger=trigger, actions=[DoNothing()])
+
+    names = [f"marketpipe.test.{i}" for i in range(200)]
+    pairs = ((saved((a, b)), saved((b, a))) for a in names for b in names if a < b)
+    one, other = next((x, y) for x, y in pairs if x.model_dump(mode="json") != y.model_dump(mode="json"))
+    assert comparable(one) == comparable(other)

@@ -119,8 +119,12 @@ def automation(rule: Rule, alerts: AlertSettings, blocks: dict[str, UUID]) -> Au
 
 
 def comparable(automation: Automation) -> dict[str, Any]:
-    """What setup compares of an automation: everything but the server's own ids."""
-    return automation.model_dump(mode="json", exclude={"id", "created", "updated", "tags", "owner_resource"})
+    """What setup compares of an automation: everything but the server's own ids.
+
+    Python values, not JSON: a trigger's ``expect`` is a set, and JSON makes it a list in the set's
+    iteration order, which can differ between the server's copy and the same events set up again.
+    """
+    return automation.model_dump(exclude={"id", "created", "updated", "tags", "owner_resource"})
 
 
 def block_values(block: Block) -> dict[str, Any]:
