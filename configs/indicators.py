@@ -83,6 +83,17 @@ def wilder_alpha(length: int) -> float:
     return 1 / length
 
 
+def ema_lookback(length: int) -> int:
+    """An EMA's: the window its seed averages, then the seed's decay."""
+    return length + decay_bars(ema_alpha(length))
+
+
+def true_range_lookback(length: int) -> int:
+    """Wilder's smoothing of what each bar moved from the one before (true range, directional
+    moves): that bar too, the window, then the seed's decay. Length 1 smooths nothing."""
+    return length + 1 + decay_bars(wilder_alpha(max(length, 2)))
+
+
 def _suffix(value: object) -> str:
     return f"{value:g}".replace(".", "p") if isinstance(value, float) else str(value).lower()
 
@@ -172,7 +183,7 @@ class EMA(Indicator):
 
     @property
     def lookback(self) -> int:
-        return self.length + decay_bars(ema_alpha(self.length))
+        return ema_lookback(self.length)
 
     def compute(self, v: Inputs) -> list[Floats]:
         return [talib.EMA(v["close"], self.length)]
@@ -397,7 +408,7 @@ class PlusDI(Indicator):
 
     @property
     def lookback(self) -> int:
-        return self.length + 1 + decay_bars(wilder_alpha(self.length))
+        return true_range_lookback(self.length)
 
     def compute(self, v: Inputs) -> list[Floats]:
         return [talib.PLUS_DI(v["high"], v["low"], v["close"], self.length)]
@@ -413,7 +424,7 @@ class MinusDI(Indicator):
 
     @property
     def lookback(self) -> int:
-        return self.length + 1 + decay_bars(wilder_alpha(self.length))
+        return true_range_lookback(self.length)
 
     def compute(self, v: Inputs) -> list[Floats]:
         return [talib.MINUS_DI(v["high"], v["low"], v["close"], self.length)]
@@ -469,7 +480,7 @@ class ATR(Indicator):
 
     @property
     def lookback(self) -> int:
-        return self.length + 1 + decay_bars(wilder_alpha(max(self.length, 2)))
+        return true_range_lookback(self.length)
 
     def compute(self, v: Inputs) -> list[Floats]:
         return [talib.ATR(v["high"], v["low"], v["close"], self.length)]
@@ -485,7 +496,7 @@ class NATR(Indicator):
 
     @property
     def lookback(self) -> int:
-        return self.length + 1 + decay_bars(wilder_alpha(max(self.length, 2)))
+        return true_range_lookback(self.length)
 
     def compute(self, v: Inputs) -> list[Floats]:
         return [talib.NATR(v["high"], v["low"], v["close"], self.length)]
@@ -505,8 +516,7 @@ class KC(Indicator):
 
     @property
     def lookback(self) -> int:
-        ema = self.length + decay_bars(ema_alpha(self.length))
-        return max(ema, self.atr_length + 1 + decay_bars(wilder_alpha(max(self.atr_length, 2))))
+        return max(ema_lookback(self.length), true_range_lookback(self.atr_length))
 
     def compute(self, v: Inputs) -> list[Floats]:
         mid = talib.EMA(v["close"], self.length)
@@ -587,7 +597,7 @@ class ADOSC(Indicator):
 
     @property
     def lookback(self) -> int:
-        return self.slow + decay_bars(ema_alpha(self.slow))
+        return ema_lookback(self.slow)
 
     def compute(self, v: Inputs) -> list[Floats]:
         return [talib.ADOSC(v["high"], v["low"], v["close"], v["volume"], self.fast, self.slow)]
