@@ -86,6 +86,11 @@ def epoch_nanos(times: pd.Series) -> npt.NDArray[np.int64]:
     return times.to_numpy(dtype="datetime64[ns]").view(np.int64)
 
 
+def intraday_length(interval: str) -> pd.Timedelta:
+    """An intraday interval's length (``1m``, ``15m``, ``1h`` ...): pandas reads ``m`` as months."""
+    return pd.Timedelta(interval.replace("m", "min"))
+
+
 def is_daily_or_longer(interval: str) -> bool:
     return interval in DAILY_OR_LONGER
 

@@ -26,7 +26,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from configs.settings import trading_calendar_name
-from tasks.bars import Instrument, is_daily_or_longer
+from tasks.bars import Instrument, intraday_length, is_daily_or_longer
 from tasks.errors import UsageError
 
 # Bars spanning several sessions can't miss a single one; checking them would only mislead.
@@ -389,7 +389,7 @@ def live_bars(
         return live
     now = pd.Timestamp(as_of)
     now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
-    reach = _LONGEST_PERIOD.get(interval) or pd.Timedelta(interval.replace("m", "min"))
+    reach = _LONGEST_PERIOD.get(interval) or intraday_length(interval)
     recent = np.flatnonzero(np.asarray(stamps >= now - reach - pd.Timedelta(days=1)))
     if recent.size == 0:
         return live

@@ -14,7 +14,7 @@ from prefect.client.schemas.objects import State, TaskRun
 
 from blocks.store import BarStore, StoreError, StoreUnavailableError
 from configs.settings import CollectionSettings, Settings
-from tasks.bars import empty_bars, is_daily_or_longer
+from tasks.bars import empty_bars, intraday_length, is_daily_or_longer
 from tasks.errors import HistoryUnavailableError, MarketpipeError, TransientSourceError
 from tasks.job import Job, batch_run_name, failed
 from tasks.monitoring.metrics import operation
@@ -220,7 +220,7 @@ def _span_holding(bars: int, interval: str) -> pd.Timedelta:
     if is_daily_or_longer(interval):
         length = {"1wk": 7, "5d": 7, "1mo": 31, "3mo": 92}.get(interval, 1)
         return pd.Timedelta(days=int(bars * length * 1.6) + 10)
-    return pd.Timedelta(interval.replace("m", "min")) * bars * 8 + pd.Timedelta(days=4)
+    return intraday_length(interval) * bars * 8 + pd.Timedelta(days=4)
 
 
 def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from configs.indicators import DAY_BARS, Floats, IndicatorSpec, Inputs
 from configs.settings import ConfigError
-from tasks.bars import epoch_nanos, is_daily_or_longer
+from tasks.bars import epoch_nanos, intraday_length, is_daily_or_longer
 from tasks.processing.step import Series, Stepped, extended
 
 MIN_LOOKBACK = 500  # stored bars read at least, however short the windows
@@ -40,7 +40,7 @@ def _bars_a_day(interval: str | None) -> int:
         return DAY_BARS
     if is_daily_or_longer(interval):
         return 1
-    return math.ceil(pd.Timedelta(days=1) / pd.Timedelta(interval.replace("m", "min")))
+    return math.ceil(pd.Timedelta(days=1) / intraday_length(interval))
 
 
 def bounded_lookback(specs: Sequence[IndicatorSpec], interval: str | None = None) -> int:

@@ -44,6 +44,7 @@ from tasks.bars import (
     VALUE_COLUMNS,
     conform,
     epoch_nanos,
+    intraday_length,
     is_conformed,
     is_daily_or_longer,
 )
@@ -54,9 +55,7 @@ from tasks.processing.step import Series, Stepped
 OHLC_TOLERANCE = 1e-9
 DAY_NS = pd.Timedelta(days=1).value
 NAT = np.iinfo(np.int64).min  # NaT, in nanoseconds since the epoch
-INTERVAL_LENGTHS: dict[str, pd.Timedelta] = {
-    i: pd.Timedelta(i.replace("m", "min")) for i in INTERVALS if not is_daily_or_longer(i)
-}
+INTERVAL_LENGTHS: dict[str, pd.Timedelta] = {i: intraday_length(i) for i in INTERVALS if not is_daily_or_longer(i)}
 RULES: dict[str, str] = {
     "invalid_value": "a time or value is present but not a date or number",
     "duplicate_time": "another bar with the same timestamp arrived later",
